@@ -1,0 +1,46 @@
+"""Backend registry. Every backend implements the op contract of `base.Backend`.
+
+"torch" is the reference path and runs everywhere; "triton" and "cuda" are imported only when first
+asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks the fastest one
+available on the tensors' device.
+"""
+import importlib
+
+from .base import Backend, BackendUnavailable
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {"torch": ".torch_backend", "triton": ".triton_backend", "cuda": ".cuda_backend"}
+_loaded = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object `name` (one of BACKENDS), imported on first use."""
+    if name not in _MODULES:
+        raise ValueError(f"backend={name!r}: expected one of {BACKENDS + ('auto',)}")
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(_MODULES[name], __name__).BACKEND
+    return _loaded[name]
+
+
+def resolve(name: str, device) -> Backend:
+    """The backend to run on `device` for the requested name; raises BackendUnavailable with the reason."""
+    device = torch_device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            for candidate in ("cuda", "triton"):
+                if get_backend(candidate).unavailable_reason(device) is None:
+                    return get_backend(candidate)
+        return get_backend("torch")
+    backend = get_backend(name)
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend={name!r} cannot run on {device}: {reason}")
+    return backend
+
+
+def torch_device(device):
+    import torch
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "get_backend", "resolve"]

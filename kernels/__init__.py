@@ -1,0 +1,1 @@
+"""Triton kernels of atlas_fast, one file per op family; installed as atlas_fast.kernels."""
