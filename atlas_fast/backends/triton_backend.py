@@ -1,0 +1,165 @@
+"""The triton backend: the fused kernels of kernels/atlas_linear.py behind the op contract.
+
+Linear blocks run the three kernels directly (forward, dx, dc): neither the merged weight nor the weight
+gradient dyᵀx exists in memory. A conv2d with groups=1 runs the same kernels on its im2col view: the
+weight (N, C, kh, kw) read as (N, C·kh·kw) keeps every element's flat index, so the partition hash is
+unchanged. A patchify conv (stride = kernel, no padding or dilation, as in a ViT's patch embedding) needs
+only a reshape of x; any other conv unfolds x (kh·kw times its size, like any im2col). Grouped convs,
+merge_blocks and float64 (gradcheck) inputs are the torch backend's.
+
+Coefficient gradients are deterministic by default; `set_deterministic(False)` switches to atomics.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+from .torch_backend import reduce_block
+
+_deterministic = True
+
+
+def set_deterministic(flag: bool) -> bool:
+    """Choose how the coefficient-gradient kernel sums over its programs; returns the previous setting.
+
+    True (default): per-program partial sums, added in a fixed order: bit-identical across runs.
+    False: tl.atomic_add into the result: one pass less, but the rounding varies from run to run.
+    """
+    global _deterministic
+    previous, _deterministic = _deterministic, bool(flag)
+    return previous
+
+
+def is_deterministic() -> bool:
+    """Whether coefficient gradients are summed in a fixed order (see set_deterministic)."""
+    return _deterministic
+
+
+def _kernels():
+    from atlas_fast.kernels import atlas_linear
+    return atlas_linear
+
+
+_ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtypes(x, coef_w):
+    if coef_w.dtype != torch.float32 or x.dtype not in _ACTIVATIONS:
+        raise ValueError(f"backend='triton' takes float32 coefficients and float32/bfloat16/float16 activations, "
+                         f"got coefficients {coef_w.dtype} and activations {x.dtype}; use backend='torch' for "
+                         f"float64 (gradcheck)")
+
+
+def _bias_grad(tau_b, grad_sum, key_b, partitions):
+    """dc' (T, P) from Σ_m dy: an N-vector, reduced by the torch backend's reduction."""
+    return reduce_block(tau_b, grad_sum, key_b, partitions) if tau_b is not None else None
+
+
+# ---------------------------------------------------------------- conv2d as a GEMM on patches
+
+def _out_size(conv, weight, x):
+    stride, padding, dilation, _ = conv
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+                 for i in (0, 1))
+
+
+def _is_patchify(conv, weight):
+    stride, padding, dilation, _ = conv
+    return tuple(stride) == tuple(weight.shape[2:]) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
+
+
+def _patches(x, weight, conv):
+    """x as (B·Ho·Wo, C·kh·kw) rows, columns in the flat order of weight.view(N, -1)."""
+    stride, padding, dilation, _ = conv
+    B, C = x.shape[:2]
+    kh, kw = weight.shape[2:]
+    Ho, Wo = _out_size(conv, weight, x)
+    if _is_patchify(conv, weight):
+        # Rows/columns past the last whole patch are not seen by the conv.
+        x = x[:, :, :Ho * kh, :Wo * kw].reshape(B, C, Ho, kh, Wo, kw)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(B * Ho * Wo, C * kh * kw)
+    cols = F.unfold(x, (kh, kw), dilation, padding, stride)
+    return cols.transpose(1, 2).reshape(B * Ho * Wo, C * kh * kw)
+
+
+def _unpatch(cols, x, weight, conv):
+    """The adjoint of _patches: dx (B, C, H, W) from the patch-row gradient (B·Ho·Wo, C·kh·kw)."""
+    stride, padding, dilation, _ = conv
+    B, C, H, W = x.shape
+    kh, kw = weight.shape[2:]
+    Ho, Wo = _out_size(conv, weight, x)
+    if _is_patchify(conv, weight):
+        dx = cols.view(B, Ho, Wo, C, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Ho * kh, Wo * kw)
+        return F.pad(dx, (0, W - Wo * kw, 0, H - Ho * kh))
+    cols = cols.view(B, Ho * Wo, C * kh * kw).transpose(1, 2)
+    return F.fold(cols, (H, W), (kh, kw), dilation, padding, stride)
+
+
+def _rows(t):
+    """(B, N, Ho, Wo) → (B·Ho·Wo, N): the conv output laid out as the GEMM's rows."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self, device):
+        try:
+            kernels = _kernels()
+        except ImportError as err:
+            return f"triton cannot be imported ({err}); install the triton that matches torch"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if kernels.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before triton is "
+                    "imported (slow, meant for tests), or use backend='torch' on CPU")
+        return f"Triton kernels run on CUDA devices (and on CPU in the interpreter), not on {device.type}"
+
+    def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        _check_dtypes(x, coef_w)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _kernels().forward(x2, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
+        _check_dtypes(x, coef_w)
+        kernels = _kernels()
+        P = coef_w.shape[1]
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = kernels.grad_input(gy, weight, tau_w, coef_w, key_w).view(x.shape) if needs_input_grad else None
+        grad_cw = kernels.grad_coef(gy, x2, tau_w, P, key_w, deterministic=_deterministic)
+        grad_cb = _bias_grad(tau_b, gy.sum(0, dtype=torch.float32), key_b, P)
+        return grad_x, grad_cw, grad_cb
+
+    def atlas_conv2d(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
+        if conv[3] != 1:
+            return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
+        _check_dtypes(x, coef_w)
+        N = weight.shape[0]
+        Ho, Wo = _out_size(conv, weight, x)
+        y = _kernels().forward(_patches(x, weight, conv), weight.reshape(N, -1), bias, tau_w.reshape(*tau_w.shape[:2], -1),
+                               tau_b, coef_w, coef_b, key_w, key_b)
+        return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
+
+    def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
+        if conv[3] != 1:
+            return super().atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
+                                                 needs_input_grad)
+        _check_dtypes(x, coef_w)
+        kernels = _kernels()
+        N, P = weight.shape[0], coef_w.shape[1]
+        w2, tau2 = weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1)
+        gy = _rows(grad_out)
+        grad_x = None
+        if needs_input_grad:
+            grad_x = _unpatch(kernels.grad_input(gy, w2, tau2, coef_w, key_w), x, weight, conv)
+        grad_cw = kernels.grad_coef(gy, _patches(x, weight, conv), tau2, P, key_w, deterministic=_deterministic)
+        grad_cb = _bias_grad(tau_b, grad_out.sum((0, 2, 3), dtype=torch.float32), key_b, P)
+        return grad_x, grad_cw, grad_cb
+
+
+BACKEND = TritonBackend()

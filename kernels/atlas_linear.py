@@ -1,0 +1,367 @@
+"""Triton kernels of atlas_linear: y = x (W0 + Σ_t c_t τ_t)ᵀ + (b0 + Σ_t c'_t τ'_t) without a merged weight.
+
+The plain-PyTorch reference of the same op is `atlas_fast.backends.torch_backend` (and the float64 oracle
+`atlas_fast.reference.linear_ref`). This file reads top to bottom: shared `@triton.jit` helpers (partition
+hash, merged tile) → the forward, input-gradient and coefficient-gradient kernels → their launchers.
+
+Shapes: x (M, K) · W0 (N, K) · τ (T, N, K) · c (T, P) float32 · b0 (N,) · τ' (T, N) · c' (T, P).
+W0, τ, b0, τ' are row-major contiguous, so element (n, k) of the weight has the flat index n·K + k that the
+partition hash of `atlas_fast.hashing` is defined on. Banks may be float32, bfloat16 or float16; activations
+float32, bfloat16 or float16. Merging and every reduction accumulate in float32; outputs have x's dtype.
+
+Under TRITON_INTERPRET=1 (CPU tests) every kernel runs one fixed small tile configuration and upcasts both
+tl.dot operands to float32, because the interpreter's tl.dot on bfloat16 operands is wrong.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from atlas_fast.hashing import FMIX_C1, FMIX_C2
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_C1 = tl.constexpr(FMIX_C1)
+_C2 = tl.constexpr(FMIX_C2)
+
+# Backward, for one linear block with W(c) = W0 + Σ_t c[t, k(i)] τ_t[i] and G = dyᵀx (N, K):
+#
+#     dx            = dy · W(c)                                  (M, N)·(N, K): merged tile, as in the forward
+#     dc[t, p]      = Σ_{i : k(i) = p} τ_t[i] · G[i]             G[n, k] = Σ_m dy[m, n] x[m, k]
+#     dc'[t, p]     = Σ_{n : k'(n) = p} τ'_t[n] · Σ_m dy[m, n]   (bias; an N-vector, reduced by the launcher)
+#
+# The dc kernel gives every program one (BLOCK_N × BLOCK_K) tile of G and one slice of the rows m: it
+# accumulates its part of G in registers over its rows, reduces it against the matching tile of every τ_t
+# and emits T·P partial sums. Because dc is linear in G, the partial sums of all programs add up to dc;
+# G itself is never written. Deterministic mode stores the partials in a per-program buffer and sums it in
+# a fixed order; atomic mode adds them into dc with tl.atomic_add (order, hence rounding, varies per run).
+
+
+def _dot_precision():
+    """tl.dot precision for float32 operands: TF32 only when torch allows it for matmuls."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _key32(key):
+    """A uint32 block key as the int32 with the same bits, so the kernel argument always has one type."""
+    key &= 0xFFFFFFFF
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+@triton.jit
+def _partition(flat, key, P: tl.constexpr):
+    """Partition of the elements with flat indices `flat`: fmix32(flat ^ key) % P on uint32 (hashing.py)."""
+    h = flat.to(tl.uint32) ^ key.to(tl.uint32, bitcast=True)
+    h ^= h >> 16
+    h *= _C1
+    h ^= h >> 13
+    h *= _C2
+    h ^= h >> 16
+    return (h % P).to(tl.int32)
+
+
+@triton.jit
+def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, T, numel, P: tl.constexpr):
+    """θ0[flat] + Σ_t c[t, k(flat)] τ_t[flat] in float32, for a tile of flat indices of any shape.
+
+    theta_ptr: θ0 of the block, contiguous, `numel` elements · tau_ptr: τ (T, numel), contiguous ·
+    coef_ptr: c (T, P) float32, contiguous. Masked-off elements come out as 0.
+    """
+    acc = tl.load(theta_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    if P > 1:
+        part = _partition(flat, key, P)
+    for t in range(T):
+        tau = tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+        if P == 1:
+            c = tl.load(coef_ptr + t)
+        else:
+            c = tl.load(coef_ptr + t * P + part, mask=mask, other=0.0)
+        acc += c * tau
+        # Advancing the pointer keeps the t-offset in 64-bit pointer arithmetic.
+        tau_ptr += numel
+    return acc
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a·b; b is float32 and goes down to a's dtype (bf16/fp16 tensor cores) unless UPCAST."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b, acc, input_precision=PRECISION)
+    return tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+
+
+@triton.jit(do_not_specialize=["key_w", "key_b"])
+def atlas_linear_fwd_kernel(
+    x_ptr,       # x (M, K), strides (stride_xm, stride_xk), float32/bf16/fp16
+    w_ptr,       # W0 (N, K) row-major contiguous
+    tau_w_ptr,   # τ (T, N, K) contiguous
+    coef_w_ptr,  # c (T, P) float32 contiguous
+    b_ptr,       # b0 (N,) contiguous; unused unless HAS_BIAS
+    tau_b_ptr,   # τ' (T_B, N) contiguous; unused when T_B = 0
+    coef_b_ptr,  # c' (T_B, P) float32 contiguous; unused when T_B = 0
+    y_ptr,       # y (M, N), strides (stride_ym, 1), x's dtype
+    M, N, K, T, T_B,
+    stride_xm, stride_xk, stride_ym,
+    key_w, key_b,  # block keys as int32 bit patterns of the uint32 keys
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Axis 0 (the fastest-launched) walks the M tiles, so the programs running together share one
+    # N tile and read its T task-vector tiles from L2 rather than from memory.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # The merged tile is loaded transposed, (BLOCK_K, BLOCK_N), indexed by the flat n·K + k.
+        flat = offs_n[None, :] * K + offs_k[:, None]
+        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_k[:, None] & mask_n[None, :], key_w, T, N * K, P)
+        acc = _dot(x, w, acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, T_B, N, P)
+        acc += bias[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["key_w"])
+def atlas_linear_dx_kernel(
+    dy_ptr,      # dy (M, N), strides (stride_dym, stride_dyn), x's dtype
+    w_ptr,       # W0 (N, K) row-major contiguous
+    tau_w_ptr,   # τ (T, N, K) contiguous
+    coef_w_ptr,  # c (T, P) float32 contiguous
+    dx_ptr,      # dx (M, K), strides (stride_dxm, 1), x's dtype
+    M, N, K, T,
+    stride_dym, stride_dyn, stride_dxm,
+    key_w,       # block key as the int32 bit pattern of the uint32 key
+    P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Same launch order as the forward: programs running together share one K tile of the bank.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        flat = offs_n[:, None] * K + offs_k[None, :]
+        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_n[:, None] & mask_k[None, :], key_w, T, N * K, P)
+        acc = _dot(dy, w, acc, UPCAST, PRECISION)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit(do_not_specialize=["key_w"])
+def atlas_linear_dc_kernel(
+    dy_ptr,      # dy (M, N), strides (stride_dym, stride_dyn), x's dtype
+    x_ptr,       # x (M, K), strides (stride_xm, stride_xk), x's dtype
+    tau_w_ptr,   # τ (T, N, K) contiguous
+    dc_ptr,      # DETERMINISTIC: partials (programs, T, P) float32, one row per program, rows of idle programs
+                 # left as they are (zero); else dc (T, P) float32, zeroed, accumulated atomically
+    M, N, K, T,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    key_w,       # block key as the int32 bit pattern of the uint32 key
+    P: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_M: tl.constexpr,
+):
+    # Axis 0: the (N, K) tile of G, K tiles fastest; axis 1: which of SPLIT_M slices of the rows m.
+    pid_tile = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    offs_n = (pid_tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (pid_tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    rows = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT_M) * BLOCK_M
+    m_start = pid_split * rows
+    m_end = tl.minimum(m_start + rows, M)
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                       mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            g = tl.dot(dy_t.to(tl.float32), x.to(tl.float32), g, input_precision=PRECISION)
+        else:
+            g = tl.dot(dy_t, x, g, input_precision=PRECISION)
+    flat = offs_n[:, None] * K + offs_k[None, :]
+    mask = mask_n[:, None] & mask_k[None, :]
+    if P > 1:
+        part = _partition(flat, key_w, P)
+    if DETERMINISTIC:
+        out_ptr = dc_ptr + (pid_split * tl.num_programs(0) + pid_tile).to(tl.int64) * T * P
+    else:
+        out_ptr = dc_ptr
+    tau_ptr = tau_w_ptr
+    for t in range(T):
+        prod = tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32) * g
+        for p in tl.static_range(P):
+            if P == 1:
+                s = tl.sum(prod)
+            else:
+                s = tl.sum(tl.where(part == p, prod, 0.0))
+            if DETERMINISTIC:
+                tl.store(out_ptr + t * P + p, s)
+            else:
+                tl.atomic_add(out_ptr + t * P + p, s)
+        tau_ptr += N * K
+
+
+# ---------------------------------------------------------------- tile configurations
+
+def _gemm_configs():
+    """Forward and dx tiles. Hopper: 128-wide tiles, 3-4 stages, 4-8 warps; the merge adds T tile loads per
+    K step, so fewer stages than a plain GEMM keep shared memory in bounds for large T."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+    tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+             (64, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+def _dc_configs():
+    """dc tiles: each program holds a (BLOCK_N × BLOCK_K) float32 tile of G; SPLIT_M slices of the rows give
+    enough programs to fill the 132 SMs of an H200 when N·K has few tiles, at the price of re-reading the
+    τ tiles once per slice."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_M": 2})]
+    tiles = [(64, 128, 128, 1, 8, 3), (64, 128, 128, 4, 8, 3), (64, 64, 128, 4, 4, 3), (64, 128, 64, 8, 4, 3),
+             (32, 64, 64, 8, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_M": sm}, num_warps=w, num_stages=s)
+            for bm, bn, bk, sm, w, s in tiles]
+
+
+_GEMM_CONFIGS = _gemm_configs()
+_DC_CONFIGS = _dc_configs()
+
+# T is part of every key: it sets the bytes read per K step. The dc kernel resets its output before each
+# timing run so that atomic mode measures (and leaves) a clean sum.
+_fwd = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"])(atlas_linear_fwd_kernel)
+_dx = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"])(atlas_linear_dx_kernel)
+_dc = triton.autotune(_DC_CONFIGS, key=["M", "N", "K", "T", "P", "DETERMINISTIC"],
+                      reset_to_zero=["dc_ptr"])(atlas_linear_dc_kernel)
+
+
+# ---------------------------------------------------------------- launchers
+
+def _check_bank(what, theta0, tau, coef):
+    if tau.dim() != theta0.dim() + 1 or tau.shape[1:] != theta0.shape:
+        raise ValueError(f"{what}: task vectors of shape {tuple(tau.shape)} do not stack (T, *{tuple(theta0.shape)})")
+    if coef.dim() != 2 or coef.shape[0] != tau.shape[0] or coef.dtype != torch.float32:
+        raise ValueError(f"{what}: coefficients must be float32 (T={tau.shape[0]}, P), got "
+                         f"{coef.dtype} {tuple(coef.shape)}")
+    if tau.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16, got {tau.dtype}")
+
+
+def _check_out(out, shape, like):
+    if out is None:
+        return like.new_empty(shape)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
+        raise ValueError(f"out: expected {like.dtype} {tuple(shape)} on {like.device} with unit last stride, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} stride {out.stride()}")
+    return out
+
+
+def _upcast(x):
+    return INTERPRET or x.dtype == torch.float32
+
+
+def forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, out=None):
+    """y (M, N) = x (W0 + Σ c τ)ᵀ + (b0 + Σ c' τ') for x (M, K); `out` an optional preallocated y."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected (M, K) and (N, K)")
+    _check_bank("weight", weight, tau_w, coef_w)
+    M, K = x.shape
+    N = weight.shape[0]
+    T, P = coef_w.shape
+    T_B = 0
+    if tau_b is not None:
+        if bias is None or coef_b is None:
+            raise ValueError("bias: tau_b needs both bias and coef_b")
+        _check_bank("bias", bias, tau_b, coef_b)
+        if coef_b.shape != coef_w.shape:
+            raise ValueError(f"bias: coef_b {tuple(coef_b.shape)} differs from coef_w {tuple(coef_w.shape)}")
+        T_B = T
+    y = _check_out(out, (M, N), x)
+    weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
+    b = bias.contiguous() if bias is not None else weight
+    tb = tau_b.contiguous() if tau_b is not None else weight
+    cb = coef_b.contiguous() if coef_b is not None else coef_w
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _fwd[grid](x, weight, tau_w, coef_w, b, tb, cb, y, M, N, K, T, T_B, x.stride(0), x.stride(1), y.stride(0),
+               _key32(key_w), _key32(key_b), P=P, HAS_BIAS=bias is not None, UPCAST=_upcast(x),
+               PRECISION=_dot_precision())
+    return y
+
+
+def grad_input(grad_out, weight, tau_w, coef_w, key_w=0, out=None):
+    """dx (M, K) = dy (W0 + Σ c τ) for dy (M, N); `out` an optional preallocated dx."""
+    if grad_out.dim() != 2 or weight.dim() != 2 or grad_out.shape[1] != weight.shape[0]:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} and weight {tuple(weight.shape)}: expected (M, N), (N, K)")
+    _check_bank("weight", weight, tau_w, coef_w)
+    M, N = grad_out.shape
+    K = weight.shape[1]
+    T, P = coef_w.shape
+    dx = _check_out(out, (M, K), grad_out)
+    weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
+    _dx[grid](grad_out, weight, tau_w, coef_w, dx, M, N, K, T, grad_out.stride(0), grad_out.stride(1), dx.stride(0),
+              _key32(key_w), P=P, UPCAST=_upcast(grad_out), PRECISION=_dot_precision())
+    return dx
+
+
+def _max_programs(N, K):
+    return max(triton.cdiv(N, c.kwargs["BLOCK_N"]) * triton.cdiv(K, c.kwargs["BLOCK_K"]) * c.kwargs["SPLIT_M"]
+               for c in _DC_CONFIGS)
+
+
+def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=None):
+    """dc (T, P) float32 with dc[t, p] = Σ_{i : k(i) = p} τ_t[i] (dyᵀx)[i], for dy (M, N) and x (M, K).
+
+    deterministic=True sums per-program partials in a fixed order (bit-identical across runs);
+    False accumulates with atomics (faster when there are many programs, rounding varies per run).
+    `out` is an optional preallocated dc; it is overwritten.
+    """
+    if grad_out.dim() != 2 or x.dim() != 2 or grad_out.shape[0] != x.shape[0] or grad_out.dtype != x.dtype:
+        raise ValueError(f"grad_out {grad_out.dtype} {tuple(grad_out.shape)} and x {x.dtype} {tuple(x.shape)}: "
+                         f"expected (M, N) and (M, K) of one dtype")
+    M, N = grad_out.shape
+    K = x.shape[1]
+    T = tau_w.shape[0]
+    if tuple(tau_w.shape) != (T, N, K) or tau_w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"task vectors {tau_w.dtype} {tuple(tau_w.shape)}: expected float32/bfloat16/float16 "
+                         f"(T, {N}, {K})")
+    dc = _check_out(out, (T, partitions), x.new_empty(0, dtype=torch.float32))
+    tau_w = tau_w.contiguous()
+    if deterministic:
+        # One row per program of the largest grid any configuration launches; rows stay zero where the
+        # chosen configuration launches fewer programs, so the fixed-order sum is the same either way.
+        target = x.new_zeros(_max_programs(N, K), T, partitions, dtype=torch.float32)
+    else:
+        target = dc.zero_()
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
+                         meta["SPLIT_M"])
+    _dc[grid](grad_out, x, tau_w, target, M, N, K, T, grad_out.stride(0), grad_out.stride(1), x.stride(0),
+              x.stride(1), _key32(key_w), P=partitions, DETERMINISTIC=deterministic, UPCAST=_upcast(x),
+              PRECISION=_dot_precision())
+    if deterministic:
+        torch.sum(target, dim=0, out=dc)
+    return dc
