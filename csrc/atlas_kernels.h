@@ -1,0 +1,50 @@
+// Host-side launchers of the atlas CUDA kernels. The .cu files include no torch headers, so they compile
+// quickly and alone; bindings.cpp checks tensors, allocates outputs and calls these with raw pointers.
+// Every launcher enqueues on `stream` and returns cudaGetLastError().
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace atlas {
+
+enum class DType { f32, bf16, f16 };
+
+// Linear op. Row-major contiguous operands:
+//   x, dy (M, N or Kin) in act; w0 (N, Kin) fp32; tau (T, N, Kin) in bank; coef (T, P) fp32;
+//   bias (N) fp32 or null; tau_b (T, N) in bank or null; coef_b (T, P) fp32 or null.
+
+// y (M, N) in act = x (W0 + Σ c τ)ᵀ + b0 + Σ c_b τ_b.
+cudaError_t linear_forward(const void* x, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
+                           const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
+                           const float* bias, const void* tau_b, const float* coef_b, uint32_t key_b, void* y,
+                           cudaStream_t stream);
+
+// dx (M, Kin) in act = dy (W0 + Σ c τ).
+cudaError_t linear_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
+                              const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
+                              void* dx, cudaStream_t stream);
+
+// Number of per-block partial sums linear_grad_coef needs in `workspace` (floats), for this device's SM count.
+int64_t linear_grad_coef_workspace(int64_t M, int64_t N, int64_t Kin, int64_t T, int64_t P, int num_sms);
+
+// dc (T, P) fp32: dc[t, k] = Σ_{i : k(i) = k} τ_t[i] (dyᵀx)[i], without forming dyᵀx in memory.
+cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
+                             const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, float* workspace,
+                             int num_sms, float* dc, cudaStream_t stream);
+
+// Multi-tensor blocks. `table` is a device int64 array of B rows of kBlockFields entries:
+//   {θ0 or g pointer, τ pointer, output pointer (unused by the backward), numel, key, first chunk};
+// row B holds only the total chunk count in its "first chunk" field. Chunks of kMergeChunk elements.
+constexpr int kBlockFields = 6;
+constexpr int64_t kMergeChunk = 2048;
+
+// out_b = θ0_b + Σ_t coef[t, b, k(i)] τ_t,b for every block; coef (T, B, K) fp32; θ0 and out in `value`.
+cudaError_t merge_blocks(const int64_t* table, int64_t B, int64_t chunks, DType value, DType bank, int64_t T,
+                         const float* coef, int64_t K, cudaStream_t stream);
+
+// dc (T, B, K) fp32 = Σ_{i in partition k} τ_t,b[i] g_b[i]; workspace holds chunks·T·K floats.
+cudaError_t merge_blocks_backward(const int64_t* table, int64_t B, int64_t chunks, DType value, DType bank,
+                                  int64_t T, int64_t K, float* workspace, float* dc, cudaStream_t stream);
+
+}  // namespace atlas

@@ -1,0 +1,342 @@
+// Fused kernels of the linear op y = x Wᵀ + b with W = W0 + Σ_t c[t, k(i)] τ_t and i = n·Kin + kk.
+//
+//   forward   y  = x W(c)ᵀ + b(c)                      C = A·B with A = x,   B[kk][n] = W[n][kk]
+//   input     dx = dy W(c)                             C = A·B with A = dy,  B[n][kk] = W[n][kk]
+//   coef      dc[t, k] = Σ_{i : k(i) = k} τ_t[i] G[i]  G = dyᵀx tile by tile, reduced against every τ_t
+//
+// W(c) is never stored: each K-step builds its merged tile in shared memory from the W0 and τ tiles (fp32
+// combine, then the activation dtype). G is never stored either: a block reduces its finished G tile against
+// each τ_t into per-block partial sums, and a second kernel adds the partials in a fixed order, so dc is
+// bitwise reproducible. bf16/fp16 activations use tensor cores (WMMA, sm_80+); fp32 uses a plain SIMT
+// product, so the fp32 path is exact fp32 and never tf32.
+#include <mma.h>
+
+#include "atlas_common.cuh"
+
+namespace atlas {
+namespace {
+
+// One block computes a BM×BN tile of C, stepping BK along the reduction; four warps, each a 32×32 quarter.
+constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128;
+// Shared-memory row lengths. The pads keep every WMMA fragment pointer 32-byte aligned (16-row steps of
+// LDA·2 and LDB·2 bytes, 16-column steps of 32 bytes) and the leading dimensions multiples of 8 (4 for Cs).
+constexpr int LDA = BK + 8, LDB = BN + 8, LDC = BN + 4;
+
+// acc += As (BM×BK) · Bs (BK×BN), then Cs (BM×BN, fp32) = acc.
+template <typename act_t>
+struct TileMath {  // bf16 / fp16: tensor cores; warp w owns rows 32·(w/2)…, columns 32·(w%2)…
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
+
+    __device__ void zero() {
+        for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+    }
+
+    __device__ void step(const act_t* As, const act_t* Bs) {
+        using namespace nvcuda;
+        const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+#pragma unroll
+        for (int k = 0; k < BK; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, act_t, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, act_t, wmma::row_major> b[2];
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * LDA + k, LDA);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + k * LDB + wn * 32 + j * 16, LDB);
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+    }
+
+    __device__ void store(float* Cs) {
+        const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+        for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j)
+                nvcuda::wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
+                                                nvcuda::wmma::mem_row_major);
+    }
+};
+
+template <>
+struct TileMath<float> {  // fp32: thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 8i, columns tx + 16j
+    static constexpr int RI = BM / (THREADS / 16), CJ = BN / 16;
+    float acc[RI][CJ];
+
+    __device__ void zero() {
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int j = 0; j < CJ; ++j) acc[i][j] = 0.f;
+    }
+
+    __device__ void step(const float* As, const float* Bs) {
+        const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll 4
+        for (int k = 0; k < BK; ++k) {
+            float a[RI], b[CJ];
+#pragma unroll
+            for (int i = 0; i < RI; ++i) a[i] = As[(ty + 8 * i) * LDA + k];
+#pragma unroll
+            for (int j = 0; j < CJ; ++j) b[j] = Bs[k * LDB + tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < RI; ++i)
+#pragma unroll
+                for (int j = 0; j < CJ; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+    }
+
+    __device__ void store(float* Cs) {
+        const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int j = 0; j < CJ; ++j) Cs[(ty + 8 * i) * LDC + tx + 16 * j] = acc[i][j];
+    }
+};
+static_assert(THREADS == 128 && BM == 64 && BN == 64, "TileMath assumes four warps on a 64×64 tile");
+
+// dst[r·LD + c] = src[(row0 + r)·ld + col0 + c] for an R×C tile; zero where row ≥ row_end or col ≥ col_end.
+template <int R, int C, int LD, typename T>
+__device__ void load_tile(T* dst, const T* __restrict__ src, int64_t ld, int64_t row0, int64_t col0,
+                          int64_t row_end, int64_t col_end) {
+    for (int e = threadIdx.x; e < R * C; e += THREADS) {
+        const int r = e / C, c = e % C;
+        const int64_t gr = row0 + r, gc = col0 + c;
+        dst[r * LD + c] = (gr < row_end && gc < col_end) ? src[gr * ld + gc] : from_float<T>(0.f);
+    }
+}
+
+// dst[r·LD + c] = src[(row0 + c)·ld + col0 + r]: the transpose of a tile of row-major src, read along src rows.
+template <int R, int C, int LD, typename T>
+__device__ void load_tile_transposed(T* dst, const T* __restrict__ src, int64_t ld, int64_t row0, int64_t col0,
+                                     int64_t row_end, int64_t col_end) {
+    for (int e = threadIdx.x; e < R * C; e += THREADS) {
+        const int r = e % R, c = e / R;
+        const int64_t gr = row0 + c, gc = col0 + r;
+        dst[r * LD + c] = (gr < row_end && gc < col_end) ? src[gr * ld + gc] : from_float<T>(0.f);
+    }
+}
+
+// W(c)[n][kk] = W0[i] + Σ_t coef[t, k(i)] τ_t[i] with i = n·Kin + kk, summed in fp32.
+template <typename bank_t>
+__device__ __forceinline__ float merged(const float* __restrict__ w0, const bank_t* __restrict__ tau, int64_t T,
+                                        const float* __restrict__ coef, int64_t P, uint32_t key, int64_t NK,
+                                        int64_t i) {
+    const int p = partition_of(static_cast<uint32_t>(i), key, static_cast<int>(P));
+    float v = w0[i];
+    for (int64_t t = 0; t < T; ++t) v = fmaf(coef[t * P + p], to_float(tau[t * NK + i]), v);
+    return v;
+}
+
+// The B tile (BK×BN, row-major, LD = LDB) of the merged weight, starting at reduction index red0 and column
+// col0. TRANS: B[kk][n] = W[n][kk] (forward), else B[n][kk] = W[n][kk] (input gradient). Threads walk the
+// kk direction fastest so global reads are contiguous.
+template <bool TRANS, typename act_t, typename bank_t>
+__device__ void load_merged_tile(act_t* Bs, const float* __restrict__ w0, const bank_t* __restrict__ tau,
+                                 int64_t T, const float* __restrict__ coef, int64_t P, uint32_t key, int64_t N,
+                                 int64_t Kin, int64_t red0, int64_t col0) {
+    for (int e = threadIdx.x; e < BK * BN; e += THREADS) {
+        const int r = TRANS ? e % BK : e / BN, c = TRANS ? e / BK : e % BN;
+        const int64_t n = TRANS ? col0 + c : red0 + r, kk = TRANS ? red0 + r : col0 + c;
+        const float v = (n < N && kk < Kin) ? merged(w0, tau, T, coef, P, key, N * Kin, n * Kin + kk) : 0.f;
+        Bs[r * LDB + c] = from_float<act_t>(v);
+    }
+}
+
+// Pointers (row-major, contiguous):
+//   a     (M, R)   act    x (forward, R = Kin) or dy (input gradient, R = N)
+//   w0    (N, Kin) fp32   pre-trained weight;  tau (T, N, Kin) bank;  coef (T, P) fp32
+//   bias  (N) fp32, tau_b (T, N) bank, coef_b (T, P) fp32: the merged bias added in the forward, or null
+//   out   (M, C)   act    y (C = N) or dx (C = Kin)
+template <bool TRANS, typename act_t, typename bank_t>
+__global__ void __launch_bounds__(THREADS)
+merged_gemm_kernel(const act_t* __restrict__ a, int64_t M, int64_t N, int64_t Kin, const float* __restrict__ w0,
+                   const bank_t* __restrict__ tau, int64_t T, const float* __restrict__ coef, int64_t P,
+                   uint32_t key, const float* __restrict__ bias, const bank_t* __restrict__ tau_b,
+                   const float* __restrict__ coef_b, uint32_t key_b, act_t* __restrict__ out) {
+    __shared__ __align__(128) act_t As[BM * LDA];
+    __shared__ __align__(128) act_t Bs[BK * LDB];
+    __shared__ __align__(128) float Cs[BM * LDC];
+    const int64_t R = TRANS ? Kin : N, C = TRANS ? N : Kin;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM, col0 = static_cast<int64_t>(blockIdx.y) * BN;
+
+    TileMath<act_t> math;
+    math.zero();
+    for (int64_t k0 = 0; k0 < R; k0 += BK) {
+        load_tile<BM, BK, LDA>(As, a, R, row0, k0, M, R);
+        load_merged_tile<TRANS>(Bs, w0, tau, T, coef, P, key, N, Kin, k0, col0);
+        __syncthreads();
+        math.step(As, Bs);
+        __syncthreads();
+    }
+    math.store(Cs);
+    __syncthreads();
+
+    for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+        const int r = e / BN, c = e % BN;
+        const int64_t m = row0 + r, col = col0 + c;
+        if (m >= M || col >= C) continue;
+        float v = Cs[r * LDC + c];
+        if (bias != nullptr) {
+            float b = bias[col];
+            if (tau_b != nullptr) {
+                const int p = partition_of(static_cast<uint32_t>(col), key_b, static_cast<int>(P));
+                for (int64_t t = 0; t < T; ++t) b = fmaf(coef_b[t * P + p], to_float(tau_b[t * N + col]), b);
+            }
+            v += b;
+        }
+        out[m * C + col] = from_float<act_t>(v);
+    }
+}
+
+// Per-block partials of dc. Block (bx, by, bz) forms the G = dyᵀx tile of rows n0 = 64·bx, columns
+// kk0 = 64·by over the token range [bz·m_chunk, (bz + 1)·m_chunk), then writes
+//   partial[slot, t, k] = Σ_{i in tile, k(i) = k} τ_t[i] G[i],  slot = (bz·gridDim.y + by)·gridDim.x + bx.
+// dy (M, N) act; x (M, Kin) act; tau (T, N, Kin) bank; partial (slots, T, P) fp32.
+template <typename act_t, typename bank_t>
+__global__ void __launch_bounds__(THREADS)
+grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int64_t M, int64_t N, int64_t Kin,
+                 const bank_t* __restrict__ tau, int64_t T, int64_t P, uint32_t key, int64_t m_chunk,
+                 float* __restrict__ partial) {
+    __shared__ __align__(128) act_t As[BM * LDA];
+    __shared__ __align__(128) act_t Bs[BK * LDB];
+    __shared__ __align__(128) float Cs[BM * LDC];
+    __shared__ float scratch[THREADS / 32];
+    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BM, kk0 = static_cast<int64_t>(blockIdx.y) * BN;
+    const int64_t m_begin = static_cast<int64_t>(blockIdx.z) * m_chunk;
+    const int64_t m_end = m_begin + m_chunk < M ? m_begin + m_chunk : M;
+
+    TileMath<act_t> math;
+    math.zero();
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += BK) {
+        load_tile_transposed<BM, BK, LDA>(As, dy, N, m0, n0, m_end, N);  // As[n][m] = dy[m][n]
+        load_tile<BK, BN, LDB>(Bs, x, Kin, m0, kk0, m_end, Kin);         // Bs[m][kk] = x[m][kk]
+        __syncthreads();
+        math.step(As, Bs);
+        __syncthreads();
+    }
+    math.store(Cs);
+    __syncthreads();
+
+    // Thread-owned elements of the tile, with their partition (-1 outside the weight).
+    constexpr int PER = BM * BN / THREADS;
+    float g[PER];
+    int part[PER];
+    const int64_t NK = N * Kin;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int e = threadIdx.x + j * THREADS, r = e / BN, c = e % BN;
+        const int64_t n = n0 + r, kk = kk0 + c;
+        const bool inside = n < N && kk < Kin;
+        g[j] = inside ? Cs[r * LDC + c] : 0.f;
+        part[j] = inside ? partition_of(static_cast<uint32_t>(n * Kin + kk), key, static_cast<int>(P)) : -1;
+    }
+    const int64_t slot = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    for (int64_t t = 0; t < T; ++t) {
+        float prod[PER];
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int e = threadIdx.x + j * THREADS;
+            const int64_t i = (n0 + e / BN) * Kin + kk0 + e % BN;
+            prod[j] = part[j] >= 0 ? g[j] * to_float(tau[t * NK + i]) : 0.f;
+        }
+        for (int64_t p = 0; p < P; ++p) {
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < PER; ++j) s += part[j] == p ? prod[j] : 0.f;
+            s = block_sum<THREADS>(s, scratch);
+            if (threadIdx.x == 0) partial[(slot * T + t) * P + p] = s;
+        }
+    }
+}
+
+// out[j] = Σ_s partial[s, j] for j < width, summed over s in order.
+__global__ void sum_partials_kernel(const float* __restrict__ partial, int64_t slots, int64_t width,
+                                    float* __restrict__ out) {
+    const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (j >= width) return;
+    float s = 0.f;
+    for (int64_t k = 0; k < slots; ++k) s += partial[k * width + j];
+    out[j] = s;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Token-range splits of the coefficient gradient: enough blocks to fill the GPU twice, yet every split keeps
+// at least 128 tokens so that each τ tile is not re-read for little work. Returns the chunk length.
+int64_t grad_coef_chunk(int64_t M, int64_t N, int64_t Kin, int num_sms) {
+    const int64_t tiles = ceil_div(N, BM) * ceil_div(Kin, BN);
+    const int64_t wanted = ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
+    const int64_t most = M / 128 > 1 ? M / 128 : 1;
+    const int64_t splits = wanted < most ? wanted : most;
+    const int64_t chunk = ceil_div(ceil_div(M > 0 ? M : 1, splits), BK) * BK;
+    return chunk;
+}
+
+int64_t grad_coef_slots(int64_t M, int64_t N, int64_t Kin, int num_sms) {
+    const int64_t splits = M > 0 ? ceil_div(M, grad_coef_chunk(M, N, Kin, num_sms)) : 1;
+    return ceil_div(N, BM) * ceil_div(Kin, BN) * splits;
+}
+
+template <typename act_t, typename bank_t, bool TRANS>
+cudaError_t launch_merged_gemm(const void* a, int64_t M, int64_t N, int64_t Kin, const float* w0, const void* tau,
+                               int64_t T, const float* coef, int64_t P, uint32_t key, const float* bias,
+                               const void* tau_b, const float* coef_b, uint32_t key_b, void* out,
+                               cudaStream_t stream) {
+    const int64_t C = TRANS ? N : Kin;
+    if (M == 0 || C == 0) return cudaSuccess;
+    const dim3 grid(static_cast<unsigned>(ceil_div(M, BM)), static_cast<unsigned>(ceil_div(C, BN)));
+    merged_gemm_kernel<TRANS, act_t, bank_t><<<grid, THREADS, 0, stream>>>(
+        static_cast<const act_t*>(a), M, N, Kin, w0, static_cast<const bank_t*>(tau), T, coef, P, key, bias,
+        static_cast<const bank_t*>(tau_b), coef_b, key_b, static_cast<act_t*>(out));
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t linear_forward(const void* x, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
+                           const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
+                           const float* bias, const void* tau_b, const float* coef_b, uint32_t key_b, void* y,
+                           cudaStream_t stream) {
+    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
+        return launch_merged_gemm<decltype(a_t), decltype(b_t), true>(x, M, N, Kin, w0, tau, T, coef, P, key, bias,
+                                                                      tau_b, coef_b, key_b, y, stream);
+    });
+}
+
+cudaError_t linear_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
+                              const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
+                              void* dx, cudaStream_t stream) {
+    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
+        return launch_merged_gemm<decltype(a_t), decltype(b_t), false>(dy, M, N, Kin, w0, tau, T, coef, P, key,
+                                                                       nullptr, nullptr, nullptr, 0, dx, stream);
+    });
+}
+
+int64_t linear_grad_coef_workspace(int64_t M, int64_t N, int64_t Kin, int64_t T, int64_t P, int num_sms) {
+    return grad_coef_slots(M, N, Kin, num_sms) * T * P;
+}
+
+cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
+                             const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, float* workspace,
+                             int num_sms, float* dc, cudaStream_t stream) {
+    if (T * P == 0) return cudaSuccess;
+    if (N == 0 || Kin == 0) return cudaMemsetAsync(dc, 0, sizeof(float) * T * P, stream);
+    const int64_t chunk = grad_coef_chunk(M, N, Kin, num_sms);
+    const int64_t splits = M > 0 ? ceil_div(M, chunk) : 1;
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM)), static_cast<unsigned>(ceil_div(Kin, BN)),
+                    static_cast<unsigned>(splits));
+    const cudaError_t err = dispatch2(act, bank, [&](auto a_t, auto b_t) {
+        using act_t = decltype(a_t);
+        using bank_t = decltype(b_t);
+        grad_coef_kernel<act_t, bank_t><<<grid, THREADS, 0, stream>>>(
+            static_cast<const act_t*>(dy), static_cast<const act_t*>(x), M, N, Kin,
+            static_cast<const bank_t*>(tau), T, P, key, chunk, workspace);
+        return cudaGetLastError();
+    });
+    if (err != cudaSuccess) return err;
+    const int64_t width = T * P, slots = grad_coef_slots(M, N, Kin, num_sms);
+    sum_partials_kernel<<<static_cast<unsigned>(ceil_div(width, 128)), 128, 0, stream>>>(workspace, slots, width,
+                                                                                          dc);
+    return cudaGetLastError();
+}
+
+}  // namespace atlas
