@@ -1,0 +1,216 @@
+"""The Triton launchers of kernels/atlas_linear.py called directly, against the float64 reference.
+
+Outputs are preallocated and poisoned with NaN, so an element a kernel fails to write cannot pass.
+On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import atlas_fast
+from atlas_fast.backends import get_backend
+from atlas_fast.backends import triton_backend
+from atlas_fast.hashing import block_key, partition_index
+from atlas_fast.kernels import atlas_linear as kernels
+from atlas_fast.reference import linear_ref, merge_ref
+
+from conftest import DEVICE
+from helpers import TOL, assert_rel, random_bank, random_coef
+
+KEYS = (block_key(3, 0), block_key(3, 1))
+
+
+def _case(M, K, N, T, P, bias, bank_dtype=torch.float32, act_dtype=torch.float32, device=DEVICE):
+    x = torch.randn(M, K, device=device).to(act_dtype)
+    w = torch.randn(N, K, device=device) / K ** 0.5
+    b = torch.randn(N, device=device) * 0.1 if bias else None
+    tw = random_bank((N, K), T, bank_dtype, 1e-2 / K ** 0.5, device)
+    tb = random_bank((N,), T, bank_dtype, 1e-3, device) if bias else None
+    cw = random_coef(T, P, device).detach()
+    cb = random_coef(T, P, device).detach() if bias else None
+    return x, w, b, tw, tb, cw, cb
+
+
+def _poisoned(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _reference(case, dy, keys=KEYS):
+    """y, dx, dc_w in float64 from the reference expression and autograd."""
+    x, w, b, tw, tb, cw, cb = case
+    x64 = x.double().requires_grad_()
+    cw64 = cw.double().requires_grad_()
+    y = linear_ref(x64, w, b, tw, tb, cw64, cb, *keys)
+    dx, dcw = torch.autograd.grad(y, (x64, cw64), dy.double())
+    return y.detach(), dx, dcw
+
+
+def _run_launchers(case, dy, deterministic=True, keys=KEYS):
+    x, w, b, tw, tb, cw, cb = case
+    M, K = x.shape
+    N, (T, P) = w.shape[0], cw.shape
+    y = kernels.forward(x, w, b, tw, tb, cw, cb, *keys, out=_poisoned(M, N, dtype=x.dtype, device=x.device))
+    dx = kernels.grad_input(dy, w, tw, cw, keys[0], out=_poisoned(M, K, dtype=x.dtype, device=x.device))
+    dc = kernels.grad_coef(dy, x, tw, P, keys[0], deterministic, out=_poisoned(T, P, device=x.device))
+    return y, dx, dc
+
+
+@pytest.mark.parametrize("T", [1, 3, 5])
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_launchers_odd_shapes(T, P, bias, deterministic):
+    case = _case(37, 70, 45, T, P, bias)
+    dy = torch.randn(37, 45, device=DEVICE)
+    y, dx, dc = _run_launchers(case, dy, deterministic)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(dx, dx_ref, tol_grad, "dx")
+    assert_rel(dc, dc_ref, tol_grad, "dc")
+
+
+@pytest.mark.parametrize("key", [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, KEYS[0]])
+@pytest.mark.parametrize("P", [2, 5, 7])
+def test_partition_hash_bit_exact(key, P):
+    """With x = I, W0 = 0, τ = 1 and c[0, p] = p, the forward returns the partition of every weight element."""
+    N, K = 19, 41
+    x = torch.eye(K, device=DEVICE)
+    w = torch.zeros(N, K, device=DEVICE)
+    tw = torch.ones(1, N, K, device=DEVICE)
+    cw = torch.arange(P, dtype=torch.float32, device=DEVICE).view(1, P)
+    y = kernels.forward(x, w, None, tw, None, cw, None, key, 0, out=_poisoned(K, N))
+    expected = partition_index(N * K, key, P, DEVICE).view(N, K).t().float()
+    assert torch.equal(y, expected), f"first mismatches at {torch.nonzero(y != expected)[:5].tolist()}"
+
+
+def test_deterministic_bit_identical_and_atomic_close():
+    case = _case(123, 70, 45, 3, 3, False)
+    x, _, _, tw, _, _, _ = case
+    dy = torch.randn(123, 45, device=DEVICE)
+    first = kernels.grad_coef(dy, x, tw, 3, KEYS[0], deterministic=True)
+    second = kernels.grad_coef(dy, x, tw, 3, KEYS[0], deterministic=True)
+    assert torch.equal(first, second)
+    atomic = kernels.grad_coef(dy, x, tw, 3, KEYS[0], deterministic=False)
+    assert_rel(atomic, first, 1e-6, "atomic dc")
+
+
+def test_strided_activations():
+    """x and dy as transposed views: the kernels read them through their strides."""
+    case = _case(29, 33, 21, 2, 3, True)
+    x = case[0].t().contiguous().t()
+    case = (x,) + case[1:]
+    dy = torch.randn(21, 29, device=DEVICE).t()
+    y, dx, dc = _run_launchers(case, dy)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    assert_rel(y, y_ref, TOL[torch.float32][0])
+    assert_rel(dx, dx_ref, TOL[torch.float32][1], "dx")
+    assert_rel(dc, dc_ref, TOL[torch.float32][1], "dc")
+
+
+def test_bad_out_is_rejected():
+    x, w, b, tw, tb, cw, cb = _case(5, 8, 6, 2, 1, True)
+    with pytest.raises(ValueError, match="out: expected"):
+        kernels.forward(x, w, b, tw, tb, cw, cb, out=_poisoned(5, 7))
+    with pytest.raises(ValueError, match="coefficients must be float32"):
+        kernels.forward(x, w, b, tw, tb, cw.double(), cb)
+
+
+@settings(max_examples=12, deadline=None)
+@given(M=st.integers(1, 40), K=st.integers(1, 50), N=st.integers(1, 40), T=st.integers(1, 4),
+       P=st.integers(1, 4), bias=st.booleans(), bank_dtype=st.sampled_from([torch.float32, torch.bfloat16,
+                                                                           torch.float16]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_property_random_shapes(M, K, N, T, P, bias, bank_dtype, seed):
+    torch.manual_seed(seed)
+    keys = (block_key(seed, 0), block_key(seed, 1))
+    case = _case(M, K, N, T, P, bias, bank_dtype)
+    dy = torch.randn(M, N, device=DEVICE)
+    y, dx, dc = _run_launchers(case, dy, keys=keys)
+    y_ref, dx_ref, dc_ref = _reference(case, dy, keys)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(dx, dx_ref, tol_grad, "dx")
+    assert_rel(dc, dc_ref, tol_grad, "dc")
+
+
+def test_bf16_activations_in_interpreter():
+    """bf16 activations: error against float64 at most ~2x that of plain PyTorch on the merged weight."""
+    x, w, b, tw, tb, cw, cb = case = _case(45, 70, 37, 3, 3, True, torch.bfloat16, torch.bfloat16)
+    dy = torch.randn(45, 37, device=DEVICE).to(torch.bfloat16)
+    y, dx, dc = _run_launchers(case, dy)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    y_plain = torch.nn.functional.linear(x, merge_ref(w, tw, cw, KEYS[0]).to(x.dtype),
+                                         merge_ref(b, tb, cb, KEYS[1]).to(x.dtype))
+    budget = 2 * assert_rel(y_plain, y_ref, 1.0) + 1e-3
+    assert y.dtype == dx.dtype == torch.bfloat16 and dc.dtype == torch.float32
+    assert_rel(y, y_ref, budget)
+    assert_rel(dx, dx_ref, budget, "dx")
+    assert_rel(dc, dc_ref, 10 * budget, "dc")
+
+
+def test_backend_switch_and_availability():
+    backend = get_backend("triton")
+    assert backend.unavailable_reason(torch.device(DEVICE)) is None
+    assert "CUDA" in backend.unavailable_reason(torch.device("meta"))
+    x = torch.randn(13, 20, device=DEVICE, requires_grad=True)
+    _, w, b, tw, tb, cw, cb = _case(13, 20, 9, 2, 3, True)
+    cw.requires_grad_()
+    previous = triton_backend.set_deterministic(False)
+    try:
+        assert not triton_backend.is_deterministic()
+        y = atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, *KEYS, backend="triton")
+        dcw_atomic, = torch.autograd.grad(y.sum(), cw)
+    finally:
+        triton_backend.set_deterministic(previous)
+    y = atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, *KEYS, backend="triton")
+    dcw, = torch.autograd.grad(y.sum(), cw)
+    assert_rel(dcw_atomic, dcw, 1e-6, "atomic dc")
+
+
+def test_opcheck_triton():
+    x = torch.randn(9, 11, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(7, 11, device=DEVICE), torch.randn(7, device=DEVICE)
+    tw, tb = random_bank((7, 11), 3, device=DEVICE), random_bank((7,), 3, device=DEVICE)
+    cw, cb = random_coef(3, 2, DEVICE), random_coef(3, 2, DEVICE)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear.default, (x, w, b, tw, tb, cw, cb, *KEYS, "triton"))
+    g = torch.randn(9, 7, device=DEVICE)
+    for needs_input_grad in (True, False):
+        torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_backward.default,
+                              (g, x.detach(), w, tw, tb, cw.detach(), *KEYS, needs_input_grad, "triton"))
+
+
+# ---------------------------------------------------------------- CUDA only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", [(37, 70, 45), (4096, 768, 768), (600, 768, 3072)])
+def test_cuda_low_precision(act_dtype, bank_dtype, M, K, N):
+    x, w, b, tw, tb, cw, cb = case = _case(M, K, N, 5, 3, True, bank_dtype, act_dtype, device="cuda")
+    dy = torch.randn(M, N, device="cuda").to(act_dtype)
+    y, dx, dc = _run_launchers(case, dy)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    w_plain = merge_ref(w, tw, cw, KEYS[0]).to(act_dtype)
+    y_plain = torch.nn.functional.linear(x, w_plain, merge_ref(b, tb, cb, KEYS[1]).to(act_dtype))
+    budget = 2 * assert_rel(y_plain, y_ref, 1.0) + 1e-3
+    assert_rel(y, y_ref, budget)
+    assert_rel(dx, dx_ref, 2 * assert_rel(dy @ w_plain, dx_ref, 1.0) + 1e-3, "dx")
+    assert_rel(dc, dc_ref, 10 * budget, "dc")
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_and_determinism_at_scale():
+    case = _case(2048, 768, 768, 8, 3, True, torch.bfloat16, device="cuda")
+    dy = torch.randn(2048, 768, device="cuda")
+    y, dx, dc = _run_launchers(case, dy)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(dx, dx_ref, tol_grad, "dx")
+    assert_rel(dc, dc_ref, tol_grad, "dc")
+    x, tw = case[0], case[3]
+    again = kernels.grad_coef(dy, x, tw, 3, KEYS[0], deterministic=True)
+    assert torch.equal(again, kernels.grad_coef(dy, x, tw, 3, KEYS[0], deterministic=True))
+    assert_rel(kernels.grad_coef(dy, x, tw, 3, KEYS[0], deterministic=False), again, 1e-5, "atomic dc")
