@@ -1,0 +1,292 @@
+// The CUDA kernel ops, registered with TORCH_LIBRARY so they exist as torch.ops.atlas_fast.* once the library
+// is loaded. Each checks its tensors (naming the offending argument), makes them contiguous in the dtypes the
+// kernels take (θ0 and biases in fp32, τ_b in τ's dtype, the gradient in the activation dtype), allocates the
+// outputs and launches on the current stream. Shapes follow atlas_fast/backends/base.py.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "atlas_kernels.h"
+
+namespace {
+
+using at::Tensor;
+constexpr int64_t kMaxHashNumel = 0xFFFFFFFFll;  // flat indices must fit the 32-bit partition hash
+
+atlas::DType kernel_dtype(const Tensor& t, const char* what) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return atlas::DType::f32;
+        case at::kBFloat16: return atlas::DType::bf16;
+        case at::kHalf: return atlas::DType::f16;
+        default:
+            TORCH_CHECK(false, what, ": the cuda backend takes float32, bfloat16 or float16, got ", t.scalar_type(),
+                        " (float64 runs on backend='torch')");
+    }
+}
+
+void check_device(const Tensor& t, const char* what, const at::Device& device) {
+    TORCH_CHECK(t.is_cuda(), what, " must be a CUDA tensor, got one on ", t.device());
+    TORCH_CHECK(t.device() == device, what, " is on ", t.device(), " but the op runs on ", device);
+}
+
+uint32_t block_key(int64_t key, const char* what) {
+    TORCH_CHECK(key >= 0 && key <= kMaxHashNumel, what, " must be a uint32 block key, got ", key);
+    return static_cast<uint32_t>(key);
+}
+
+void check_launch(cudaError_t err, const char* what) {
+    TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// Validated, contiguous operands of the linear op.
+struct Linear {
+    Tensor weight, tau_w, coef_w, bias, tau_b, coef_b;
+    int64_t N, Kin, T, P;
+    atlas::DType act, bank;
+    uint32_t key_w, key_b;
+};
+
+Linear check_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& tau_w,
+                    const std::optional<Tensor>& tau_b, const Tensor& coef_w, const std::optional<Tensor>& coef_b,
+                    int64_t key_w, int64_t key_b) {
+    Linear L;
+    const at::Device device = x.device();
+    check_device(x, "x", device);
+    check_device(weight, "weight", device);
+    check_device(tau_w, "tau_w", device);
+    check_device(coef_w, "coef_w", device);
+    L.act = kernel_dtype(x, "x");
+    L.bank = kernel_dtype(tau_w, "tau_w");
+    kernel_dtype(weight, "weight");
+    TORCH_CHECK(weight.dim() == 2, "weight must be (out, in), got shape ", weight.sizes());
+    L.N = weight.size(0);
+    L.Kin = weight.size(1);
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == L.Kin, "x of shape ", x.sizes(), " does not match weight ",
+                weight.sizes());
+    TORCH_CHECK(weight.numel() <= kMaxHashNumel, "weight has ", weight.numel(),
+                " elements, more than the 32-bit partition hash covers");
+    TORCH_CHECK(coef_w.dim() == 2 && coef_w.scalar_type() == at::kFloat, "coef_w must be float32 (T, P), got ",
+                coef_w.scalar_type(), " ", coef_w.sizes());
+    L.T = coef_w.size(0);
+    L.P = coef_w.size(1);
+    TORCH_CHECK(L.P >= 1, "coef_w must have at least one partition, got shape ", coef_w.sizes());
+    TORCH_CHECK(tau_w.dim() == 3 && tau_w.size(0) == L.T && tau_w.size(1) == L.N && tau_w.size(2) == L.Kin,
+                "tau_w must be (T=", L.T, ", ", L.N, ", ", L.Kin, "), got ", tau_w.sizes());
+    L.weight = weight.to(at::kFloat).contiguous();
+    L.tau_w = tau_w.contiguous();
+    L.coef_w = coef_w.contiguous();
+    L.key_w = block_key(key_w, "key_w");
+    L.key_b = block_key(key_b, "key_b");
+    if (bias.has_value()) {
+        check_device(*bias, "bias", device);
+        kernel_dtype(*bias, "bias");
+        TORCH_CHECK(bias->dim() == 1 && bias->size(0) == L.N, "bias must be (", L.N, "), got ", bias->sizes());
+        L.bias = bias->to(at::kFloat).contiguous();
+    }
+    if (tau_b.has_value()) {
+        TORCH_CHECK(bias.has_value(), "tau_b needs bias");
+        check_device(*tau_b, "tau_b", device);
+        kernel_dtype(*tau_b, "tau_b");
+        TORCH_CHECK(tau_b->dim() == 2 && tau_b->size(0) == L.T && tau_b->size(1) == L.N, "tau_b must be (T=", L.T,
+                    ", ", L.N, "), got ", tau_b->sizes());
+        L.tau_b = tau_b->to(tau_w.scalar_type()).contiguous();
+    }
+    if (coef_b.has_value() && tau_b.has_value()) {
+        check_device(*coef_b, "coef_b", device);
+        TORCH_CHECK(coef_b->scalar_type() == at::kFloat && coef_b->sizes() == coef_w.sizes(),
+                    "coef_b must be float32 shaped like coef_w ", coef_w.sizes(), ", got ", coef_b->scalar_type(),
+                    " ", coef_b->sizes());
+        L.coef_b = coef_b->contiguous();
+    } else {
+        TORCH_CHECK(!tau_b.has_value(), "tau_b needs coef_b");
+    }
+    return L;
+}
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+const float* fptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+Tensor atlas_linear_cuda_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                 const Tensor& tau_w, const std::optional<Tensor>& tau_b, const Tensor& coef_w,
+                                 const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const Linear L = check_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b);
+    const Tensor x2 = x.reshape({-1, L.Kin}).contiguous();
+    const int64_t M = x2.size(0);
+    Tensor y = at::empty({M, L.N}, x.options());
+    check_launch(atlas::linear_forward(x2.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
+                                       L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(), L.P, L.key_w,
+                                       fptr_or_null(L.bias), ptr_or_null(L.tau_b), fptr_or_null(L.coef_b), L.key_b,
+                                       y.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                 "atlas_linear_cuda_forward");
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = L.N;
+    return y.view(shape);
+}
+
+// Device copy of the block table of atlas_kernels.h: rows {src, τ, out, numel, key, first chunk}, then a row
+// holding the total chunk count. Staged in pinned memory so the copy does not wait for the stream.
+std::pair<Tensor, int64_t> block_table(const std::vector<Tensor>& src, const std::vector<Tensor>& tau,
+                                       const std::vector<Tensor>& out, const std::vector<int64_t>& keys,
+                                       const at::Device& device) {
+    const int64_t B = static_cast<int64_t>(src.size());
+    Tensor host = at::zeros({B + 1, atlas::kBlockFields}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* row = host.data_ptr<int64_t>();
+    int64_t chunks = 0;
+    for (int64_t b = 0; b < B; ++b, row += atlas::kBlockFields) {
+        const int64_t numel = src[b].numel();
+        row[0] = reinterpret_cast<int64_t>(src[b].data_ptr());
+        row[1] = reinterpret_cast<int64_t>(tau[b].data_ptr());
+        row[2] = out.empty() ? 0 : reinterpret_cast<int64_t>(out[b].data_ptr());
+        row[3] = numel;
+        row[4] = block_key(keys[b], "keys[b]");
+        row[5] = chunks;
+        chunks += (numel + atlas::kMergeChunk - 1) / atlas::kMergeChunk;
+    }
+    row[5] = chunks;
+    return {host.to(host.options().device(device), /*non_blocking=*/true), chunks};
+}
+
+// Validated, contiguous blocks: values (θ0 or gradients) and their task-vector stacks (T, *shape).
+struct Blocks {
+    std::vector<Tensor> values, tau;
+    int64_t T;
+    atlas::DType value, bank;
+};
+
+Blocks check_blocks(const std::vector<Tensor>& values, const char* what, const std::vector<Tensor>& tau,
+                    const std::vector<int64_t>& keys, const at::Device& device) {
+    const size_t B = values.size();
+    TORCH_CHECK(B > 0, "merge_blocks: no blocks");
+    TORCH_CHECK(tau.size() == B && keys.size() == B, "merge_blocks: ", B, " ", what, ", ", tau.size(),
+                " task-vector stacks and ", keys.size(), " keys");
+    Blocks out;
+    out.T = tau[0].dim() > 0 ? tau[0].size(0) : 0;
+    out.value = kernel_dtype(values[0], what);
+    out.bank = kernel_dtype(tau[0], "tau");
+    for (size_t b = 0; b < B; ++b) {
+        check_device(values[b], what, device);
+        check_device(tau[b], "tau", device);
+        TORCH_CHECK(values[b].scalar_type() == values[0].scalar_type(), what, "[", b, "] is ",
+                    values[b].scalar_type(), " but ", what, "[0] is ", values[0].scalar_type(),
+                    "; call once per dtype");
+        TORCH_CHECK(tau[b].scalar_type() == tau[0].scalar_type(), "tau[", b, "] is ", tau[b].scalar_type(),
+                    " but tau[0] is ", tau[0].scalar_type(), "; call once per dtype");
+        TORCH_CHECK(tau[b].dim() >= 1 && tau[b].size(0) == out.T && tau[b].numel() == out.T * values[b].numel(),
+                    "tau[", b, "] of shape ", tau[b].sizes(), " does not stack (T=", out.T, ", *",
+                    values[b].sizes(), ")");
+        TORCH_CHECK(values[b].numel() <= kMaxHashNumel, what, "[", b, "] has more elements than the 32-bit ",
+                    "partition hash covers");
+        out.values.push_back(values[b].contiguous());
+        out.tau.push_back(tau[b].contiguous());
+    }
+    return out;
+}
+
+std::vector<Tensor> merge_blocks_cuda(const std::vector<Tensor>& theta0, const std::vector<Tensor>& tau,
+                                      const Tensor& coef, const std::vector<int64_t>& keys) {
+    const c10::cuda::CUDAGuard guard(coef.device());
+    check_device(coef, "coef", coef.device());
+    const Blocks blocks = check_blocks(theta0, "theta0", tau, keys, coef.device());
+    const int64_t B = static_cast<int64_t>(theta0.size());
+    TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 3 && coef.size(0) == blocks.T && coef.size(1) == B,
+                "coef must be float32 (T=", blocks.T, ", B=", B, ", K), got ", coef.scalar_type(), " ",
+                coef.sizes());
+    TORCH_CHECK(coef.size(2) >= 1, "coef must have at least one partition, got shape ", coef.sizes());
+    const Tensor c = coef.contiguous();
+    std::vector<Tensor> out;
+    for (const Tensor& t : blocks.values) out.push_back(at::empty_like(t));
+    const auto [table, chunks] = block_table(blocks.values, blocks.tau, out, keys, coef.device());
+    check_launch(atlas::merge_blocks(table.data_ptr<int64_t>(), B, chunks, blocks.value, blocks.bank, blocks.T,
+                                     c.data_ptr<float>(), c.size(2), at::cuda::getCurrentCUDAStream()),
+                 "merge_blocks_cuda");
+    return out;
+}
+
+Tensor merge_blocks_cuda_backward(const std::vector<Tensor>& grads, const std::vector<Tensor>& tau,
+                                  const std::vector<int64_t>& keys, int64_t partitions) {
+    TORCH_CHECK(!grads.empty(), "merge_blocks_backward: no blocks");
+    const at::Device device = grads[0].device();
+    const c10::cuda::CUDAGuard guard(device);
+    TORCH_CHECK(partitions >= 1, "partitions must be at least 1, got ", partitions);
+    const Blocks blocks = check_blocks(grads, "grads", tau, keys, device);
+    const int64_t B = static_cast<int64_t>(grads.size());
+    const auto [table, chunks] = block_table(blocks.values, blocks.tau, {}, keys, device);
+    const auto f32 = grads[0].options().dtype(at::kFloat);
+    Tensor workspace = at::empty({chunks * blocks.T * partitions}, f32);
+    Tensor dc = at::empty({blocks.T, B, partitions}, f32);
+    check_launch(atlas::merge_blocks_backward(table.data_ptr<int64_t>(), B, chunks, blocks.value, blocks.bank,
+                                              blocks.T, partitions, workspace.data_ptr<float>(),
+                                              dc.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                 "merge_blocks_cuda_backward");
+    return dc;
+}
+
+std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad_out, const Tensor& x,
+                                                              const Tensor& weight, const Tensor& tau_w,
+                                                              const std::optional<Tensor>& tau_b,
+                                                              const Tensor& coef_w, int64_t key_w, int64_t key_b,
+                                                              bool needs_input_grad) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const Linear L = check_linear(x, weight, std::nullopt, tau_w, std::nullopt, coef_w, std::nullopt, key_w, key_b);
+    check_device(grad_out, "grad_out", x.device());
+    TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == L.N && grad_out.numel() / L.N * L.Kin == x.numel(),
+                "grad_out of shape ", grad_out.sizes(), " does not match x ", x.sizes(), " and weight ",
+                weight.sizes());
+    const Tensor x2 = x.reshape({-1, L.Kin}).contiguous();
+    const Tensor dy = grad_out.reshape({-1, L.N}).to(x.scalar_type()).contiguous();
+    const int64_t M = x2.size(0);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto f32 = x.options().dtype(at::kFloat);
+
+    Tensor dx = x.new_empty({0});
+    if (needs_input_grad) {
+        dx = at::empty_like(x2);
+        check_launch(atlas::linear_grad_input(dy.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
+                                              L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(), L.P,
+                                              L.key_w, dx.data_ptr(), stream),
+                     "atlas_linear_cuda_backward (grad x)");
+        dx = dx.view(x.sizes());
+    }
+
+    const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    Tensor workspace = at::empty({atlas::linear_grad_coef_workspace(M, L.N, L.Kin, L.T, L.P, num_sms)}, f32);
+    Tensor dcw = at::empty({L.T, L.P}, f32);
+    check_launch(atlas::linear_grad_coef(dy.data_ptr(), x2.data_ptr(), L.act, M, L.N, L.Kin, L.tau_w.data_ptr(),
+                                         L.bank, L.T, L.P, L.key_w, workspace.data_ptr<float>(), num_sms,
+                                         dcw.data_ptr<float>(), stream),
+                 "atlas_linear_cuda_backward (grad coef_w)");
+
+    Tensor dcb = coef_w.new_empty({0});
+    if (tau_b.has_value()) {
+        // dc_b[t, k] = Σ_{n in partition k} τ_b,t[n] Σ_m dy[m, n]: the one-block case of merge_blocks_backward.
+        TORCH_CHECK(tau_b->dim() == 2 && tau_b->size(0) == L.T && tau_b->size(1) == L.N, "tau_b must be (T=", L.T,
+                    ", ", L.N, "), got ", tau_b->sizes());
+        dcb = merge_blocks_cuda_backward({dy.sum({0}, /*keepdim=*/false, at::kFloat)}, {*tau_b}, {key_b}, L.P)
+                  .view({L.T, L.P});
+    }
+    return {dx, dcw, dcb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
+    m.def("atlas_linear_cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor tau_w, Tensor? tau_b, "
+          "Tensor coef_w, Tensor? coef_b, int key_w, int key_b) -> Tensor");
+    m.def("atlas_linear_cuda_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor tau_w, Tensor? tau_b, "
+          "Tensor coef_w, int key_w, int key_b, bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
+    m.def("merge_blocks_cuda(Tensor[] theta0, Tensor[] tau, Tensor coef, int[] keys) -> Tensor[]");
+    m.def("merge_blocks_cuda_backward(Tensor[] grads, Tensor[] tau, int[] keys, int partitions) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(atlas_fast, CUDA, m) {
+    m.impl("atlas_linear_cuda_forward", &atlas_linear_cuda_forward);
+    m.impl("atlas_linear_cuda_backward", &atlas_linear_cuda_backward);
+    m.impl("merge_blocks_cuda", &merge_blocks_cuda);
+    m.impl("merge_blocks_cuda_backward", &merge_blocks_cuda_backward);
+}
