@@ -1,0 +1,593 @@
+"""`atlas-fast bench`: every backend against naive merging and against plain fine-tuning.
+
+The run first checks each backend against the naive baseline (same inputs, same random non-zero
+coefficients; outputs and coefficient gradients), then measures every variant in a fresh process so
+no variant inherits another's allocator state:
+
+    naive     the paper's way: merge every parameter each step, torch.func.functional_call
+    finetune  the plain model with every weight trainable, same loss
+    <backend> atlas_fast.compose(..., backend=<backend>)
+
+A step is forward + backward of a scalar loss on a fixed random batch ("step" mode), or forward +
+backward + AdamW on the coefficients over a stream of batches ("tta" mode). Step time is the median
+over the timed steps after a warm-up (CUDA events on a GPU). Extra peak memory is what one step needs
+on top of the built model and bank: on a GPU from the caching allocator's peak; on a CPU from the
+process's resident high-water mark, in a process of its own whose glibc returns large freed blocks.
+
+Workers run as `python -m atlas_fast.bench JOB.json RESULT.json`; they print one "tick" line per step
+for the progress bar and write their result as JSON.
+"""
+import dataclasses
+import difflib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+BASELINES = ("naive", "finetune")
+BACKEND_NAMES = ("torch", "triton", "cuda")
+VARIANTS = BASELINES + BACKEND_NAMES
+BANK_DTYPES = ("fp32", "bf16", "fp16")
+SWEEP_PARAMS = ("tasks", "batch")
+# Relative-error tolerances against naive (output, coefficient gradient), by compute dtype.
+TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (3e-2, 6e-2)}
+NUM_CLASSES = 10
+# glibc: serve blocks of 128 KiB and more by mmap, so freeing them lowers the resident size at once.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+@dataclass
+class Settings:
+    model: str = "ViT-B-32"
+    tasks: int = 8
+    batch: int = 8
+    bank_dtype: str = "fp32"
+    amp: bool = False
+    backends: List[str] = field(default_factory=lambda: ["naive", "finetune", "torch"])
+    granularity: str = "block"
+    partitions: int = 1
+    steps: int = 3
+    warmup: int = 1
+    mode: str = "step"
+    device: str = "cpu"
+    seed: int = 0
+    sweep: Optional[Tuple[str, List[int]]] = None
+    out: str = "atlas_bench"
+
+
+def default_settings(device: str) -> Settings:
+    """The embedded default for a device: fp32 on a CPU, bf16 bank and bf16 autocast on a GPU."""
+    if device.startswith("cuda"):
+        return Settings(device=device, bank_dtype="bf16", amp=True, steps=20, warmup=3,
+                        backends=list(BASELINES + BACKEND_NAMES))
+    return Settings(device=device)
+
+
+def parse_sweep(text: str) -> Tuple[str, List[int]]:
+    param, sep, values = text.partition("=")
+    if not sep or param not in SWEEP_PARAMS:
+        raise ValueError(f"--sweep {text!r}: expected tasks=1,4,8 or batch=1,8,32")
+    try:
+        points = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep {text!r}: values must be integers") from None
+    if not points or min(points) < 1:
+        raise ValueError(f"--sweep {text!r}: give one or more positive integers")
+    return param, points
+
+
+def validate(s: Settings) -> None:
+    """Raises ValueError naming the offending option."""
+    import open_clip
+    import torch
+
+    for name in ("tasks", "batch", "partitions", "steps"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(s, name)}")
+    if s.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {s.warmup}")
+    if not s.model.endswith(".json") and s.model not in open_clip.list_models():
+        known = open_clip.list_models()
+        close = difflib.get_close_matches(s.model, known, n=5)
+        raise ValueError(f"--model {s.model!r} is not an open_clip architecture"
+                         + (f"; close matches: {', '.join(close)}" if close else "")
+                         + f"; e.g. ViT-B-32, ViT-B-16, ViT-L-14 ({len(known)} in open_clip.list_models()),"
+                           " or a path to an open_clip model config .json")
+    if s.model.endswith(".json") and not os.path.isfile(s.model):
+        raise ValueError(f"--model {s.model!r}: no such model config file")
+    unknown = [b for b in s.backends if b not in VARIANTS]
+    if unknown or not s.backends:
+        raise ValueError(f"--backends {','.join(s.backends)!r}: expected a comma list among {', '.join(VARIANTS)}")
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {s.device}: no CUDA device is available here")
+    try:
+        torch.device(s.device)
+    except RuntimeError:
+        raise ValueError(f"--device {s.device!r}: not a torch device") from None
+
+
+# ---------------------------------------------------------------- the worker side
+
+def _torch_dtype(name):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _load_model(s: Settings):
+    """The visual tower of an open_clip architecture with random weights, the same in every process."""
+    import open_clip
+    import torch
+
+    name = s.model
+    if name.endswith(".json"):
+        open_clip.add_model_config(name)
+        name = os.path.splitext(os.path.basename(name))[0]
+    torch.manual_seed(s.seed)
+    clip = open_clip.create_model(name, pretrained=None)
+    cfg = open_clip.get_model_config(name)
+    size = cfg["vision_cfg"]["image_size"]
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return clip.visual.eval(), size, cfg["embed_dim"]
+
+
+class Runner:
+    """One variant built in this process: the module, its trainable tensors, data and the step."""
+
+    def __init__(self, s: Settings, variant: str, bank=None):
+        import torch
+
+        self.s, self.variant = s, variant
+        self.device = torch.device(s.device)
+        model, size, dim = _load_model(s)
+        model.to(self.device)
+        gen = torch.Generator().manual_seed(s.seed + 1)
+        if bank is None and variant != "finetune":
+            from .task_vectors import synthetic_task_vectors
+            bank = synthetic_task_vectors(model, s.tasks, dtype=_torch_dtype(s.bank_dtype), seed=s.seed)
+        self.bank = bank
+        if variant == "finetune":
+            self.net = model
+            self.trainable = [p.requires_grad_() for p in model.parameters()]
+        else:
+            model.requires_grad_(False)
+            if variant == "naive":
+                from .baselines.naive import NaiveAtlas
+                self.net = NaiveAtlas(model, bank, granularity=s.granularity, partitions=s.partitions, seed=s.seed)
+            else:
+                from . import compose
+                self.net = compose(model, bank, granularity=s.granularity, partitions=s.partitions,
+                                   backend=variant, seed=s.seed)
+            coef = self.net.coefficients
+            with torch.no_grad():
+                coef.copy_(torch.rand(coef.shape, generator=gen) * 1.6 - 0.8)
+            self.trainable = [coef]
+        pool = 4 if s.mode == "tta" else 1
+        self.images = [torch.randn(s.batch, 3, *size, generator=gen).to(self.device) for _ in range(pool)]
+        self.labels = torch.randint(NUM_CLASSES, (s.batch,), generator=gen).to(self.device)
+        self.head = (torch.randn(NUM_CLASSES, dim, generator=gen) / dim ** 0.5).to(self.device)
+        self.opt = torch.optim.AdamW(self.trainable, lr=1e-3) if s.mode == "tta" else None
+        self.calls = 0
+
+    def loss(self, features):
+        import torch.nn.functional as F
+
+        logits = features.float() @ self.head.t()
+        if self.s.mode == "tta":
+            logp = logits.log_softmax(-1)
+            return -(logp.exp() * logp).sum(-1).mean()
+        return F.cross_entropy(logits, self.labels)
+
+    def forward(self, images):
+        import torch
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.amp):
+            return self.net(images)
+
+    def step(self):
+        images = self.images[self.calls % len(self.images)]
+        self.calls += 1
+        for p in self.trainable:
+            p.grad = None
+        self.loss(self.forward(images)).backward()
+        if self.opt is not None:
+            self.opt.step()
+
+    def release(self):
+        """Drop what a step creates (gradients, optimizer state) so the next step has to make it again."""
+        for p in self.trainable:
+            p.grad = None
+        if self.opt is not None:
+            self.opt.state.clear()
+        gc.collect()
+
+    def output_and_grad(self):
+        """Features and coefficient gradient on the first batch, for the check against naive."""
+        for p in self.trainable:
+            p.grad = None
+        out = self.forward(self.images[0])
+        self.loss(out).backward()
+        return out.detach().float().cpu(), self.trainable[0].grad.detach().float().cpu()
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _unavailable(name, device):
+    from .backends import get_backend
+    try:
+        return get_backend(name).unavailable_reason(device)
+    except Exception as e:  # a backend that cannot even be imported is unavailable, with the reason
+        return f"{type(e).__name__}: {e}"
+
+
+def _check(s: Settings, tick):
+    """Each backend against naive on the same batch and coefficients: relative errors and a verdict."""
+    import torch
+
+    tol_out, tol_grad = TOLERANCE["bf16" if s.amp else "fp32"]
+    naive = Runner(s, "naive")
+    bank = naive.bank
+    ref_out, ref_grad = naive.output_and_grad()
+    del naive
+    gc.collect()
+    tick()
+    report = {}
+    for name in s.backends:
+        if name in BASELINES:
+            continue
+        reason = _unavailable(name, torch.device(s.device))
+        if reason is not None:
+            report[name] = {"status": "unavailable", "note": reason}
+        else:
+            runner = Runner(s, name, bank)
+            out, grad = runner.output_and_grad()
+            del runner
+            gc.collect()
+            e_out, e_grad = _rel_err(out, ref_out), _rel_err(grad, ref_grad)
+            ok = e_out <= tol_out and e_grad <= tol_grad
+            report[name] = {"status": "ok" if ok else "mismatch", "rel_err_out": e_out, "rel_err_grad": e_grad,
+                            "note": "" if ok else f"beyond tolerance ({tol_out:g} out, {tol_grad:g} grad)"}
+        tick()
+    return report
+
+
+def _time(s: Settings, variant, tick):
+    import torch
+
+    runner = Runner(s, variant)
+    cuda = runner.device.type == "cuda"
+    times = []
+    for i in range(s.warmup + s.steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.step()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            runner.step()
+            elapsed = time.perf_counter() - t0
+        if i >= s.warmup:
+            times.append(elapsed)
+        tick()
+    result = {"step_times_s": times}
+    if cuda:
+        runner.release()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner.step()
+        torch.cuda.synchronize()
+        result["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return result
+
+
+def _proc_status_kb(field_name):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def _memory(s: Settings, variant, tick):
+    """CPU: resident high-water mark of one step above the resident size just before it."""
+    runner = Runner(s, variant)
+    runner.step()  # warm-up: libraries page in their code and thread pools start outside the measurement
+    tick()
+    runner.release()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_kb("VmRSS")
+    runner.step()
+    peak = _proc_status_kb("VmHWM")
+    tick()
+    return {"peak_extra_mb": (peak - before) / 1024}
+
+
+def _worker(job_path, result_path):
+    with open(job_path) as f:
+        job = json.load(f)
+    s = Settings(**job["settings"])
+
+    def tick():
+        print("tick", flush=True)
+
+    if job["kind"] == "check":
+        result = _check(s, tick)
+    elif job["kind"] == "time":
+        result = _time(s, job["variant"], tick)
+    else:
+        result = _memory(s, job["variant"], tick)
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+# ---------------------------------------------------------------- the parent side
+
+def _run_job(job, bar, env=None):
+    """Runs one job in a fresh Python process; returns its result, or raises RuntimeError with its stderr."""
+    with tempfile.TemporaryDirectory(prefix="atlas_bench_") as tmp:
+        job_path, result_path, err_path = (os.path.join(tmp, n) for n in ("job.json", "result.json", "stderr"))
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        child_env = dict(os.environ, **(env or {}))
+        if job["settings"]["device"] == "cpu":
+            child_env["TRITON_INTERPRET"] = "1"  # Triton runs on CPU tensors only under its interpreter
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "atlas_fast.bench", job_path, result_path],
+                                    stdout=subprocess.PIPE, stderr=err, text=True, env=child_env)
+            for line in proc.stdout:
+                if line.strip() == "tick":
+                    bar.update(1)
+            proc.wait()
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            with open(err_path) as f:
+                tail = f.read().strip().splitlines()[-6:]
+            raise RuntimeError(f"exit status {proc.returncode}: " + " | ".join(tail))
+        with open(result_path) as f:
+            return json.load(f)
+
+
+def _summarise(entry, batch):
+    times = entry["step_times_s"]
+    median = statistics.median(times)
+    entry["step_time_s"] = median
+    entry["step_time_spread_s"] = (max(times) - min(times)) / 2
+    entry["images_per_s"] = batch / median
+
+
+def _ratios(variants):
+    by_name = {v["name"]: v for v in variants}
+    for v in variants:
+        for base in BASELINES:
+            ref = by_name.get(base, {})
+            for key, metric in (("time", "step_time_s"), ("mem", "peak_extra_mb")):
+                a, b = v.get(metric), ref.get(metric)
+                v[f"{key}_vs_{base}"] = a / b if a is not None and b else None
+
+
+def _measure_point(s: Settings, bar):
+    """All variants at one setting: the check, then one timing (and on a CPU one memory) process each."""
+    variants = [{"name": n, "tasks": s.tasks, "batch": s.batch, "status": "ok", "note": "",
+                 "step_time_s": None, "step_times_s": [], "peak_extra_mb": None, "images_per_s": None}
+                for n in s.backends]
+    cpu = s.device == "cpu"
+    per_variant = s.warmup + s.steps + (2 if cpu else 0)
+    backends = [v for v in variants if v["name"] not in BASELINES]
+    if backends and "naive" in s.backends:
+        bar.set_postfix_str(f"T={s.tasks} B={s.batch} check")
+        try:
+            report = _run_job({"kind": "check", "settings": dataclasses.asdict(s)}, bar)
+        except RuntimeError as e:
+            report = {v["name"]: {"status": "error", "note": f"check failed: {e}"} for v in backends}
+        for v in backends:
+            v.update(report[v["name"]])
+    elif backends:
+        for v in backends:
+            v["note"] = "not checked: naive is not among --backends"
+    for v in variants:
+        if v["status"] != "ok":
+            bar.total -= per_variant
+            bar.refresh()
+            continue
+        bar.set_postfix_str(f"T={s.tasks} B={s.batch} {v['name']}")
+        try:
+            v.update(_run_job({"kind": "time", "variant": v["name"], "settings": dataclasses.asdict(s)}, bar))
+            if cpu:
+                v.update(_run_job({"kind": "memory", "variant": v["name"], "settings": dataclasses.asdict(s)},
+                                  bar, env=MEMORY_ENV))
+            _summarise(v, s.batch)
+        except RuntimeError as e:
+            v.update(status="error", note=str(e), step_time_s=None, step_times_s=[], peak_extra_mb=None)
+    _ratios(variants)
+    return variants
+
+
+def _read_first(path, prefix):
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device):
+    import torch
+
+    mem_kb = _read_first("/proc/meminfo", "MemTotal")
+    info = {"cpu": _read_first("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gb": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
+            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+            "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return info
+
+
+def versions():
+    from importlib import metadata
+
+    import open_clip
+    import torch
+
+    def dist(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": dist("triton"),
+            "open_clip": open_clip.__version__, "atlas_fast": dist("atlas_fast")}
+
+
+def _fmt(x, spec, missing="—"):
+    return missing if x is None else format(x, spec)
+
+
+def format_table(variants) -> str:
+    head = ["variant", "step time (s)", "images/s", "extra peak MB", "time ×naive", "time ×finetune",
+            "mem ×naive", "mem ×finetune", "rel err out", "rel err grad"]
+    rows = []
+    for v in variants:
+        if v["step_time_s"] is None:
+            timing = [f"not timed: {v['status']}"] + [""] * 7
+        else:
+            timing = [f"{v['step_time_s']:.3f} ± {v['step_time_spread_s']:.3f}", f"{v['images_per_s']:.1f}",
+                      _fmt(v["peak_extra_mb"], ".0f"), _fmt(v["time_vs_naive"], ".2f"),
+                      _fmt(v["time_vs_finetune"], ".2f"), _fmt(v["mem_vs_naive"], ".2f"),
+                      _fmt(v["mem_vs_finetune"], ".2f")]
+        rows.append([v["name"]] + timing + [_fmt(v.get("rel_err_out"), ".1e"), _fmt(v.get("rel_err_grad"), ".1e")])
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {v['name']}: {v['note']}" for v in variants if v.get("note")]
+    return "\n".join(lines + notes)
+
+
+def _describe(s: Settings) -> str:
+    return (f"{s.model}, T={s.tasks}, batch {s.batch}, bank {s.bank_dtype}, {'bf16 autocast' if s.amp else 'no autocast'}, "
+            f"{s.granularity}" + (f" ×{s.partitions}" if s.partitions > 1 else "") + f", {s.mode} mode, {s.device}")
+
+
+def plot_point(variants, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [v for v in variants if v["step_time_s"] is not None]
+    names = [v["name"] for v in timed]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in ((axes[0], "step_time_s", "step time (s), median"),
+                              (axes[1], "peak_extra_mb", "extra peak memory (MB)")):
+        values = [v[metric] or 0.0 for v in timed]
+        bars = ax.bar(names, values, color=["#999999" if n in BASELINES else "#1f77b4" for n in names])
+        if metric == "step_time_s":
+            ax.errorbar(names, values, yerr=[v["step_time_spread_s"] for v in timed], fmt="none", ecolor="black",
+                        capsize=4)
+        ratio_key = "time_vs_naive" if metric == "step_time_s" else "mem_vs_naive"
+        for bar, v in zip(bars, timed):
+            if v.get(ratio_key) is not None:
+                ax.annotate(f"×{v[ratio_key]:.2f} naive", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
+        ax.set_ylabel(label)
+        ax.margins(y=0.15)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(points, param, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(dict.fromkeys(v["name"] for p in points for v in p["variants"]))
+    for name in names:
+        series = [(p[param], v) for p in points for v in p["variants"] if v["name"] == name and v["step_time_s"]]
+        if not series:
+            continue
+        xs = [x for x, _ in series]
+        axes[0].plot(xs, [v["step_time_s"] for _, v in series], marker="o", label=name)
+        axes[1].plot(xs, [v["peak_extra_mb"] or 0.0 for _, v in series], marker="o", label=name)
+    axes[0].set_ylabel("step time (s), median")
+    axes[1].set_ylabel("extra peak memory (MB)")
+    for ax in axes:
+        ax.set_xlabel("task vectors T" if param == "tasks" else "batch size")
+        ax.set_xticks([p[param] for p in points])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run(s: Settings) -> int:
+    """Runs the benchmark; prints the table, writes results.json and a plot under s.out. Returns an exit status:
+    1 when a backend disagreed with naive or a variant failed, else 0."""
+    from tqdm import tqdm
+
+    os.makedirs(s.out, exist_ok=True)
+    param, values = s.sweep if s.sweep else (None, [None])
+    settings = [dataclasses.replace(s, **{param: x}) if param else s for x in values]
+    results = {"machine": machine_info(s.device), "versions": versions(), "settings": dataclasses.asdict(s)}
+    json_path = os.path.join(s.out, "results.json")
+    print(f"atlas-fast bench: {_describe(s)}" + (f", sweep {param}={values}" if param else ""))
+    print(f"  {s.warmup} warm-up + {s.steps} timed steps per variant, each variant in a fresh process"
+          + (" (timing and memory in separate processes)" if s.device == "cpu" else "")
+          + "; timings are noisy when other work runs on the machine")
+    per_variant = s.warmup + s.steps + (2 if s.device == "cpu" else 0)
+    checks = 1 + sum(b not in BASELINES for b in s.backends) if "naive" in s.backends else 0
+    points = []
+    started = time.time()
+    with tqdm(total=len(settings) * (checks + per_variant * len(s.backends)), unit="step", file=sys.stderr) as bar:
+        for point in settings:
+            variants = _measure_point(point, bar)
+            if param:
+                points.append({param: getattr(point, param), "variants": variants})
+                results.update(sweep={"param": param, "values": values}, points=points)
+            else:
+                results["variants"] = variants
+            _write_json(json_path, results)  # after every point, so an interrupted run keeps what it measured
+    results["wall_time_s"] = time.time() - started
+    results["machine"]["load_avg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    _write_json(json_path, results)
+    for p in points or [{"variants": results["variants"]}]:
+        if param:
+            print(f"\n{param} = {p[param]}")
+        print(format_table(p["variants"]))
+    if param:
+        plot_path = os.path.join(s.out, f"sweep_{param}.png")
+        plot_sweep(points, param, plot_path, f"atlas-fast bench sweep over {param}: {_describe(s)}")
+    else:
+        plot_path = os.path.join(s.out, "bench.png")
+        plot_point(results["variants"], plot_path, f"atlas-fast bench: {_describe(s)}")
+    print(f"\nwrote {json_path} and {plot_path} ({results['wall_time_s']:.0f} s)")
+    every = [v for p in points for v in p["variants"]] if param else results["variants"]
+    return 1 if any(v["status"] in ("mismatch", "error") for v in every) else 0
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
