@@ -84,10 +84,11 @@ def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, T, numel, P: tl.
 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a·b; b is float32 and goes down to a's dtype (bf16/fp16 tensor cores) unless UPCAST."""
+    """acc + a·b; b is float32 and goes down to a's dtype (bf16/fp16 tensor cores) unless UPCAST.
+    PRECISION ("ieee" or "tf32") applies to float32 operands only."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b, acc, input_precision=PRECISION)
-    return tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+    return tl.dot(a, b.to(a.dtype), acc)
 
 
 @triton.jit(do_not_specialize=["key_w", "key_b"])
@@ -199,7 +200,7 @@ def atlas_linear_dc_kernel(
         if UPCAST:
             g = tl.dot(dy_t.to(tl.float32), x.to(tl.float32), g, input_precision=PRECISION)
         else:
-            g = tl.dot(dy_t, x, g, input_precision=PRECISION)
+            g = tl.dot(dy_t, x, g)
     flat = offs_n[:, None] * K + offs_k[None, :]
     mask = mask_n[:, None] & mask_k[None, :]
     if P > 1:
