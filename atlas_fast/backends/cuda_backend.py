@@ -1,0 +1,221 @@
+"""The cuda backend: the CUDA C++ kernels of csrc/ behind the op contract.
+
+Linear blocks run fused kernels (csrc/atlas_linear.cu): the forward and the input gradient build the merged
+weight tile by tile in shared memory, the coefficient gradient reduces each dyᵀx tile against every τ_t
+before it is written; neither the merged weight nor the weight gradient exists in memory. A conv2d with
+groups=1 runs the same kernels on its im2col view (as the triton backend does: a patchify conv is a reshape).
+Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
+(csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
+backend='torch').
+
+The kernels are registered as torch.ops.atlas_fast.{atlas_linear_cuda_forward, atlas_linear_cuda_backward,
+merge_blocks_cuda, merge_blocks_cuda_backward} by a shared library: the ahead-of-time build atlas_fast._C
+(`ATLAS_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .`) when installed, otherwise compiled with ninja
+on first use into ~/.cache/atlas_fast/. Importing this module compiles nothing and touches no GPU.
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .base import Backend
+from .triton_backend import _out_size, _patches, _rows, _unpatch
+
+_ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
+_EXTENSION = "atlas_fast_cuda"
+_load_result = []  # [None] once loaded, [reason] once loading failed: one attempt per process
+
+
+def source_dir():
+    """csrc/ as installed: atlas_fast/csrc in a wheel, the repository's csrc/ in a source or editable install."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / "bindings.cpp").is_file():
+            return candidate
+    return None
+
+
+def build_dir():
+    """Where the JIT build lives: one directory per torch, CUDA and Python version, under the user's cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache / "atlas_fast" / tag.replace("+", "_")
+
+
+def _sources(directory):
+    return sorted(directory.glob("*.cu")) + sorted(directory.glob("*.cpp"))
+
+
+def _first_error_lines(message, count=3):
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return " | ".join((errors or lines)[:count])
+
+
+def _build_and_load():
+    """Compiles csrc/ with ninja (cached) and loads it: None on success, else what is missing or failed."""
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None:
+        return (f"nvcc was not found: install the CUDA toolkit matching torch's CUDA {torch.version.cuda} and set "
+                f"CUDA_HOME, or build ahead of time with ATLAS_FAST_BUILD_CUDA=1")
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja); it builds the CUDA extension"
+    sources = source_dir()
+    if sources is None:
+        return "the CUDA sources (csrc/) are not installed with the package; reinstall atlas_fast"
+    target = build_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    if not (target / f"{_EXTENSION}.so").exists():
+        print(f"atlas_fast: compiling the CUDA extension into {target} (first use only, takes minutes)",
+              file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name=_EXTENSION, sources=[str(p) for p in _sources(sources)],
+                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], build_directory=str(target),
+                           is_python_module=False)
+    except Exception as err:  # a failed build surfaces as RuntimeError, OSError or a subprocess error
+        return f"compiling the CUDA extension in {target} failed: {_first_error_lines(err)}"
+    return None
+
+
+def _register_fakes():
+    """Shapes of the kernel ops for torch.compile and opcheck, mirroring the C++ implementations."""
+    def empty(t):
+        return t.new_empty((0,))
+
+    @torch.library.register_fake("atlas_fast::atlas_linear_cuda_forward")
+    def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("atlas_fast::atlas_linear_cuda_backward")
+    def _(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else empty(x)
+        dcb = coef_w.new_empty(coef_w.shape) if tau_b is not None else empty(coef_w)
+        return dx, coef_w.new_empty(coef_w.shape), dcb
+
+    @torch.library.register_fake("atlas_fast::merge_blocks_cuda")
+    def _(theta0, tau, coef, keys):
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in theta0]
+
+    @torch.library.register_fake("atlas_fast::merge_blocks_cuda_backward")
+    def _(grads, tau, keys, partitions):
+        return tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
+
+
+def _load():
+    prebuilt = importlib.util.find_spec("atlas_fast._C")
+    problems = []
+    if prebuilt is not None and prebuilt.origin:
+        try:
+            torch.ops.load_library(prebuilt.origin)
+            return None
+        except OSError as err:
+            problems.append(f"the prebuilt {prebuilt.origin} does not load ({_first_error_lines(err)})")
+    reason = _build_and_load()
+    return None if reason is None else "; ".join(problems + [reason])
+
+
+def load_extension():
+    """Makes the kernel ops available (the prebuilt atlas_fast._C, else compiled now), once per process.
+    None on success, else the reason they are not available."""
+    if not _load_result:
+        reason = _load()
+        if reason is None:
+            _register_fakes()
+        _load_result.append(reason)
+    return _load_result[0]
+
+
+def _check_dtypes(coef, *tensors):
+    """Float32 coefficients (or none) and float32/bfloat16/float16 activations, θ0, task vectors, gradients."""
+    if (coef is not None and coef.dtype != torch.float32) or any(t.dtype not in _ACTIVATIONS for t in tensors):
+        got = ", ".join(str(t.dtype) for t in ((coef,) if coef is not None else ()) + tensors)
+        raise ValueError(f"backend='cuda' takes float32 coefficients and float32/bfloat16/float16 tensors, got "
+                         f"{got}; use backend='torch' for float64 (gradcheck)")
+
+
+def _dtype_groups(values, tau):
+    """Indices of the blocks grouped by (value dtype, task-vector dtype), in first-seen order."""
+    groups = {}
+    for b, (v, t) in enumerate(zip(values, tau)):
+        groups.setdefault((v.dtype, t.dtype), []).append(b)
+    return list(groups.values())
+
+
+def _or_none(t, present):
+    return t if present else None
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def unavailable_reason(self, device):
+        if device.type != "cuda":
+            return f"the CUDA kernels run on CUDA tensors, not on {device.type}; use backend='torch' or 'auto'"
+        if torch.version.cuda is None:
+            return f"this torch ({torch.__version__}) is built without CUDA"
+        if not torch.cuda.is_available():
+            return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable CUDA device"
+        return load_extension()
+
+    def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        _check_dtypes(coef_w, x, weight, tau_w)
+        return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w,
+                                                              key_b)
+
+    def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
+        _check_dtypes(coef_w, x, weight, tau_w)
+        dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, tau_w, tau_b, coef_w,
+                                                                       key_w, key_b, needs_input_grad)
+        return _or_none(dx, needs_input_grad), dcw, _or_none(dcb, tau_b is not None)
+
+    def atlas_conv2d(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
+        if conv[3] != 1:
+            return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
+        _check_dtypes(coef_w, x, weight, tau_w)
+        N = weight.shape[0]
+        Ho, Wo = _out_size(conv, weight, x)
+        y = torch.ops.atlas_fast.atlas_linear_cuda_forward(
+            _patches(x, weight, conv), weight.reshape(N, -1), bias, tau_w.reshape(*tau_w.shape[:2], -1), tau_b,
+            coef_w, coef_b, key_w, key_b)
+        return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
+
+    def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
+        if conv[3] != 1:
+            return super().atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
+                                                 needs_input_grad)
+        _check_dtypes(coef_w, x, weight, tau_w)
+        N = weight.shape[0]
+        dcols, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(
+            _rows(grad_out), _patches(x, weight, conv), weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1),
+            tau_b, coef_w, key_w, key_b, needs_input_grad)
+        dx = _unpatch(dcols, x, weight, conv) if needs_input_grad else None
+        return dx, dcw, _or_none(dcb, tau_b is not None)
+
+    def merge_blocks(self, theta0, tau, coef, keys):
+        _check_dtypes(coef, *theta0, *tau)
+        groups = _dtype_groups(theta0, tau)
+        if len(groups) == 1:
+            return torch.ops.atlas_fast.merge_blocks_cuda(list(theta0), list(tau), coef, list(keys))
+        out = [None] * len(theta0)
+        for idx in groups:
+            merged = torch.ops.atlas_fast.merge_blocks_cuda([theta0[b] for b in idx], [tau[b] for b in idx],
+                                                            coef[:, idx], [keys[b] for b in idx])
+            for b, m in zip(idx, merged):
+                out[b] = m
+        return out
+
+    def merge_blocks_backward(self, grads, tau, keys, partitions):
+        _check_dtypes(None, *grads, *tau)
+        groups = _dtype_groups(grads, tau)
+        if len(groups) == 1:
+            return torch.ops.atlas_fast.merge_blocks_cuda_backward(list(grads), list(tau), list(keys), partitions)
+        dc = tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
+        for idx in groups:
+            dc[:, idx] = torch.ops.atlas_fast.merge_blocks_cuda_backward(
+                [grads[b] for b in idx], [tau[b] for b in idx], [keys[b] for b in idx], partitions)
+        return dc
+
+
+BACKEND = CudaBackend()
