@@ -1,0 +1,110 @@
+"""`atlas-fast bench` end to end at tiny settings, its outputs, and its option errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from atlas_fast import bench, cli
+
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1}}
+VARIANT_KEYS = {"name", "step_time_s", "step_times_s", "peak_extra_mb", "images_per_s"}
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    path = tmp_path / "tiny-vit.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def _bench(*args):
+    proc = subprocess.run([sys.executable, "-m", "atlas_fast", "bench", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_variant(v, steps):
+    assert VARIANT_KEYS <= set(v), v
+    assert v["status"] == "ok", v
+    assert len(v["step_times_s"]) == steps and all(t > 0 for t in v["step_times_s"])
+    assert v["step_time_s"] > 0 and v["images_per_s"] > 0 and v["peak_extra_mb"] >= 0
+
+
+def test_bench_end_to_end(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    stdout = _bench("--model", tiny_model, "--tasks", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
+                    "--backends", "naive,finetune,torch", "--device", "cpu", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert {"machine", "versions", "settings", "variants"} <= set(results)
+    assert {"cpu", "cores", "memory_gb"} <= set(results["machine"])
+    assert {"python", "torch", "open_clip", "atlas_fast"} <= set(results["versions"])
+    assert results["settings"]["tasks"] == 2 and results["settings"]["backends"] == ["naive", "finetune", "torch"]
+    assert [v["name"] for v in results["variants"]] == ["naive", "finetune", "torch"]
+    for v in results["variants"]:
+        _check_variant(v, steps=2)
+    torch_v = results["variants"][2]
+    assert torch_v["rel_err_out"] <= bench.TOLERANCE["fp32"][0]
+    assert torch_v["rel_err_grad"] <= bench.TOLERANCE["fp32"][1]
+    assert torch_v["time_vs_naive"] == pytest.approx(torch_v["step_time_s"] / results["variants"][0]["step_time_s"])
+    assert _is_png(out / "bench.png")
+    assert "torch" in stdout and "rel err" in stdout
+
+
+def test_bench_sweep(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    _bench("--model", tiny_model, "--batch", "2", "--steps", "2", "--warmup", "0", "--backends", "torch",
+           "--sweep", "tasks=1,2", "--device", "cpu", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["sweep"] == {"param": "tasks", "values": [1, 2]}
+    assert [p["tasks"] for p in results["points"]] == [1, 2]
+    for p in results["points"]:
+        assert [v["name"] for v in p["variants"]] == ["torch"]
+        _check_variant(p["variants"][0], steps=2)
+        assert p["variants"][0]["tasks"] == p["tasks"]
+    assert _is_png(out / "sweep_tasks.png")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--model", "ViT-B-23"], "--model"),
+    (["--backends", "naive,fast"], "--backends"),
+    (["--sweep", "depth=1,2"], "--sweep"),
+    (["--sweep", "tasks=1,x"], "--sweep"),
+    (["--tasks", "0"], "--tasks"),
+    (["--bank-dtype", "fp8"], "--bank-dtype"),
+    (["--mode", "train"], "--mode"),
+])
+def test_bad_option_names_it(args, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--device", "cpu", *args])
+    assert exc.value.code != 0
+    assert option in capsys.readouterr().err
+
+
+def test_mismatching_backend_is_reported_not_timed(tmp_path, monkeypatch, tiny_model):
+    """A backend that disagrees with naive gets no timing run, and the command fails."""
+    jobs = []
+
+    def fake_job(job, bar, env=None):
+        jobs.append((job["kind"], job.get("variant")))
+        if job["kind"] == "check":
+            return {"torch": {"status": "mismatch", "rel_err_out": 0.5, "rel_err_grad": 0.5, "note": "beyond"}}
+        return {"step_times_s": [1.0, 2.0, 3.0]} if job["kind"] == "time" else {"peak_extra_mb": 10.0}
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    s = bench.Settings(model=tiny_model, backends=["naive", "torch"], out=str(tmp_path))
+    assert bench.run(s) == 1
+    assert ("time", "torch") not in jobs and ("time", "naive") in jobs
+    results = json.loads((tmp_path / "results.json").read_text())
+    torch_v = results["variants"][1]
+    assert torch_v["status"] == "mismatch" and torch_v["step_time_s"] is None and torch_v["rel_err_out"] == 0.5
+    assert results["variants"][0]["step_time_s"] == 2.0 and results["variants"][0]["step_time_spread_s"] == 1.0
+    assert os.path.exists(tmp_path / "bench.png")
