@@ -100,7 +100,7 @@ def atlas_linear_fwd_kernel(
     b_ptr,       # b0 (N,) contiguous; unused unless HAS_BIAS
     tau_b_ptr,   # τ' (T_B, N) contiguous; unused when T_B = 0
     coef_b_ptr,  # c' (T_B, P) float32 contiguous; unused when T_B = 0
-    y_ptr,       # y (M, N), strides (stride_ym, 1), x's dtype
+    y_ptr,       # y (M, N), row stride stride_ym, unit column stride, x's dtype
     M, N, K, T, T_B,
     stride_xm, stride_xk, stride_ym,
     key_w, key_b,  # block keys as int32 bit patterns of the uint32 keys
@@ -138,7 +138,7 @@ def atlas_linear_dx_kernel(
     w_ptr,       # W0 (N, K) row-major contiguous
     tau_w_ptr,   # τ (T, N, K) contiguous
     coef_w_ptr,  # c (T, P) float32 contiguous
-    dx_ptr,      # dx (M, K), strides (stride_dxm, 1), x's dtype
+    dx_ptr,      # dx (M, K), row stride stride_dxm, unit column stride, x's dtype
     M, N, K, T,
     stride_dym, stride_dyn, stride_dxm,
     key_w,       # block key as the int32 bit pattern of the uint32 key
@@ -272,12 +272,12 @@ def _check_bank(what, theta0, tau, coef):
         raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16, got {tau.dtype}")
 
 
-def _check_out(out, shape, like):
+def _check_out(out, shape, dtype, device):
     if out is None:
-        return like.new_empty(shape)
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
-        raise ValueError(f"out: expected {like.dtype} {tuple(shape)} on {like.device} with unit last stride, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device} stride {out.stride()}")
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {dtype} {tuple(shape)} on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}")
     return out
 
 
@@ -301,7 +301,9 @@ def forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, out
         if coef_b.shape != coef_w.shape:
             raise ValueError(f"bias: coef_b {tuple(coef_b.shape)} differs from coef_w {tuple(coef_w.shape)}")
         T_B = T
-    y = _check_out(out, (M, N), x)
+    y = _check_out(out, (M, N), x.dtype, x.device)
+    if y.numel() == 0:
+        return y
     weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
     b = bias.contiguous() if bias is not None else weight
     tb = tau_b.contiguous() if tau_b is not None else weight
@@ -321,7 +323,9 @@ def grad_input(grad_out, weight, tau_w, coef_w, key_w=0, out=None):
     M, N = grad_out.shape
     K = weight.shape[1]
     T, P = coef_w.shape
-    dx = _check_out(out, (M, K), grad_out)
+    dx = _check_out(out, (M, K), grad_out.dtype, grad_out.device)
+    if dx.numel() == 0:
+        return dx
     weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
     _dx[grid](grad_out, weight, tau_w, coef_w, dx, M, N, K, T, grad_out.stride(0), grad_out.stride(1), dx.stride(0),
@@ -350,11 +354,11 @@ def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=N
     if tuple(tau_w.shape) != (T, N, K) or tau_w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"task vectors {tau_w.dtype} {tuple(tau_w.shape)}: expected float32/bfloat16/float16 "
                          f"(T, {N}, {K})")
-    dc = _check_out(out, (T, partitions), x.new_empty(0, dtype=torch.float32))
+    dc = _check_out(out, (T, partitions), torch.float32, x.device)
     tau_w = tau_w.contiguous()
     if deterministic:
-        # One row per program of the largest grid any configuration launches; rows stay zero where the
-        # chosen configuration launches fewer programs, so the fixed-order sum is the same either way.
+        # The autotuner picks the tile configuration only at launch, so the buffer has a row for every
+        # program of the largest grid any configuration launches; rows no program writes stay zero.
         target = x.new_zeros(_max_programs(N, K), T, partitions, dtype=torch.float32)
     else:
         target = dc.zero_()

@@ -109,6 +109,14 @@ def test_strided_activations():
     assert_rel(dc, dc_ref, TOL[torch.float32][1], "dc")
 
 
+def test_empty_batch():
+    x, w, b, tw, tb, cw, cb = _case(0, 8, 6, 2, 3, True)
+    dy = torch.randn(0, 6, device=DEVICE)
+    y, dx, dc = _run_launchers((x, w, b, tw, tb, cw, cb), dy)
+    assert y.shape == (0, 6) and dx.shape == (0, 8)
+    assert torch.equal(dc, torch.zeros(2, 3, device=DEVICE))
+
+
 def test_bad_out_is_rejected():
     x, w, b, tw, tb, cw, cb = _case(5, 8, 6, 2, 1, True)
     with pytest.raises(ValueError, match="out: expected"):
