@@ -235,7 +235,8 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad
     const c10::cuda::CUDAGuard guard(x.device());
     const Linear L = check_linear(x, weight, std::nullopt, tau_w, std::nullopt, coef_w, std::nullopt, key_w, key_b);
     check_device(grad_out, "grad_out", x.device());
-    TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == L.N && grad_out.numel() / L.N * L.Kin == x.numel(),
+    TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.size(-1) == L.N &&
+                    grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
                 "grad_out of shape ", grad_out.sizes(), " does not match x ", x.sizes(), " and weight ",
                 weight.sizes());
     const Tensor x2 = x.reshape({-1, L.Kin}).contiguous();

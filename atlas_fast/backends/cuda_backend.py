@@ -48,10 +48,20 @@ def _sources(directory):
     return sorted(directory.glob("*.cu")) + sorted(directory.glob("*.cpp"))
 
 
-def _first_error_lines(message, count=3):
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+def _first_error_lines(message, count=3, width=300):
+    lines = [line.strip()[:width] for line in str(message).splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower()]
     return " | ".join((errors or lines)[:count])
+
+
+def _library_includes(cuda_home):
+    """torch's CUDA headers include cuSPARSE, cuBLAS, ...; a toolkit without them (nvcc only) takes them from
+    the nvidia wheels torch depends on (nvidia/cu13/include for CUDA 13)."""
+    if (Path(cuda_home) / "include" / "cusparse.h").is_file():
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+    return sorted(str(d) for root in roots for d in root.glob("*/include") if (d / "cusparse.h").is_file())
 
 
 def _build_and_load():
@@ -73,7 +83,7 @@ def _build_and_load():
     try:
         cpp_extension.load(name=_EXTENSION, sources=[str(p) for p in _sources(sources)],
                            extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], build_directory=str(target),
-                           is_python_module=False)
+                           extra_include_paths=_library_includes(cpp_extension.CUDA_HOME), is_python_module=False)
     except Exception as err:  # a failed build surfaces as RuntimeError, OSError or a subprocess error
         return f"compiling the CUDA extension in {target} failed: {_first_error_lines(err)}"
     return None
