@@ -1,5 +1,14 @@
-"""atlas_fast: aTLAS task-vector composition with fused kernels."""
+"""atlas_fast: aTLAS task-vector composition with fused kernels.
+
+    tv = TaskVectors.from_checkpoints("zeroshot.pt", ["cars.pt", "dtd.pt"], prefix="visual.")
+    atlas = compose(clip.visual, tv)            # swaps modules in place; clip.encode_image runs it
+    opt = torch.optim.AdamW([atlas.coefficients], lr=1e-1)
+"""
+from .compose import AtlasModel, CompositionReport, compose
 from .hashing import block_key
 from .ops import atlas_conv2d, atlas_linear, merge_blocks
+from .task_vectors import TaskVectors, synthetic_task_vectors
 
-__all__ = ["atlas_linear", "atlas_conv2d", "merge_blocks", "block_key"]
+__all__ = ["TaskVectors", "synthetic_task_vectors", "compose", "AtlasModel", "CompositionReport",
+           "atlas_linear", "atlas_conv2d", "merge_blocks", "block_key"]
+__version__ = "0.1.0"

@@ -162,8 +162,9 @@ def _merge_setup(ctx, inputs, output):
 
 def _merge_grad(ctx, grads):
     keys, partitions, backend = ctx.extra
-    dc = torch.ops.atlas_fast.merge_blocks_backward(list(grads), list(ctx.saved_tensors), keys, partitions, backend)
-    return None, None, dc, None, None
+    tau = list(ctx.saved_tensors)
+    dc = torch.ops.atlas_fast.merge_blocks_backward(list(grads), tau, keys, partitions, backend)
+    return [None] * len(tau), [None] * len(tau), dc, None, None
 
 
 _merge_blocks.register_autograd(_merge_grad, setup_context=_merge_setup)

@@ -1,0 +1,1 @@
+"""Baselines kept for tests and benchmarks only."""

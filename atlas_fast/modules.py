@@ -1,0 +1,199 @@
+"""The modules compose() swaps in, and the owner of the coefficients.
+
+Each Atlas module keeps the original module's frozen θ0 parameters (the same tensors, not copies) and
+references to its blocks' stacked task vectors, and calls one atlas op per projection.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .hashing import block_key
+from .ops import atlas_conv2d, atlas_linear
+
+GRANULARITIES = ("block", "task")
+
+
+class AtlasCoefficients(nn.Module):
+    """The single trainable tensor c: (T, B) for "block", (T,) for "task", (T, B, K) for partitions=K."""
+
+    def __init__(self, num_tasks, num_blocks, granularity="block", partitions=1, seed=0, backend="auto"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r}: expected one of {GRANULARITIES}")
+        if not isinstance(partitions, int) or partitions < 1:
+            raise ValueError(f"partitions={partitions!r}: expected an int >= 1")
+        if granularity == "task" and partitions > 1:
+            raise ValueError("partitions > 1 needs granularity='block' (partitions split each block)")
+        if granularity == "task":
+            shape = (num_tasks,)
+        elif partitions == 1:
+            shape = (num_tasks, num_blocks)
+        else:
+            shape = (num_tasks, num_blocks, partitions)
+        self.coefficients = nn.Parameter(torch.zeros(shape))
+        self.granularity, self.partitions, self.seed, self.backend = granularity, partitions, seed, backend
+        self.keys = [block_key(seed, b) for b in range(num_blocks)]
+
+    def block(self, b):
+        """The (T, K) coefficients of block b."""
+        c = self.coefficients
+        if self.granularity == "task":
+            return c.unsqueeze(1)
+        return c[:, b:b + 1] if self.partitions == 1 else c[:, b]
+
+    def blocks(self, indices):
+        """The (T, len(indices), K) coefficients of several blocks."""
+        c = self.coefficients
+        if self.granularity == "task":
+            return c[:, None, None].expand(-1, len(indices), 1)
+        idx = torch.as_tensor(indices, device=c.device)
+        return c[:, idx].unsqueeze(-1) if self.partitions == 1 else c[:, idx]
+
+
+class _AtlasBlocks(nn.Module):
+    """Shared plumbing: a block's task vectors as non-persistent buffers, its coefficients and key."""
+
+    def _attach(self, coefs, bank, blocks):
+        """blocks: {attribute: (block index, block name)} of the composed parameters."""
+        # A plain attribute, not a submodule: the coefficients are owned (and registered) by the AtlasModel.
+        object.__setattr__(self, "atlas", coefs)
+        self.blocks = dict(blocks)
+        for attr, (_, name) in self.blocks.items():
+            self.register_buffer(f"tau_{attr}", bank[name], persistent=False)
+
+    def _block_args(self, attr):
+        """(tau, coef, key) of this module's parameter `attr`, or (None, None, 0) if it is not composed."""
+        if attr not in self.blocks:
+            return None, None, 0
+        b = self.blocks[attr][0]
+        return getattr(self, f"tau_{attr}"), self.atlas.block(b), self.atlas.keys[b]
+
+
+class AtlasLinear(_AtlasBlocks):
+    def __init__(self, linear, coefs, bank, blocks):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self._attach(coefs, bank, blocks)
+
+    def forward(self, x):
+        tw, cw, kw = self._block_args("weight")
+        tb, cb, kb = self._block_args("bias")
+        return atlas_linear(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
+
+
+class AtlasConv2d(_AtlasBlocks):
+    def __init__(self, conv, coefs, bank, blocks):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
+        self.padding = conv_padding(conv)
+        self._attach(coefs, bank, blocks)
+
+    def forward(self, x):
+        tw, cw, kw = self._block_args("weight")
+        tb, cb, kb = self._block_args("bias")
+        return atlas_conv2d(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, self.stride, self.padding,
+                            self.dilation, self.groups, backend=self.atlas.backend)
+
+
+def conv_padding(conv):
+    """Explicit (ph, pw) zero padding of an nn.Conv2d, or None when the atlas op cannot express it."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
+    return tuple(conv.padding)
+
+
+def supports_mha(mha):
+    return mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
+
+
+class AtlasMultiheadAttention(_AtlasBlocks):
+    """nn.MultiheadAttention (packed in_proj, as open_clip's ViT uses it) with both projections composed."""
+
+    def __init__(self, mha, coefs, bank, blocks):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout = mha.embed_dim, mha.num_heads, mha.dropout
+        self.batch_first, self.head_dim = mha.batch_first, mha.head_dim
+        self.in_proj_weight, self.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj_weight, self.out_proj_bias = mha.out_proj.weight, mha.out_proj.bias
+        self._attach(coefs, bank, blocks)
+
+    def _project(self, x, which):
+        tw, cw, kw = self._block_args(f"{which}_weight")
+        tb, cb, kb = self._block_args(f"{which}_bias")
+        return atlas_linear(x, getattr(self, f"{which}_weight"), getattr(self, f"{which}_bias"), tw, tb, cw, cb,
+                            kw, kb, backend=self.atlas.backend)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if query is key and key is value:
+            q, k, v = self._project(query, "in_proj").chunk(3, dim=-1)
+        else:
+            # Distinct inputs: project each through the packed weight and keep its third.
+            q, k, v = (self._project(t, "in_proj").chunk(3, dim=-1)[i] for i, t in enumerate((query, key, value)))
+        B, L, S, H = q.shape[0], q.shape[1], k.shape[1], self.num_heads
+        q, k, v = (t.reshape(B, -1, H, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = _attention_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+        p = self.dropout if self.training else 0.0
+        causal = is_causal and mask is None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
+            if mask is not None:
+                scores = scores + mask
+            elif causal:
+                scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            weights = F.dropout(scores.softmax(-1), p, self.training)
+            out = weights @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+            weights = None
+        out = self._project(out.transpose(1, 2).reshape(B, L, self.embed_dim), "out_proj")
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _attention_mask(attn_mask, key_padding_mask, B, H, L, S, dtype):
+    """Additive float mask (B, H, L, S) from nn.MultiheadAttention's conventions (bool True = masked out)."""
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        mask = m.to(dtype).reshape(-1, H, L, S) if m.dim() == 3 else m.to(dtype).view(1, 1, L, S)
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        m = m.to(dtype).view(B, 1, 1, S)
+        mask = m if mask is None else mask + m
+    return mask
+
+
+# compose() swaps modules by this table: module type -> (Atlas module, {original parameter: its attribute
+# there}); the first parameter listed is the weight that must be composed for the swap to happen.
+SWAP_TABLE = {
+    nn.Linear: (AtlasLinear, {"weight": "weight", "bias": "bias"}),
+    nn.Conv2d: (AtlasConv2d, {"weight": "weight", "bias": "bias"}),
+    nn.MultiheadAttention: (AtlasMultiheadAttention, {"in_proj_weight": "in_proj_weight",
+                                                      "in_proj_bias": "in_proj_bias",
+                                                      "out_proj.weight": "out_proj_weight",
+                                                      "out_proj.bias": "out_proj_bias"}),
+}
+
+# A module is swapped only when the atlas op can express it exactly; otherwise its parameters take the
+# generic on-the-fly merge, which is exact for any module.
+SWAPPABLE = {
+    nn.Linear: lambda m: True,
+    nn.Conv2d: lambda m: conv_padding(m) is not None,
+    nn.MultiheadAttention: supports_mha,
+}
