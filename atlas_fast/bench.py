@@ -220,7 +220,8 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def _unavailable(name, device):
+def unavailable_reason(name, device):
+    """None when backend `name` runs on `device`, else why not."""
     from .backends import get_backend
     try:
         return get_backend(name).unavailable_reason(device)
@@ -243,7 +244,7 @@ def _check(s: Settings, tick):
     for name in s.backends:
         if name in BASELINES:
             continue
-        reason = _unavailable(name, torch.device(s.device))
+        reason = unavailable_reason(name, torch.device(s.device))
         if reason is not None:
             report[name] = {"status": "unavailable", "note": reason}
         else:

@@ -1,0 +1,187 @@
+"""atlas_linear at the linear-layer shapes of CLIP ViTs: forward + backward (input and coefficient gradients).
+
+Providers, all on the same x, θ0, bank and non-zero coefficients:
+    frozen     plain F.linear on θ0 with frozen weights (input gradient only): the floor any method pays
+    naive      W0 + Σ_t c_t τ_t merged in Python one task vector at a time, then F.linear; autograd through it
+    <backend>  atlas_fast.atlas_linear(..., backend=<backend>)
+
+    pytest benchmarks/bench_atlas_linear.py            CPU: few tokens, fp32, torch backend
+    pytest benchmarks/bench_atlas_linear.py -m gpu     GPU: 6400 tokens (ViT-B/32, batch 128), bf16 bank
+    python benchmarks/bench_atlas_linear.py            GPU: the ViT-B/32 MLP layer, T=21, against its FLOP
+                                                       and byte floors from ceilings measured on the machine
+"""
+import argparse
+import json
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atlas_fast import atlas_linear
+from atlas_fast.bench import unavailable_reason
+
+# (in_features, out_features) of the layers that dominate each model.
+SHAPES = {"B32-mlp": (768, 3072), "B32-in_proj": (768, 2304), "L14-mlp": (1024, 4096)}
+TASKS = (1, 8, 21)
+CPU_TOKENS = 64
+GPU_TOKENS = 6400  # 128 images × 50 tokens of ViT-B/32
+
+
+def make_inputs(tokens, k, n, T, device, x_dtype, bank_dtype, seed=0):
+    """x, θ0 (fp32, as model parameters under autocast), bank (T, n, k), non-zero coefficients, dy."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) / k ** 0.5
+    bias = torch.randn(n, generator=gen) * 1e-2
+    std = weight.std().item()
+    tau_w = torch.randn(T, n, k, generator=gen) * 1e-2 * std
+    tau_b = torch.randn(T, n, generator=gen) * 1e-4
+    coef = torch.rand(T, 1, generator=gen) * 1.6 - 0.8
+    x = torch.randn(tokens, k, generator=gen)
+    dy = torch.randn(tokens, n, generator=gen)
+    return {"x": x.to(device, x_dtype).requires_grad_(), "weight": weight.to(device), "bias": bias.to(device),
+            "tau_w": tau_w.to(device, bank_dtype), "tau_b": tau_b.to(device, bank_dtype),
+            "coef_w": coef.to(device).requires_grad_(), "coef_b": coef.clone().to(device).requires_grad_(),
+            "dy": dy.to(device, x_dtype)}
+
+
+def _naive(a):
+    w, b = a["weight"], a["bias"]
+    for t in range(a["tau_w"].shape[0]):
+        w = w + a["coef_w"][t, 0] * a["tau_w"][t]
+        b = b + a["coef_b"][t, 0] * a["tau_b"][t]
+    return F.linear(a["x"], w.to(a["x"].dtype), b.to(a["x"].dtype))
+
+
+def forward_fn(provider, a):
+    if provider == "frozen":
+        return lambda: F.linear(a["x"], a["weight"].to(a["x"].dtype), a["bias"].to(a["x"].dtype))
+    if provider == "naive":
+        return lambda: _naive(a)
+    return lambda: atlas_linear(a["x"], a["weight"], a["bias"], a["tau_w"], a["tau_b"], a["coef_w"], a["coef_b"],
+                                backend=provider)
+
+
+def step_fn(provider, a):
+    """One forward + backward, synchronised on a GPU so a host timer sees the finished work."""
+    forward = forward_fn(provider, a)
+    cuda = a["x"].is_cuda
+
+    def step():
+        for t in (a["x"], a["coef_w"], a["coef_b"]):
+            t.grad = None
+        forward().backward(a["dy"])
+        if cuda:
+            torch.cuda.synchronize()
+    return step
+
+
+def _providers(device):
+    backends = ("torch",) if device == "cpu" else ("torch", "triton", "cuda")
+    return ("frozen", "naive") + backends
+
+
+def _run(benchmark, provider, shape, T, device, tokens, x_dtype, bank_dtype):
+    if provider not in ("frozen", "naive"):
+        reason = unavailable_reason(provider, torch.device(device))
+        if reason is not None:
+            pytest.skip(reason)
+    k, n = SHAPES[shape]
+    a = make_inputs(tokens, k, n, T, device, x_dtype, bank_dtype)
+    benchmark.extra_info.update(tokens=tokens, in_features=k, out_features=n, tasks=T,
+                                bank_mb=a["tau_w"].numel() * a["tau_w"].element_size() / 2**20)
+    benchmark(step_fn(provider, a))
+
+
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("provider", _providers("cpu"))
+def test_atlas_linear_cpu(benchmark, provider, shape, T):
+    benchmark.group = f"cpu {shape} T={T}"
+    _run(benchmark, provider, shape, T, "cpu", CPU_TOKENS, torch.float32, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("provider", _providers("cuda"))
+def test_atlas_linear_gpu(benchmark, provider, shape, T):
+    benchmark.group = f"gpu {shape} T={T}"
+    _run(benchmark, provider, shape, T, "cuda", GPU_TOKENS, torch.bfloat16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- roofline on a GPU
+
+def cuda_times(fn, warmup=5, reps=30):
+    """Seconds per call, one CUDA-event pair around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 for s, e in pairs]
+
+
+def measured_ceilings():
+    """bf16 matmul FLOP/s and device copy bytes/s, measured here rather than taken from a data sheet."""
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda",
+                                                                              dtype=torch.bfloat16)
+    flops = 2 * n ** 3 / statistics.median(cuda_times(lambda: a @ b))
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bps = 2 * src.numel() / statistics.median(cuda_times(lambda: dst.copy_(src)))
+    return flops, copy_bps
+
+
+def fused_floors(M, K, N, T, x_bytes, w_bytes, tau_bytes):
+    """FLOPs and bytes the fused forward + backward cannot avoid.
+    FLOPs: y, dx and the dyᵀx tile reduced against τ (3 × 2MNK) plus merging twice and reducing (3 × 2TNK).
+    Bytes: τ and θ0 read in forward and backward; x read twice; y, dy, dx once each."""
+    flops = 6 * M * N * K + 6 * T * N * K
+    nbytes = 2 * (T * N * K * tau_bytes + N * K * w_bytes) + 3 * M * K * x_bytes + 2 * M * N * x_bytes
+    return flops, nbytes
+
+
+def roofline(M=GPU_TOKENS, K=768, N=3072, T=21):
+    flops_ceiling, bytes_ceiling = measured_ceilings()
+    flops, nbytes = fused_floors(M, K, N, T, 2, 4, 2)
+    floor_s = max(flops / flops_ceiling, nbytes / bytes_ceiling)
+    print(f"ceilings: bf16 matmul {flops_ceiling / 1e12:.0f} TFLOP/s, device copy {bytes_ceiling / 1e9:.0f} GB/s")
+    print(f"atlas_linear M={M} K={K} N={N} T={T}, bf16 x and bank, fp32 θ0: {flops / 1e9:.1f} GFLOP, "
+          f"{nbytes / 1e6:.0f} MB; FLOP floor {flops / flops_ceiling * 1e3:.3f} ms, byte floor "
+          f"{nbytes / bytes_ceiling * 1e3:.3f} ms")
+    rows = []
+    print(f"{'provider':<8} {'fwd+bwd ms':>11} {'spread':>7} {'× floor':>8} {'TFLOP/s':>8}")
+    for provider in _providers("cuda"):
+        reason = None if provider in ("frozen", "naive") else unavailable_reason(provider, torch.device("cuda"))
+        if reason is not None:
+            print(f"{provider:<8} unavailable: {reason}")
+            rows.append({"provider": provider, "unavailable": reason})
+            continue
+        a = make_inputs(M, K, N, T, "cuda", torch.bfloat16, torch.bfloat16)
+        times = cuda_times(step_fn(provider, a))
+        med = statistics.median(times)
+        spread = (max(times) - min(times)) / 2
+        print(f"{provider:<8} {med * 1e3:11.3f} {spread * 1e3:7.3f} {med / floor_s:8.2f} {flops / med / 1e12:8.1f}")
+        rows.append({"provider": provider, "median_s": med, "times_s": times, "vs_floor": med / floor_s})
+        del a
+        torch.cuda.empty_cache()
+    return {"M": M, "K": K, "N": N, "T": T, "flops": flops, "bytes": nbytes, "flops_per_s_ceiling": flops_ceiling,
+            "bytes_per_s_ceiling": bytes_ceiling, "floor_s": floor_s, "providers": rows}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="atlas_linear against its FLOP and byte floors on a GPU")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the roofline needs a CUDA device")
+    result = roofline()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
