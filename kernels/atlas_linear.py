@@ -9,7 +9,7 @@ W0, τ, b0, τ' are row-major contiguous, so element (n, k) of the weight has th
 partition hash of `atlas_fast.hashing` is defined on. Banks may be float32, bfloat16 or float16; activations
 float32, bfloat16 or float16. Merging and every reduction accumulate in float32; outputs have x's dtype.
 
-Under TRITON_INTERPRET=1 (CPU tests) every kernel runs one fixed small tile configuration and upcasts both
+Under TRITON_INTERPRET=1 (CPU tests) every kernel runs one fixed tile configuration and upcasts both
 tl.dot operands to float32, because the interpreter's tl.dot on bfloat16 operands is wrong.
 """
 import os
@@ -230,7 +230,8 @@ def _gemm_configs():
     """Forward and dx tiles. Hopper: 128-wide tiles, 3-4 stages, 4-8 warps; the merge adds T tile loads per
     K step, so fewer stages than a plain GEMM keep shared memory in bounds for large T."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+        # The interpreter's cost is per program and per K step, not per element: wide tiles run fastest.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})]
     tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
              (64, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -242,7 +243,8 @@ def _dc_configs():
     enough programs to fill the 132 SMs of an H200 when N·K has few tiles, at the price of re-reading the
     τ tiles once per slice."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_M": 2})]
+        # Two slices of the rows, so that tests on the CPU exercise the split and its empty slices.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_M": 2})]
     tiles = [(64, 128, 128, 1, 8, 3), (64, 128, 128, 4, 8, 3), (64, 64, 128, 4, 4, 3), (64, 128, 64, 8, 4, 3),
              (32, 64, 64, 8, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_M": sm}, num_warps=w, num_stages=s)

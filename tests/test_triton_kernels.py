@@ -71,6 +71,19 @@ def test_launchers_odd_shapes(T, P, bias, deterministic):
     assert_rel(dc, dc_ref, tol_grad, "dc")
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_launchers_many_tiles(deterministic):
+    """Several tiles along every dimension, whatever the tile configuration (the interpreter's is 64 wide)."""
+    case = _case(150, 201, 140, 2, 3, True)
+    dy = torch.randn(150, 140, device=DEVICE)
+    y, dx, dc = _run_launchers(case, dy, deterministic)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(dx, dx_ref, tol_grad, "dx")
+    assert_rel(dc, dc_ref, tol_grad, "dc")
+
+
 @pytest.mark.parametrize("key", [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, KEYS[0]])
 @pytest.mark.parametrize("P", [2, 5, 7])
 def test_partition_hash_bit_exact(key, P):
