@@ -5,6 +5,7 @@ Low-precision results follow the flash-attention rule: the error against float64
 that of the torch backend in the same dtype.
 """
 import fnmatch
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,14 +91,14 @@ def test_sources_ship_with_the_package():
 
 
 @pytest.mark.slow
-def test_extension_builds_and_registers_its_ops(tmp_path, monkeypatch):
-    """Compiles csrc/ (minutes; needs nvcc and ninja, no GPU) and checks the op schemas it registers."""
+def test_extension_builds_and_registers_its_ops(monkeypatch):
+    """Loads the kernel ops as the backend does, compiling csrc/ if needed (minutes; nvcc and ninja, no GPU)."""
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
         pytest.skip("no CUDA toolkit")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    assert cuda_backend._build_and_load() is None
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    assert cuda_backend.load_extension() is None
     schema = str(torch.ops.atlas_fast.atlas_linear_cuda_forward.default._schema)
     assert "Tensor? bias" in schema and "int key_w" in schema
     for op in ("atlas_linear_cuda_backward", "merge_blocks_cuda", "merge_blocks_cuda_backward"):
