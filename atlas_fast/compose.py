@@ -4,7 +4,8 @@ Parameters of swapped modules (nn.Linear, nn.Conv2d, nn.MultiheadAttention) go t
 ops. Every other composed parameter (LayerNorm scales, embeddings, projections, biases of other modules)
 takes the generic on-the-fly merge: a forward pre-hook on the composed model merges all of them in one
 merge_blocks call and sets them on their owners; an owner called on its own (say clip.encode_image on a
-composed clip) merges its own blocks in its own pre-hook.
+composed clip) merges its own blocks in its own pre-hook. An nn.MultiheadAttention that cannot be swapped
+reads its out_proj's parameters itself, so its pre-hook merges those too.
 """
 import copy
 import json
@@ -57,16 +58,19 @@ class GenericBlocks(nn.Module):
     """θ0 and τ of the blocks merged on the fly, and the hooks that set the merged tensors on their owners."""
 
     def __init__(self, root, entries, coefs, bank):
+        """entries: (name, owner module, attribute, block index, trigger module) per block."""
         super().__init__()
         object.__setattr__(self, "atlas", coefs)
         object.__setattr__(self, "root", root)
-        self.entries = [(owner, attr, b) for _, owner, attr, b in entries]
-        self.theta0 = nn.ParameterList([owner._parameters[attr] for _, owner, attr, _ in entries])
+        self.entries = [(owner, attr, b) for _, owner, attr, b, _ in entries]
+        self.theta0 = nn.ParameterList([owner._parameters[attr] for _, owner, attr, _, _ in entries])
         for i, (name, *_) in enumerate(entries):
             self.register_buffer(f"tau_{i}", bank[name], persistent=False)
-        self.by_owner = {}
-        for i, (owner, _, _) in enumerate(self.entries):
-            self.by_owner.setdefault(id(owner), []).append(i)
+        # Each block is merged by its trigger's pre-hook when the trigger runs outside the composed model.
+        self.triggers, self.by_trigger = {}, {}
+        for i, (*_, trigger) in enumerate(entries):
+            self.triggers[id(trigger)] = trigger
+            self.by_trigger.setdefault(id(trigger), []).append(i)
         self._active = False
         self._handles = []
         self.install()
@@ -86,9 +90,9 @@ class GenericBlocks(nn.Module):
     def _root_post(self, module, args, output):
         self._active = False
 
-    def _owner_pre(self, module, args):
+    def _trigger_pre(self, module, args):
         if not self._active:
-            self.merge(self.by_owner[id(module)])
+            self.merge(self.by_trigger[id(module)])
 
     def install(self):
         """Take the composed parameters off their owners (θ0 stays here) and hook the merge in."""
@@ -99,8 +103,8 @@ class GenericBlocks(nn.Module):
             return
         self._handles = [self.root.register_forward_pre_hook(self._root_pre),
                          self.root.register_forward_hook(self._root_post, always_call=True)]
-        owners = {id(o): o for o, _, _ in self.entries if o is not self.root}
-        self._handles += [o.register_forward_pre_hook(self._owner_pre) for o in owners.values()]
+        self._handles += [t.register_forward_pre_hook(self._trigger_pre) for t in self.triggers.values()
+                          if t is not self.root]
 
     def uninstall(self):
         """Put θ0 back on the owners as parameters and remove the hooks."""
@@ -250,7 +254,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     for p in model.parameters():
         p.requires_grad_(False)
 
-    swaps, fused = [], {}
+    swaps, fused, triggers = [], {}, {}
 
     def visit(module, prefix):
         for attr, child in list(module.named_children()):
@@ -265,6 +269,11 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
                     swaps.append((module, attr, child, new))
                     fused.update({name: type(child).__name__ for _, name in blocks.values()})
                     continue
+            if isinstance(child, nn.MultiheadAttention):
+                # It reads out_proj's parameters directly, never calling out_proj: leave out_proj unswapped
+                # and merge its blocks when the attention module itself runs.
+                triggers.update({f"{full}.{n}": child for n, _ in child.named_parameters()})
+                continue
             visit(child, full + ".")
 
     visit(model, "")
@@ -272,7 +281,8 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     for n in names:
         if n not in fused:
             owner_name, _, attr = n.rpartition(".")
-            generic_entries.append((n, model.get_submodule(owner_name), attr, index[n]))
+            owner = model.get_submodule(owner_name)
+            generic_entries.append((n, owner, attr, index[n], triggers.get(n, owner)))
     generic = GenericBlocks(model, generic_entries, coefs, task_vectors)
     report = CompositionReport(composed=names, fused=fused, generic=[e[0] for e in generic_entries],
                                missing_from_bank=missing, unused_bank_entries=unknown,
