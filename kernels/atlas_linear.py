@@ -61,16 +61,18 @@ def _partition(flat, key, P: tl.constexpr):
 
 
 @triton.jit
-def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, T, numel, P: tl.constexpr):
+def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, numel, T: tl.constexpr, P: tl.constexpr):
     """θ0[flat] + Σ_t c[t, k(flat)] τ_t[flat] in float32, for a tile of flat indices of any shape.
 
     theta_ptr: θ0 of the block, contiguous, `numel` elements · tau_ptr: τ (T, numel), contiguous ·
-    coef_ptr: c (T, P) float32, contiguous. Masked-off elements come out as 0.
+    coef_ptr: c (T, P) float32, contiguous. Masked-off elements come out as 0. The loop over the task
+    vectors is unrolled (T is a compile-time constant), so the software pipeline of the caller's loop
+    prefetches all T tiles of the next step.
     """
     acc = tl.load(theta_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     if P > 1:
         part = _partition(flat, key, P)
-    for t in range(T):
+    for t in tl.static_range(T):
         tau = tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32)
         if P == 1:
             c = tl.load(coef_ptr + t)
@@ -101,10 +103,10 @@ def atlas_linear_fwd_kernel(
     tau_b_ptr,   # τ' (T_B, N) contiguous; unused when T_B = 0
     coef_b_ptr,  # c' (T_B, P) float32 contiguous; unused when T_B = 0
     y_ptr,       # y (M, N), row stride stride_ym, unit column stride, x's dtype
-    M, N, K, T, T_B,
+    M, N, K,
     stride_xm, stride_xk, stride_ym,
     key_w, key_b,  # block keys as int32 bit patterns of the uint32 keys
-    P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    T: tl.constexpr, T_B: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Axis 0 (the fastest-launched) walks the M tiles, so the programs running together share one
@@ -123,10 +125,10 @@ def atlas_linear_fwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # The merged tile is loaded transposed, (BLOCK_K, BLOCK_N), indexed by the flat n·K + k.
         flat = offs_n[None, :] * K + offs_k[:, None]
-        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_k[:, None] & mask_n[None, :], key_w, T, N * K, P)
+        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_k[:, None] & mask_n[None, :], key_w, N * K, T, P)
         acc = _dot(x, w, acc, UPCAST, PRECISION)
     if HAS_BIAS:
-        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, T_B, N, P)
+        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, N, T_B, P)
         acc += bias[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -139,10 +141,10 @@ def atlas_linear_dx_kernel(
     tau_w_ptr,   # τ (T, N, K) contiguous
     coef_w_ptr,  # c (T, P) float32 contiguous
     dx_ptr,      # dx (M, K), row stride stride_dxm, unit column stride, x's dtype
-    M, N, K, T,
+    M, N, K,
     stride_dym, stride_dyn, stride_dxm,
     key_w,       # block key as the int32 bit pattern of the uint32 key
-    P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Same launch order as the forward: programs running together share one K tile of the bank.
@@ -159,7 +161,7 @@ def atlas_linear_dx_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         flat = offs_n[:, None] * K + offs_k[None, :]
-        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_n[:, None] & mask_k[None, :], key_w, T, N * K, P)
+        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_n[:, None] & mask_k[None, :], key_w, N * K, T, P)
         acc = _dot(dy, w, acc, UPCAST, PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -227,13 +229,15 @@ def atlas_linear_dc_kernel(
 # ---------------------------------------------------------------- tile configurations
 
 def _gemm_configs():
-    """Forward and dx tiles. Hopper: 128-wide tiles, 3-4 stages, 4-8 warps; the merge adds T tile loads per
-    K step, so fewer stages than a plain GEMM keep shared memory in bounds for large T."""
+    """Forward and dx tiles for Hopper: 64-128 wide, 4-8 warps. The T task-vector tiles of a K step are loaded
+    together with the W0 and x tiles, so each pipeline stage holds T + 2 tiles in shared memory: the
+    3-4 stage configurations fit small banks, the 1-2 stage ones any T. A configuration that does not fit
+    fails to compile and the autotuner skips it."""
     if INTERPRET:
         # The interpreter's cost is per program and per K step, not per element: wide tiles run fastest.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})]
-    tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-             (64, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
+    tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+             (64, 64, 64, 4, 4), (64, 64, 32, 4, 2), (128, 128, 64, 8, 1), (128, 64, 32, 4, 1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in tiles]
 
@@ -311,8 +315,8 @@ def forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, out
     tb = tau_b.contiguous() if tau_b is not None else weight
     cb = coef_b.contiguous() if coef_b is not None else coef_w
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _fwd[grid](x, weight, tau_w, coef_w, b, tb, cb, y, M, N, K, T, T_B, x.stride(0), x.stride(1), y.stride(0),
-               _key32(key_w), _key32(key_b), P=P, HAS_BIAS=bias is not None, UPCAST=_upcast(x),
+    _fwd[grid](x, weight, tau_w, coef_w, b, tb, cb, y, M, N, K, x.stride(0), x.stride(1), y.stride(0),
+               _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P, HAS_BIAS=bias is not None, UPCAST=_upcast(x),
                PRECISION=_dot_precision())
     return y
 
@@ -330,8 +334,8 @@ def grad_input(grad_out, weight, tau_w, coef_w, key_w=0, out=None):
         return dx
     weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
-    _dx[grid](grad_out, weight, tau_w, coef_w, dx, M, N, K, T, grad_out.stride(0), grad_out.stride(1), dx.stride(0),
-              _key32(key_w), P=P, UPCAST=_upcast(grad_out), PRECISION=_dot_precision())
+    _dx[grid](grad_out, weight, tau_w, coef_w, dx, M, N, K, grad_out.stride(0), grad_out.stride(1), dx.stride(0),
+              _key32(key_w), T=T, P=P, UPCAST=_upcast(grad_out), PRECISION=_dot_precision())
     return dx
 
 
