@@ -153,10 +153,10 @@ def test_linear_matches_reference(M, K, N, T, P, act, bank, bias):
     case = _linear_case(M, K, N, T, P, bias, act, bank)
     x, w, b, tw, tb, cw, cb = case
     keys = (block_key(0, 4), block_key(0, 5))
-    yr = linear_ref(x, w, b, tw, tb, cw, cb, *keys)
+    x64 = x.detach().double().requires_grad_()  # so that the reference input gradient is not rounded to x's dtype
+    yr = linear_ref(x64, w, b, tw, tb, cw, cb, *keys)
     g = torch.randn_like(yr).to(act).double()  # the reference sees the gradient the kernels see
-    inputs = [t for t in (x, cw, cb) if t is not None]
-    refs = (yr, *torch.autograd.grad(yr, inputs, g))
+    refs = (yr, *torch.autograd.grad(yr, [t for t in (x64, cw, cb) if t is not None], g))
     got = _linear_run("cuda", case, keys, g)
     names = ("output", "grad x", "grad coef_w", "grad coef_b")
     if act == torch.float32:
@@ -172,15 +172,17 @@ def test_linear_matches_reference(M, K, N, T, P, act, bank, bias):
 
 @pytest.mark.gpu
 def test_linear_leading_dims_and_strided_input():
-    x, w, b, tw, tb, cw, cb = _linear_case(13, 40, 24, 2, 3, True, torch.float32, torch.float32, lead=(3,))
-    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (3, 13, 40), not contiguous
-    y = atlas_fast.atlas_linear(xt, w, b, tw, tb, cw, cb, 7, 8, backend="cuda")
-    yr = linear_ref(xt, w, b, tw, tb, cw, cb, 7, 8)
+    _, w, b, tw, tb, cw, cb = _linear_case(13, 40, 24, 2, 3, True, torch.float32, torch.float32)
+    x_big = torch.randn(3, 13, 80, device="cuda", requires_grad=True)
+    x = x_big[..., ::2]  # (3, 13, 40) with a stride of 2 along the features
+    y = atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, 7, 8, backend="cuda")
+    yr = linear_ref(x, w, b, tw, tb, cw, cb, 7, 8)
     assert y.shape == (3, 13, 24)
     assert_rel(y, yr, TOL[torch.float32][0])
     g = torch.randn_like(yr)
     for name, out, ref in zip(("grad x", "grad coef_w", "grad coef_b"),
-                              torch.autograd.grad(y, (xt, cw, cb), g.float()), torch.autograd.grad(yr, (xt, cw, cb), g)):
+                              torch.autograd.grad(y, (x_big, cw, cb), g.float()),
+                              torch.autograd.grad(yr, (x_big, cw, cb), g)):
         assert_rel(out, ref, TOL[torch.float32][1], name)
 
 
@@ -213,9 +215,10 @@ def test_conv2d_matches_reference(act, conv):
         y = atlas_fast.atlas_conv2d(*args, stride=stride, padding=padding, dilation=dilation, backend=backend)
         return (y, *torch.autograd.grad(y, (x, cw, cb), g.to(y.dtype)))
 
-    yr = conv2d_ref(*args, stride=stride, padding=padding, dilation=dilation)
+    x64 = x.detach().double().requires_grad_()
+    yr = conv2d_ref(x64, *args[1:], stride=stride, padding=padding, dilation=dilation)
     g = torch.randn_like(yr).to(act).double()
-    refs = (yr, *torch.autograd.grad(yr, (x, cw, cb), g))
+    refs = (yr, *torch.autograd.grad(yr, (x64, cw, cb), g))
     plain = run("torch")
     _poison_allocator()
     for name, out, ref, base in zip(("output", "grad x", "grad coef_w", "grad coef_b"), run("cuda"), refs, plain):
