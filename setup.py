@@ -3,9 +3,10 @@
     ATLAS_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .   # needs torch, nvcc (CUDA_HOME) and ninja
 
 The ahead-of-time build compiles csrc/ into atlas_fast._C with ninja for TORCH_CUDA_ARCH_LIST (default
-"8.0;9.0": sm_80 and sm_90) using MAX_JOBS parallel jobs. torch's CUDA headers include cuSPARSE and cuBLAS
-headers: with a toolkit that lacks them, point CPATH at the nvidia wheels' (<site-packages>/nvidia/cu13/include). Without it the CUDA kernels are compiled on first
-use (torch.utils.cpp_extension.load, cached), from the csrc/ sources that ship as atlas_fast/csrc.
+"8.0;9.0": sm_80 and sm_90) using MAX_JOBS parallel jobs. torch's CUDA headers include the cuSPARSE and
+cuBLAS headers: with a toolkit that lacks them, point CPATH at <site-packages>/nvidia/cu13/include.
+Without this build the CUDA kernels are compiled on first use (torch.utils.cpp_extension.load, cached),
+from the csrc/ sources that ship as atlas_fast/csrc.
 The Triton kernels live in kernels/ and install as atlas_fast.kernels.
 """
 import glob
