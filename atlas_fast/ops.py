@@ -29,7 +29,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("atlas_fast::atlas_linear", mutates_args=())
 def _atlas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor, tau_b: Optional[Tensor],
             coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int, backend: str) -> Tensor:
-    return resolve(backend, x.device).atlas_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
+    return resolve(backend, x.device, coef_w.dtype).atlas_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
 
 
 @_atlas_linear.register_fake
@@ -41,7 +41,7 @@ def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend):
 def _atlas_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, tau_w: Tensor, tau_b: Optional[Tensor],
                      coef_w: Tensor, key_w: int, key_b: int, needs_input_grad: bool,
                      backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dcw, dcb = resolve(backend, x.device).atlas_linear_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w,
+    dx, dcw, dcb = resolve(backend, x.device, coef_w.dtype).atlas_linear_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w,
                                                               key_b, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
@@ -79,7 +79,7 @@ def _atlas_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tens
             coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int, stride: List[int],
             padding: List[int], dilation: List[int], groups: int, backend: str) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    return resolve(backend, x.device).atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
+    return resolve(backend, x.device, coef_w.dtype).atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):
@@ -98,7 +98,7 @@ def _atlas_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, tau_w: T
                      dilation: List[int], groups: int, needs_input_grad: bool,
                      backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    dx, dcw, dcb = resolve(backend, x.device).atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w,
+    dx, dcw, dcb = resolve(backend, x.device, coef_w.dtype).atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w,
                                                               key_b, conv, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
@@ -135,7 +135,7 @@ _atlas_conv2d.register_autograd(_atlas_conv2d_grad, setup_context=_atlas_conv2d_
 @torch.library.custom_op("atlas_fast::merge_blocks", mutates_args=())
 def _merge_blocks(theta0: List[Tensor], tau: List[Tensor], coef: Tensor, keys: List[int],
                   backend: str) -> List[Tensor]:
-    return resolve(backend, coef.device).merge_blocks(theta0, tau, coef, keys)
+    return resolve(backend, coef.device, coef.dtype).merge_blocks(theta0, tau, coef, keys)
 
 
 @_merge_blocks.register_fake
@@ -146,7 +146,7 @@ def _(theta0, tau, coef, keys, backend):
 @torch.library.custom_op("atlas_fast::merge_blocks_backward", mutates_args=())
 def _merge_blocks_backward(grads: List[Tensor], tau: List[Tensor], keys: List[int], partitions: int,
                            backend: str) -> Tensor:
-    return resolve(backend, tau[0].device).merge_blocks_backward(grads, tau, keys, partitions)
+    return resolve(backend, tau[0].device, grads[0].dtype).merge_blocks_backward(grads, tau, keys, partitions)
 
 
 @_merge_blocks_backward.register_fake

@@ -22,9 +22,12 @@ def get_backend(name: str) -> Backend:
     return _loaded[name]
 
 
-def resolve(name: str, device) -> Backend:
-    """The backend to run on `device` for the requested name; raises BackendUnavailable with the reason."""
+def resolve(name: str, device, dtype=None) -> Backend:
+    """The backend to run on `device` for the requested name; raises BackendUnavailable with the reason.
+    "auto" takes the torch backend for float64 coefficients (gradcheck), which only it supports."""
     device = torch_device(device)
+    if name == "auto" and str(dtype) == "torch.float64":
+        return get_backend("torch")
     if name == "auto":
         if device.type == "cuda":
             for candidate in ("cuda", "triton"):
