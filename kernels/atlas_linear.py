@@ -106,7 +106,8 @@ def atlas_linear_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_ym,
     key_w, key_b,  # block keys as int32 bit patterns of the uint32 keys
-    T: tl.constexpr, T_B: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    T: tl.constexpr, T_B: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Axis 0 (the fastest-launched) walks the M tiles, so the programs running together share one
@@ -228,40 +229,70 @@ def atlas_linear_dc_kernel(
 
 # ---------------------------------------------------------------- tile configurations
 
-def _gemm_configs():
-    """Forward and dx tiles for Hopper: 64-128 wide, 4-8 warps. The T task-vector tiles of a K step are loaded
-    together with the W0 and x tiles, so each pipeline stage holds T + 2 tiles in shared memory: the
-    3-4 stage configurations fit small banks, the 1-2 stage ones any T. A configuration that does not fit
-    fails to compile and the autotuner skips it."""
-    if INTERPRET:
-        # The interpreter's cost is per program and per K step, not per element: wide tiles run fastest.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})]
-    tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-             (64, 64, 64, 4, 4), (64, 64, 32, 4, 2), (128, 128, 64, 8, 1), (128, 64, 32, 4, 1)]
+# Forward and dx tiles for Hopper (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 64-128 wide, 4-8 warps.
+# The T task-vector tiles of a K step are loaded together with the W0 and x tiles, so each pipeline stage
+# holds T + 2 tiles in shared memory: the 3-4 stage configurations fit small banks, the 2-stage ones with
+# 32-deep K steps a bf16 bank of 21, the single-stage ones any T (see _fits_shared_memory).
+HOPPER_GEMM_TILES = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+                     (64, 64, 64, 4, 4), (128, 64, 32, 4, 2), (64, 64, 32, 4, 2), (128, 128, 64, 8, 1),
+                     (128, 64, 32, 4, 1)]
+
+# dc tiles for Hopper (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_M, num_warps, num_stages): each program holds a
+# (BLOCK_N × BLOCK_K) float32 tile of G; SPLIT_M slices of the rows give enough programs to fill the 132 SMs
+# of an H200 when N·K has few tiles, at the price of re-reading the τ tiles once per slice.
+HOPPER_DC_TILES = [(64, 128, 128, 1, 8, 3), (64, 128, 128, 4, 8, 3), (64, 64, 128, 4, 4, 3),
+                   (64, 128, 64, 8, 4, 3), (32, 64, 64, 8, 4, 4)]
+
+
+def _gemm_configs(tiles):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in tiles]
 
 
-def _dc_configs():
-    """dc tiles: each program holds a (BLOCK_N × BLOCK_K) float32 tile of G; SPLIT_M slices of the rows give
-    enough programs to fill the 132 SMs of an H200 when N·K has few tiles, at the price of re-reading the
-    τ tiles once per slice."""
-    if INTERPRET:
-        # Two slices of the rows, so that tests on the CPU exercise the split and its empty slices.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_M": 2})]
-    tiles = [(64, 128, 128, 1, 8, 3), (64, 128, 128, 4, 8, 3), (64, 64, 128, 4, 4, 3), (64, 128, 64, 8, 4, 3),
-             (32, 64, 64, 8, 4, 4)]
+def _dc_configs(tiles):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_M": sm}, num_warps=w, num_stages=s)
             for bm, bn, bk, sm, w, s in tiles]
 
 
-_GEMM_CONFIGS = _gemm_configs()
-_DC_CONFIGS = _dc_configs()
+def _max_shared_memory(device):
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
+def _fits_shared_memory(configs, named_args, **kwargs):
+    """The forward/dx configurations whose pipeline fits in the device's shared memory, so the autotuner
+    does not compile the others. Each of the num_stages buffers holds one activation tile (BLOCK_M × the
+    reduction tile), one W0 tile and T task-vector tiles (BLOCK_N × BLOCK_K); a single-stage configuration
+    buffers nothing of the bank and always fits. The estimate is within about 10% of the sm_90 compiler's
+    count; a configuration that still does not fit fails at load and the autotuner skips it."""
+    forward = "x_ptr" in named_args
+    act = named_args["x_ptr"] if forward else named_args["dy_ptr"]
+    w, tau = named_args["w_ptr"], named_args["tau_w_ptr"]
+    limit = _max_shared_memory(tau.device)
+    kept = []
+    for config in configs:
+        c = config.kwargs
+        reduction = c["BLOCK_K"] if forward else c["BLOCK_N"]
+        stage = (c["BLOCK_M"] * reduction * act.element_size()
+                 + c["BLOCK_N"] * c["BLOCK_K"] * (w.element_size() + kwargs["T"] * tau.element_size()))
+        if config.num_stages == 1 or config.num_stages * stage <= limit:
+            kept.append(config)
+    return kept
+
+
+if INTERPRET:
+    # The interpreter's cost is per program and per K step, not per element: wide tiles run fastest. Two
+    # slices of the rows in dc, so that tests on the CPU exercise the split and its empty slices.
+    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})]
+    _DC_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_M": 2})]
+else:
+    _GEMM_CONFIGS = _gemm_configs(HOPPER_GEMM_TILES)
+    _DC_CONFIGS = _dc_configs(HOPPER_DC_TILES)
 
 # T is part of every key: it sets the bytes read per K step. The dc kernel resets its output before each
 # timing run so that atomic mode measures (and leaves) a clean sum.
-_fwd = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"])(atlas_linear_fwd_kernel)
-_dx = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"])(atlas_linear_dx_kernel)
+_PRUNE = {"early_config_prune": _fits_shared_memory}
+_fwd = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"], prune_configs_by=_PRUNE)(atlas_linear_fwd_kernel)
+_dx = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"], prune_configs_by=_PRUNE)(atlas_linear_dx_kernel)
 _dc = triton.autotune(_DC_CONFIGS, key=["M", "N", "K", "T", "P", "DETERMINISTIC"],
                       reset_to_zero=["dc_ptr"])(atlas_linear_dc_kernel)
 
@@ -271,6 +302,8 @@ _dc = triton.autotune(_DC_CONFIGS, key=["M", "N", "K", "T", "P", "DETERMINISTIC"
 def _check_bank(what, theta0, tau, coef):
     if tau.dim() != theta0.dim() + 1 or tau.shape[1:] != theta0.shape:
         raise ValueError(f"{what}: task vectors of shape {tuple(tau.shape)} do not stack (T, *{tuple(theta0.shape)})")
+    if theta0.numel() >= 1 << 31:
+        raise ValueError(f"{what}: {theta0.numel()} elements; the kernels index a block with int32")
     if coef.dim() != 2 or coef.shape[0] != tau.shape[0] or coef.dtype != torch.float32:
         raise ValueError(f"{what}: coefficients must be float32 (T={tau.shape[0]}, P), got "
                          f"{coef.dtype} {tuple(coef.shape)}")

@@ -3,6 +3,10 @@
 Outputs are preallocated and poisoned with NaN, so an element a kernel fails to write cannot pass.
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -169,6 +173,57 @@ def test_bf16_activations_in_interpreter():
     assert_rel(y, y_ref, budget)
     assert_rel(dx, dx_ref, budget, "dx")
     assert_rel(dc, dc_ref, 10 * budget, "dc")
+
+
+@pytest.mark.parametrize("T,bank_dtype,kept", [(1, torch.bfloat16, 6), (3, torch.bfloat16, 5), (21, torch.float32, 2)])
+def test_hopper_configs_pruned_to_shared_memory(monkeypatch, T, bank_dtype, kept):
+    """Large banks leave only the configurations that buffer no task-vector tile, which fit any T."""
+    monkeypatch.setattr(kernels, "_max_shared_memory", lambda device: 232448)  # H100/H200 per block
+    configs = kernels._gemm_configs(kernels.HOPPER_GEMM_TILES)
+    x, w = torch.empty(1, 1, dtype=torch.bfloat16), torch.empty(1, 1)
+    tau = torch.empty(T, 1, 1, dtype=bank_dtype)
+    for act_arg in ("x_ptr", "dy_ptr"):
+        chosen = kernels._fits_shared_memory(configs, {act_arg: x, "w_ptr": w, "tau_w_ptr": tau}, T=T)
+        assert len(chosen) >= kept and all(c.num_stages == 1 for c in chosen) == (T == 21)
+
+
+_SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atlas_fast.kernels import atlas_linear as k
+
+act, bank = "{act}", "{bank}"
+common = dict(M="i32", N="i32", K="i32", key_w="i32")
+kernels = [
+    (k.atlas_linear_fwd_kernel, dict(x_ptr="*" + act, w_ptr="*fp32", tau_w_ptr="*" + bank, coef_w_ptr="*fp32",
+     b_ptr="*fp32", tau_b_ptr="*" + bank, coef_b_ptr="*fp32", y_ptr="*" + act, stride_xm="i32", stride_xk="i32",
+     stride_ym="i32", key_b="i32"), dict(T=3, T_B=3, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)),
+    (k.atlas_linear_dx_kernel, dict(dy_ptr="*" + act, w_ptr="*fp32", tau_w_ptr="*" + bank, coef_w_ptr="*fp32",
+     dx_ptr="*" + act, stride_dym="i32", stride_dyn="i32", stride_dxm="i32"),
+     dict(T=3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)),
+    (k.atlas_linear_dc_kernel, dict(dy_ptr="*" + act, x_ptr="*" + act, tau_w_ptr="*" + bank, dc_ptr="*fp32",
+     T="i32", stride_dym="i32", stride_dyn="i32", stride_xm="i32", stride_xk="i32"),
+     dict(DETERMINISTIC=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_M=4)),
+]
+for fn, signature, constants in kernels:
+    constants.update(P=3, UPCAST=act == "fp32", PRECISION="ieee")
+    signature.update(common)
+    signature.update({{name: "constexpr" for name in constants}})
+    signature = {{name: signature[name] for name in fn.arg_names}}
+    triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=4, num_stages=2))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act,bank", [("bf16", "bf16"), ("fp32", "fp16")])
+def test_kernels_compile_for_sm90(act, bank):
+    """The interpreter does not lower the kernels; compiling them for Hopper does, without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE.format(act=act, bank=bank)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
 
 
 def test_backend_switch_and_availability():

@@ -141,8 +141,8 @@ class TritonBackend(Backend):
         _check_dtypes(x, coef_w)
         N = weight.shape[0]
         Ho, Wo = _out_size(conv, weight, x)
-        y = _kernels().forward(_patches(x, weight, conv), weight.reshape(N, -1), bias, tau_w.reshape(*tau_w.shape[:2], -1),
-                               tau_b, coef_w, coef_b, key_w, key_b)
+        y = _kernels().forward(_patches(x, weight, conv), weight.reshape(N, -1), bias,
+                               tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
         return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
 
     def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
