@@ -3,8 +3,9 @@
 Linear blocks run the three kernels directly (forward, dx, dc): neither the merged weight nor the weight
 gradient dyᵀx exists in memory. A conv2d with groups=1 runs the same kernels on its im2col view: the
 weight (N, C, kh, kw) read as (N, C·kh·kw) keeps every element's flat index, so the partition hash is
-unchanged. A patchify conv (stride = kernel, no padding or dilation, as in a ViT's patch embedding) needs
-only a reshape of x; any other conv unfolds x (kh·kw times its size, like any im2col). Grouped convs,
+unchanged. A patchify conv (stride = kernel, no padding or dilation, as in a ViT's patch embedding) reads
+x as patches through one permuted copy of x's size; any other conv unfolds x (kh·kw / stride² times its
+size, like any im2col). Grouped convs,
 merge_blocks and float64 (gradcheck) inputs are the torch backend's.
 
 Coefficient gradients are deterministic by default; `set_deterministic(False)` switches to atomics.
