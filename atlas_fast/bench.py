@@ -59,7 +59,7 @@ class Settings:
     device: str = "cpu"
     seed: int = 0
     sweep: Optional[Tuple[str, List[int]]] = None
-    out: str = "atlas_bench"
+    out: str = "bench_out"
 
 
 def default_settings(device: str) -> Settings:
@@ -459,8 +459,8 @@ def _fmt(x, spec, missing="—"):
 
 
 def format_table(variants) -> str:
-    head = ["variant", "step time (s)", "images/s", "extra peak MB", "time ×naive", "time ×finetune",
-            "mem ×naive", "mem ×finetune", "rel err out", "rel err grad"]
+    head = ["variant", "step time s (median ± half range)", "images/s", "extra peak MB", "time ×naive",
+            "time ×finetune", "mem ×naive", "mem ×finetune", "rel err out", "rel err grad"]
     rows = []
     for v in variants:
         if v["step_time_s"] is None:
@@ -479,7 +479,7 @@ def format_table(variants) -> str:
 
 
 def _describe(s: Settings) -> str:
-    return (f"{s.model}, T={s.tasks}, batch {s.batch}, bank {s.bank_dtype}, {'bf16 autocast' if s.amp else 'no autocast'}, "
+    return (f"{os.path.basename(s.model)}, T={s.tasks}, batch {s.batch}, bank {s.bank_dtype}, {'bf16 autocast' if s.amp else 'no autocast'}, "
             f"{s.granularity}" + (f" ×{s.partitions}" if s.partitions > 1 else "") + f", {s.mode} mode, {s.device}")
 
 
@@ -579,12 +579,14 @@ def run(s: Settings) -> int:
         if param:
             print(f"\n{param} = {p[param]}")
         print(format_table(p["variants"]))
-    if param:
-        plot_path = os.path.join(s.out, f"sweep_{param}.png")
-        plot_sweep(points, param, plot_path, f"atlas-fast bench sweep over {param}: {_describe(s)}")
-    else:
-        plot_path = os.path.join(s.out, "bench.png")
-        plot_point(results["variants"], plot_path, f"atlas-fast bench: {_describe(s)}")
+    plot_path = os.path.join(s.out, f"sweep_{param}.png" if param else "bench.png")
+    try:
+        if param:
+            plot_sweep(points, param, plot_path, f"atlas-fast bench sweep over {param}: {_describe(s)}")
+        else:
+            plot_point(results["variants"], plot_path, f"atlas-fast bench: {_describe(s)}")
+    except ImportError as e:  # the numbers are in results.json; a machine without matplotlib still gets them
+        plot_path = f"no plot ({e})"
     print(f"\nwrote {json_path} and {plot_path} ({results['wall_time_s']:.0f} s)")
     every = [v for p in points for v in p["variants"]] if param else results["variants"]
     return 1 if any(v["status"] in ("mismatch", "error") for v in every) else 0

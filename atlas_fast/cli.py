@@ -28,7 +28,7 @@ def _add_bench(sub):
     p.add_argument("--partitions", type=int, help="random partitions per block, aTLAS ×K (default 1)")
     p.add_argument("--steps", type=int, help="timed steps per variant (default 3 on a CPU, 20 on a GPU)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per variant (default 1 on a CPU, 3 on a GPU)")
-    p.add_argument("--out", help="output folder for results.json and the plot (default ./atlas_bench)")
+    p.add_argument("--out", help="output folder for results.json and the plot (default ./bench_out)")
     p.add_argument("--sweep", type=str, help="measure at several points: tasks=1,4,8,21 or batch=1,8,32")
     p.add_argument("--mode", choices=("step", "tta"),
                    help="step: forward + backward on a fixed batch; tta: coefficient learning (entropy loss, AdamW) "

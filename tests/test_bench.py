@@ -59,12 +59,12 @@ def test_bench_end_to_end(tmp_path, tiny_model):
     assert "torch" in stdout and "rel err" in stdout
 
 
-def test_bench_sweep(tmp_path, tiny_model):
+def test_bench_sweep_tta(tmp_path, tiny_model):
     out = tmp_path / "out"
     _bench("--model", tiny_model, "--batch", "2", "--steps", "2", "--warmup", "0", "--backends", "torch",
-           "--sweep", "tasks=1,2", "--device", "cpu", "--out", str(out))
+           "--sweep", "tasks=1,2", "--mode", "tta", "--device", "cpu", "--out", str(out))
     results = json.loads((out / "results.json").read_text())
-    assert results["sweep"] == {"param": "tasks", "values": [1, 2]}
+    assert results["sweep"] == {"param": "tasks", "values": [1, 2]} and results["settings"]["mode"] == "tta"
     assert [p["tasks"] for p in results["points"]] == [1, 2]
     for p in results["points"]:
         assert [v["name"] for v in p["variants"]] == ["torch"]

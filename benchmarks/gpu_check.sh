@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU checks in one pass, under 8 minutes on an H200: build the CUDA extension, run the gpu-marked tests,
+# time atlas_linear at the ViT-B/32 MLP size against its FLOP and byte floors, and run `atlas-fast bench` at
+# ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast. Every part runs under `timeout`, so the script always
+# finishes; a part that fails or times out is logged and the next one still runs.
+#
+#   bash benchmarks/gpu_check.sh            from the repository root; results under $OUT (default ./gpu_check_out)
+#
+# $OUT receives 8 files: env.log build.log tests.log layer.log layer.json bench.log bench/results.json
+# bench/bench.png. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT/bench"
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+# The package runs from the source tree: an editable install would compile the CUDA extension through setup.py.
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+
+part() {  # part NAME SECONDS LOG COMMAND...: runs COMMAND under a time limit, appends its output to LOG
+    local name=$1 limit=$2 log=$3; shift 3
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$log"
+    return $rc
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import sys; print('python', sys.version.split()[0])"
+    for mod in torch triton open_clip torchvision timm ftfy regex huggingface_hub tqdm matplotlib numpy safetensors ninja; do
+        python3 -c "import $mod; print('$mod', getattr($mod, '__version__', 'present'))" 2>&1 | tail -1
+    done
+    python3 -c "import torch; print('cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    command -v nvcc && nvcc --version | tail -1
+} >"$OUT/env.log" 2>&1
+
+# Build the CUDA extension once, so no later process compiles it; on failure the cuda backend is left out and the
+# build lock of an interrupted build is removed, so no later process waits on it.
+BACKENDS=naive,finetune,torch,triton,cuda
+if ! part "cuda extension build" 120 "$OUT/build.log" python3 -c "
+import sys, torch
+from atlas_fast.backends import get_backend
+reason = get_backend('cuda').unavailable_reason(torch.device('cuda'))
+print('cuda backend:', reason or 'available')
+sys.exit(0 if reason is None else 1)"; then
+    BACKENDS=naive,finetune,torch,triton
+    lockdir=$(python3 -c "from atlas_fast.backends.cuda_backend import build_dir; print(build_dir())" 2>/dev/null)
+    [ -n "$lockdir" ] && rm -f "$lockdir/lock"
+fi
+
+part "gpu tests" 90 "$OUT/tests.log" python3 -m pytest -m gpu -q -p no:cacheprovider tests
+
+part "atlas_linear roofline" 60 "$OUT/layer.log" python3 benchmarks/bench_atlas_linear.py --json "$OUT/layer.json"
+
+part "atlas-fast bench" 170 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
+    --bank-dtype bf16 --batch 128 --amp --backends "$BACKENDS" --warmup 2 --steps 10 --out "$OUT/bench"
+
+echo "gpu_check: done in $SECONDS s; results in $OUT"
