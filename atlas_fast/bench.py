@@ -479,8 +479,10 @@ def format_table(variants) -> str:
 
 
 def _describe(s: Settings) -> str:
-    return (f"{os.path.basename(s.model)}, T={s.tasks}, batch {s.batch}, bank {s.bank_dtype}, {'bf16 autocast' if s.amp else 'no autocast'}, "
-            f"{s.granularity}" + (f" ×{s.partitions}" if s.partitions > 1 else "") + f", {s.mode} mode, {s.device}")
+    amp = "bf16 autocast" if s.amp else "no autocast"
+    partitions = f" ×{s.partitions}" if s.partitions > 1 else ""
+    return (f"{os.path.basename(s.model)}, T={s.tasks}, batch {s.batch}, bank {s.bank_dtype}, {amp}, "
+            f"{s.granularity}{partitions}, {s.mode} mode, {s.device}")
 
 
 def plot_point(variants, path, title):

@@ -11,10 +11,10 @@ def _comma_list(text):
 
 def _add_bench(sub):
     p = sub.add_parser("bench", help="time and peak memory of every backend against naive merging and fine-tuning",
-                       description="Checks every backend against naive merging, then measures naive merging, plain "
-                                   "fine-tuning and every backend, each in a fresh process. Default: open_clip ViT-B-32 "
-                                   "visual tower with random weights, T=8 synthetic task vectors, batch 8; fp32 on a "
-                                   "CPU, bf16 bank and bf16 autocast on a GPU.")
+                       description="Checks every backend against naive merging, then measures naive merging, "
+                                   "plain fine-tuning and every backend, each in a fresh process. Default: open_clip "
+                                   "ViT-B-32 visual tower with random weights, T=8 synthetic task vectors, batch 8; "
+                                   "fp32 on a CPU, bf16 bank and bf16 autocast on a GPU.")
     p.add_argument("--model", help="open_clip architecture name (default ViT-B-32), or a model config .json")
     p.add_argument("--tasks", type=int, help="number of task vectors T (default 8)")
     p.add_argument("--batch", type=int, help="images per step (default 8)")
