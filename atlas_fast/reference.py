@@ -2,7 +2,6 @@
 
 The gradients of the reference come from torch autograd on these expressions.
 """
-import torch
 import torch.nn.functional as F
 
 from .hashing import partition_index

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .base import Backend
-from .triton_backend import _out_size, _patches, _rows, _unpatch
+from .im2col import out_size, patches, rows, unpatch
 
 _ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
 _EXTENSION = "atlas_fast_cuda"
@@ -185,9 +185,9 @@ class CudaBackend(Backend):
             return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
         _check_dtypes(coef_w, x, weight, tau_w)
         N = weight.shape[0]
-        Ho, Wo = _out_size(conv, weight, x)
+        Ho, Wo = out_size(conv, weight, x)
         y = torch.ops.atlas_fast.atlas_linear_cuda_forward(
-            _patches(x, weight, conv), weight.reshape(N, -1), bias, tau_w.reshape(*tau_w.shape[:2], -1), tau_b,
+            patches(x, weight, conv), weight.reshape(N, -1), bias, tau_w.reshape(*tau_w.shape[:2], -1), tau_b,
             coef_w, coef_b, key_w, key_b)
         return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
 
@@ -198,9 +198,9 @@ class CudaBackend(Backend):
         _check_dtypes(coef_w, x, weight, tau_w)
         N = weight.shape[0]
         dcols, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(
-            _rows(grad_out), _patches(x, weight, conv), weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1),
+            rows(grad_out), patches(x, weight, conv), weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1),
             tau_b, coef_w, key_w, key_b, needs_input_grad)
-        dx = _unpatch(dcols, x, weight, conv) if needs_input_grad else None
+        dx = unpatch(dcols, x, weight, conv) if needs_input_grad else None
         return dx, dcw, _or_none(dcb, tau_b is not None)
 
     def merge_blocks(self, theta0, tau, coef, keys):

@@ -13,9 +13,9 @@ Coefficient gradients are deterministic by default; `set_deterministic(False)` s
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .base import Backend
+from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import reduce_block
 
 _deterministic = True
@@ -57,51 +57,6 @@ def _bias_grad(tau_b, grad_sum, key_b, partitions):
     return reduce_block(tau_b, grad_sum, key_b, partitions) if tau_b is not None else None
 
 
-# ---------------------------------------------------------------- conv2d as a GEMM on patches
-
-def _out_size(conv, weight, x):
-    stride, padding, dilation, _ = conv
-    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-                 for i in (0, 1))
-
-
-def _is_patchify(conv, weight):
-    stride, padding, dilation, _ = conv
-    return tuple(stride) == tuple(weight.shape[2:]) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
-
-
-def _patches(x, weight, conv):
-    """x as (B·Ho·Wo, C·kh·kw) rows, columns in the flat order of weight.view(N, -1)."""
-    stride, padding, dilation, _ = conv
-    B, C = x.shape[:2]
-    kh, kw = weight.shape[2:]
-    Ho, Wo = _out_size(conv, weight, x)
-    if _is_patchify(conv, weight):
-        # Rows/columns past the last whole patch are not seen by the conv.
-        x = x[:, :, :Ho * kh, :Wo * kw].reshape(B, C, Ho, kh, Wo, kw)
-        return x.permute(0, 2, 4, 1, 3, 5).reshape(B * Ho * Wo, C * kh * kw)
-    cols = F.unfold(x, (kh, kw), dilation, padding, stride)
-    return cols.transpose(1, 2).reshape(B * Ho * Wo, C * kh * kw)
-
-
-def _unpatch(cols, x, weight, conv):
-    """The adjoint of _patches: dx (B, C, H, W) from the patch-row gradient (B·Ho·Wo, C·kh·kw)."""
-    stride, padding, dilation, _ = conv
-    B, C, H, W = x.shape
-    kh, kw = weight.shape[2:]
-    Ho, Wo = _out_size(conv, weight, x)
-    if _is_patchify(conv, weight):
-        dx = cols.view(B, Ho, Wo, C, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Ho * kh, Wo * kw)
-        return F.pad(dx, (0, W - Wo * kw, 0, H - Ho * kh))
-    cols = cols.view(B, Ho * Wo, C * kh * kw).transpose(1, 2)
-    return F.fold(cols, (H, W), (kh, kw), dilation, padding, stride)
-
-
-def _rows(t):
-    """(B, N, Ho, Wo) → (B·Ho·Wo, N): the conv output laid out as the GEMM's rows."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 class TritonBackend(Backend):
     name = "triton"
 
@@ -141,8 +96,8 @@ class TritonBackend(Backend):
             return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
         _check_dtypes(x, coef_w)
         N = weight.shape[0]
-        Ho, Wo = _out_size(conv, weight, x)
-        y = _kernels().forward(_patches(x, weight, conv), weight.reshape(N, -1), bias,
+        Ho, Wo = out_size(conv, weight, x)
+        y = _kernels().forward(patches(x, weight, conv), weight.reshape(N, -1), bias,
                                tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
         return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
 
@@ -154,11 +109,11 @@ class TritonBackend(Backend):
         kernels = _kernels()
         N, P = weight.shape[0], coef_w.shape[1]
         w2, tau2 = weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1)
-        gy = _rows(grad_out)
+        gy = rows(grad_out)
         grad_x = None
         if needs_input_grad:
-            grad_x = _unpatch(kernels.grad_input(gy, w2, tau2, coef_w, key_w), x, weight, conv)
-        grad_cw = kernels.grad_coef(gy, _patches(x, weight, conv), tau2, P, key_w, deterministic=_deterministic)
+            grad_x = unpatch(kernels.grad_input(gy, w2, tau2, coef_w, key_w), x, weight, conv)
+        grad_cw = kernels.grad_coef(gy, patches(x, weight, conv), tau2, P, key_w, deterministic=_deterministic)
         grad_cb = _bias_grad(tau_b, grad_out.sum((0, 2, 3), dtype=torch.float32), key_b, P)
         return grad_x, grad_cw, grad_cb
 

@@ -4,7 +4,6 @@ Every forward rebuilds every parameter θ0 + Σ_t c τ_t in Python, one task vec
 model with torch.func.functional_call: the merged model lives until the backward, which materialises a
 model-sized weight gradient. Same coefficient layout and partition hash as compose().
 """
-import torch
 import torch.nn as nn
 from torch.func import functional_call
 
