@@ -147,7 +147,7 @@ class Runner:
         self.device = torch.device(s.device)
         model, size, dim = _load_model(s)
         model.to(self.device)
-        gen = torch.Generator().manual_seed(s.seed + 1)
+        gen = torch.Generator().manual_seed(s.seed + 1)  # the data: the same batches for every variant
         if bank is None and variant != "finetune":
             from .task_vectors import synthetic_task_vectors
             bank = synthetic_task_vectors(model, s.tasks, dtype=_torch_dtype(s.bank_dtype), seed=s.seed)
@@ -165,8 +165,9 @@ class Runner:
                 self.net = compose(model, bank, granularity=s.granularity, partitions=s.partitions,
                                    backend=variant, seed=s.seed)
             coef = self.net.coefficients
+            coef_gen = torch.Generator().manual_seed(s.seed + 2)
             with torch.no_grad():
-                coef.copy_(torch.rand(coef.shape, generator=gen) * 1.6 - 0.8)
+                coef.copy_(torch.rand(coef.shape, generator=coef_gen) * 1.6 - 0.8)
             self.trainable = [coef]
         pool = 4 if s.mode == "tta" else 1
         self.images = [torch.randn(s.batch, 3, *size, generator=gen).to(self.device) for _ in range(pool)]
