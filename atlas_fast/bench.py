@@ -290,7 +290,7 @@ def _time(s: Settings, variant, tick):
         before = torch.cuda.memory_allocated()
         runner.step()
         torch.cuda.synchronize()
-        result["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        result["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 1e6
     return result
 
 
@@ -314,7 +314,7 @@ def _memory(s: Settings, variant, tick):
     runner.step()
     peak = _proc_status_kb("VmHWM")
     tick()
-    return {"peak_extra_mb": (peak - before) / 1024}
+    return {"peak_extra_mb": (peak - before) * 1024 / 1e6}
 
 
 def _worker(job_path, result_path):
@@ -349,10 +349,14 @@ def _run_job(job, bar, env=None):
         with open(err_path, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "atlas_fast.bench", job_path, result_path],
                                     stdout=subprocess.PIPE, stderr=err, text=True, env=child_env)
-            for line in proc.stdout:
-                if line.strip() == "tick":
-                    bar.update(1)
-            proc.wait()
+            try:
+                for line in proc.stdout:
+                    if line.strip() == "tick":
+                        bar.update(1)
+                proc.wait()
+            finally:
+                if proc.poll() is None:  # interrupted here: the worker must not outlive the run
+                    proc.kill()
         if proc.returncode != 0 or not os.path.exists(result_path):
             with open(err_path) as f:
                 tail = f.read().strip().splitlines()[-6:]
@@ -433,7 +437,7 @@ def machine_info(device):
     mem_kb = _read_first("/proc/meminfo", "MemTotal")
     info = {"cpu": _read_first("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gb": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
+            "memory_gb": round(int(mem_kb.split()[0]) * 1024 / 1e9, 1) if mem_kb else None,
             "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
             "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     return info
@@ -498,13 +502,13 @@ def plot_point(variants, path, title):
                               (axes[1], "peak_extra_mb", "extra peak memory (MB)")):
         values = [v[metric] or 0.0 for v in timed]
         bars = ax.bar(names, values, color=["#999999" if n in BASELINES else "#1f77b4" for n in names])
+        spread = [v["step_time_spread_s"] if metric == "step_time_s" else 0.0 for v in timed]
         if metric == "step_time_s":
-            ax.errorbar(names, values, yerr=[v["step_time_spread_s"] for v in timed], fmt="none", ecolor="black",
-                        capsize=4)
+            ax.errorbar(names, values, yerr=spread, fmt="none", ecolor="black", capsize=4)
         ratio_key = "time_vs_naive" if metric == "step_time_s" else "mem_vs_naive"
-        for bar, v in zip(bars, timed):
+        for bar, v, top in zip(bars, timed, spread):
             if v.get(ratio_key) is not None:
-                ax.annotate(f"×{v[ratio_key]:.2f} naive", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ax.annotate(f"×{v[ratio_key]:.2f} naive", (bar.get_x() + bar.get_width() / 2, bar.get_height() + top),
                             ha="center", va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
         ax.set_ylabel(label)
         ax.margins(y=0.15)
