@@ -4,13 +4,13 @@
 # ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast. Every part runs under `timeout`, so the script always
 # finishes; a part that fails or times out is logged and the next one still runs.
 #
-#   bash benchmarks/gpu_check.sh            from the repository root; results under $OUT (default ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh            from the repository root; results under $OUT (default ./bench_out/gpu_check)
 #
 # $OUT receives 8 files: env.log build.log tests.log layer.log layer.json bench.log bench/results.json
 # bench/bench.png. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-$PWD/bench_out/gpu_check}
 mkdir -p "$OUT/bench"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
