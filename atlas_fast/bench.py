@@ -383,11 +383,11 @@ def _ratios(variants):
                 v[f"{key}_vs_{base}"] = a / b if a is not None and b else None
 
 
-def _measure_point(s: Settings, bar):
-    """All variants at one setting: the check, then one timing (and on a CPU one memory) process each."""
-    variants = [{"name": n, "tasks": s.tasks, "batch": s.batch, "status": "ok", "note": "",
-                 "step_time_s": None, "step_times_s": [], "peak_extra_mb": None, "images_per_s": None}
-                for n in s.backends]
+def _measure_point(s: Settings, bar, variants, save):
+    """All variants at one setting, appended to `variants`: the check, then one timing (and on a CPU one memory)
+    process each. Calls save() after every process, so an interrupted run keeps what it measured."""
+    variants.extend({"name": n, "tasks": s.tasks, "batch": s.batch, "status": "ok", "note": "", "step_time_s": None,
+                     "step_times_s": [], "peak_extra_mb": None, "images_per_s": None} for n in s.backends)
     cpu = s.device == "cpu"
     per_variant = s.warmup + s.steps + (2 if cpu else 0)
     backends = [v for v in variants if v["name"] not in BASELINES]
@@ -399,6 +399,7 @@ def _measure_point(s: Settings, bar):
             report = {v["name"]: {"status": "error", "note": f"check failed: {e}"} for v in backends}
         for v in backends:
             v.update(report[v["name"]])
+        save()
     elif backends:
         for v in backends:
             v["note"] = "not checked: naive is not among --backends"
@@ -416,8 +417,8 @@ def _measure_point(s: Settings, bar):
             _summarise(v, s.batch)
         except RuntimeError as e:
             v.update(status="error", note=str(e), step_time_s=None, step_times_s=[], peak_extra_mb=None)
-    _ratios(variants)
-    return variants
+        _ratios(variants)
+        save()
 
 
 def _read_first(path, prefix):
@@ -572,13 +573,13 @@ def run(s: Settings) -> int:
     started = time.time()
     with tqdm(total=len(settings) * (checks + per_variant * len(s.backends)), unit="step", file=sys.stderr) as bar:
         for point in settings:
-            variants = _measure_point(point, bar)
+            variants = []
             if param:
                 points.append({param: getattr(point, param), "variants": variants})
                 results.update(sweep={"param": param, "values": values}, points=points)
             else:
                 results["variants"] = variants
-            _write_json(json_path, results)  # after every point, so an interrupted run keeps what it measured
+            _measure_point(point, bar, variants, lambda: _write_json(json_path, results))
     results["wall_time_s"] = time.time() - started
     results["machine"]["load_avg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     _write_json(json_path, results)
