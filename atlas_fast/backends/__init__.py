@@ -2,7 +2,7 @@
 
 "torch" is the reference path and runs everywhere; "triton" and "cuda" are imported only when first
 asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks the fastest one
-available on the tensors' device.
+available on the tensors' device (on a GPU: triton, else cuda; on a CPU: torch).
 """
 import importlib
 
@@ -30,7 +30,9 @@ def resolve(name: str, device, dtype=None) -> Backend:
         return get_backend("torch")
     if name == "auto":
         if device.type == "cuda":
-            for candidate in ("cuda", "triton"):
+            # Triton first: autotuned for Hopper and ready without a build; the CUDA extension compiles for
+            # minutes on its first use.
+            for candidate in ("triton", "cuda"):
                 if get_backend(candidate).unavailable_reason(device) is None:
                     return get_backend(candidate)
         return get_backend("torch")
