@@ -1,8 +1,8 @@
 """Backend registry. Every backend implements the op contract of `base.Backend`.
 
 "torch" is the reference path and runs everywhere; "triton" and "cuda" are imported only when first
-asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks the fastest one
-available on the tensors' device (on a GPU: triton, else cuda; on a CPU: torch).
+asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks by the tensors'
+device: on a GPU triton, else cuda; on a CPU torch.
 """
 import importlib
 
