@@ -487,7 +487,10 @@ def format_table(variants) -> str:
 def _describe(s: Settings) -> str:
     amp = "bf16 autocast" if s.amp else "no autocast"
     partitions = f" ×{s.partitions}" if s.partitions > 1 else ""
-    return (f"{os.path.basename(s.model)}, T={s.tasks}, batch {s.batch}, bank {s.bank_dtype}, {amp}, "
+    param, values = s.sweep or (None, None)
+    tasks = ",".join(map(str, values)) if param == "tasks" else s.tasks
+    batch = ",".join(map(str, values)) if param == "batch" else s.batch
+    return (f"{os.path.basename(s.model)}, T={tasks}, batch {batch}, bank {s.bank_dtype}, {amp}, "
             f"{s.granularity}{partitions}, {s.mode} mode, {s.device}")
 
 
@@ -499,7 +502,7 @@ def plot_point(variants, path, title):
     timed = [v for v in variants if v["step_time_s"] is not None]
     names = [v["name"] for v in timed]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, label in ((axes[0], "step_time_s", "step time (s), median"),
+    for ax, metric, label in ((axes[0], "step_time_s", "step time (s), median ± half range"),
                               (axes[1], "peak_extra_mb", "extra peak memory (MB)")):
         values = [v[metric] or 0.0 for v in timed]
         bars = ax.bar(names, values, color=["#999999" if n in BASELINES else "#1f77b4" for n in names])
@@ -531,13 +534,15 @@ def plot_sweep(points, param, path, title):
         if not series:
             continue
         xs = [x for x, _ in series]
-        axes[0].plot(xs, [v["step_time_s"] for _, v in series], marker="o", label=name)
+        axes[0].errorbar(xs, [v["step_time_s"] for _, v in series], yerr=[v["step_time_spread_s"] for _, v in series],
+                         marker="o", capsize=3, label=name)
         axes[1].plot(xs, [v["peak_extra_mb"] or 0.0 for _, v in series], marker="o", label=name)
-    axes[0].set_ylabel("step time (s), median")
+    axes[0].set_ylabel("step time (s), median ± half range")
     axes[1].set_ylabel("extra peak memory (MB)")
     for ax in axes:
         ax.set_xlabel("task vectors T" if param == "tasks" else "batch size")
         ax.set_xticks([p[param] for p in points])
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
@@ -563,7 +568,7 @@ def run(s: Settings) -> int:
     settings = [dataclasses.replace(s, **{param: x}) if param else s for x in values]
     results = {"machine": machine_info(s.device), "versions": versions(), "settings": dataclasses.asdict(s)}
     json_path = os.path.join(s.out, "results.json")
-    print(f"atlas-fast bench: {_describe(s)}" + (f", sweep {param}={values}" if param else ""))
+    print(f"atlas-fast bench: {_describe(s)}")
     print(f"  {s.warmup} warm-up + {s.steps} timed steps per variant, each variant in a fresh process"
           + (" (timing and memory in separate processes)" if s.device == "cpu" else "")
           + "; timings are noisy when other work runs on the machine")
@@ -590,7 +595,7 @@ def run(s: Settings) -> int:
     plot_path = os.path.join(s.out, f"sweep_{param}.png" if param else "bench.png")
     try:
         if param:
-            plot_sweep(points, param, plot_path, f"atlas-fast bench sweep over {param}: {_describe(s)}")
+            plot_sweep(points, param, plot_path, f"atlas-fast bench, sweep over {param}: {_describe(s)}")
         else:
             plot_point(results["variants"], plot_path, f"atlas-fast bench: {_describe(s)}")
     except ImportError as e:  # the numbers are in results.json; a machine without matplotlib still gets them
