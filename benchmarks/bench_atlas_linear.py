@@ -5,8 +5,8 @@ Providers, all on the same x, θ0, bank and non-zero coefficients:
     naive      W0 + Σ_t c_t τ_t merged in Python one task vector at a time, then F.linear; autograd through it
     <backend>  atlas_fast.atlas_linear(..., backend=<backend>)
 
-    pytest benchmarks/bench_atlas_linear.py            CPU: few tokens, fp32, torch backend
-    pytest benchmarks/bench_atlas_linear.py -m gpu     GPU: 6400 tokens (ViT-B/32, batch 128), bf16 bank
+    pytest benchmarks/bench_atlas_linear.py            CPU: the tokens of one image, fp32, torch backend
+    pytest benchmarks/bench_atlas_linear.py -m gpu     GPU: the tokens of 128 images, bf16 x and bank
     python benchmarks/bench_atlas_linear.py            GPU: the ViT-B/32 MLP layer, T=21, against its FLOP
                                                        and byte floors from ceilings measured on the machine
 """
@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from atlas_fast import atlas_linear
 from atlas_fast.bench import unavailable_reason
 
-# (in_features, out_features) of the layers that dominate each model.
-SHAPES = {"B32-mlp": (768, 3072), "B32-in_proj": (768, 2304), "L14-mlp": (1024, 4096)}
+# (in_features, out_features, tokens per image) of the layers that dominate each model.
+SHAPES = {"B32-mlp": (768, 3072, 50), "B32-in_proj": (768, 2304, 50), "B16-mlp": (768, 3072, 197),
+          "L14-mlp": (1024, 4096, 257)}
 TASKS = (1, 8, 21)
-CPU_TOKENS = 64
-GPU_TOKENS = 6400  # 128 images × 50 tokens of ViT-B/32
+CPU_IMAGES = 1
+GPU_IMAGES = 128
 
 
 def make_inputs(tokens, k, n, T, device, x_dtype, bank_dtype, seed=0):
@@ -81,12 +82,13 @@ def _providers(device):
     return ("frozen", "naive") + backends
 
 
-def _run(benchmark, provider, shape, T, device, tokens, x_dtype, bank_dtype):
+def _run(benchmark, provider, shape, T, device, images, x_dtype, bank_dtype):
     if provider not in ("frozen", "naive"):
         reason = unavailable_reason(provider, torch.device(device))
         if reason is not None:
             pytest.skip(reason)
-    k, n = SHAPES[shape]
+    k, n, per_image = SHAPES[shape]
+    tokens = images * per_image
     a = make_inputs(tokens, k, n, T, device, x_dtype, bank_dtype)
     benchmark.extra_info.update(tokens=tokens, in_features=k, out_features=n, tasks=T,
                                 bank_mb=a["tau_w"].numel() * a["tau_w"].element_size() / 2**20)
@@ -98,7 +100,7 @@ def _run(benchmark, provider, shape, T, device, tokens, x_dtype, bank_dtype):
 @pytest.mark.parametrize("provider", _providers("cpu"))
 def test_atlas_linear_cpu(benchmark, provider, shape, T):
     benchmark.group = f"cpu {shape} T={T}"
-    _run(benchmark, provider, shape, T, "cpu", CPU_TOKENS, torch.float32, torch.float32)
+    _run(benchmark, provider, shape, T, "cpu", CPU_IMAGES, torch.float32, torch.float32)
 
 
 @pytest.mark.gpu
@@ -107,7 +109,7 @@ def test_atlas_linear_cpu(benchmark, provider, shape, T):
 @pytest.mark.parametrize("provider", _providers("cuda"))
 def test_atlas_linear_gpu(benchmark, provider, shape, T):
     benchmark.group = f"gpu {shape} T={T}"
-    _run(benchmark, provider, shape, T, "cuda", GPU_TOKENS, torch.bfloat16, torch.bfloat16)
+    _run(benchmark, provider, shape, T, "cuda", GPU_IMAGES, torch.bfloat16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- roofline on a GPU
@@ -147,7 +149,7 @@ def fused_floors(M, K, N, T, x_bytes, w_bytes, tau_bytes):
     return flops, nbytes
 
 
-def roofline(M=GPU_TOKENS, K=768, N=3072, T=21):
+def roofline(M=GPU_IMAGES * 50, K=768, N=3072, T=21):
     flops_ceiling, bytes_ceiling = measured_ceilings()
     flops, nbytes = fused_floors(M, K, N, T, 2, 4, 2)
     floor_s = max(flops / flops_ceiling, nbytes / bytes_ceiling)
