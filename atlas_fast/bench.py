@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from .backends import BACKENDS as BACKEND_NAMES
+
 BASELINES = ("naive", "finetune")
-BACKEND_NAMES = ("torch", "triton", "cuda")
 VARIANTS = BASELINES + BACKEND_NAMES
 BANK_DTYPES = ("fp32", "bf16", "fp16")
 SWEEP_PARAMS = ("tasks", "batch")
@@ -145,6 +146,8 @@ class Runner:
 
         self.s, self.variant = s, variant
         self.device = torch.device(s.device)
+        if self.device.type == "cuda":  # CUDA events and memory statistics follow the current device
+            torch.cuda.set_device(self.device)
         model, size, dim = _load_model(s)
         model.to(self.device)
         gen = torch.Generator().manual_seed(s.seed + 1)  # the data: the same batches for every variant
@@ -248,15 +251,19 @@ def _check(s: Settings, tick):
         reason = unavailable_reason(name, torch.device(s.device))
         if reason is not None:
             report[name] = {"status": "unavailable", "note": reason}
-        else:
-            runner = Runner(s, name, bank)
-            out, grad = runner.output_and_grad()
-            del runner
-            gc.collect()
-            e_out, e_grad = _rel_err(out, ref_out), _rel_err(grad, ref_grad)
-            ok = e_out <= tol_out and e_grad <= tol_grad
-            report[name] = {"status": "ok" if ok else "mismatch", "rel_err_out": e_out, "rel_err_grad": e_grad,
-                            "note": "" if ok else f"beyond tolerance ({tol_out:g} out, {tol_grad:g} grad)"}
+            tick()
+            continue
+        try:
+            out, grad = Runner(s, name, bank).output_and_grad()
+        except Exception as e:  # one failing backend must not hide the others
+            report[name] = {"status": "error", "note": f"{type(e).__name__}: {e}"}
+            tick()
+            continue
+        gc.collect()
+        e_out, e_grad = _rel_err(out, ref_out), _rel_err(grad, ref_grad)
+        ok = e_out <= tol_out and e_grad <= tol_grad
+        report[name] = {"status": "ok" if ok else "mismatch", "rel_err_out": e_out, "rel_err_grad": e_grad,
+                        "note": "" if ok else f"beyond tolerance ({tol_out:g} out, {tol_grad:g} grad)"}
         tick()
     return report
 

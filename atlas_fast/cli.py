@@ -18,7 +18,8 @@ def _add_bench(sub):
     p.add_argument("--model", help="open_clip architecture name (default ViT-B-32), or a model config .json")
     p.add_argument("--tasks", type=int, help="number of task vectors T (default 8)")
     p.add_argument("--batch", type=int, help="images per step (default 8)")
-    p.add_argument("--bank-dtype", choices=bench.BANK_DTYPES, help="storage dtype of the task vectors")
+    p.add_argument("--bank-dtype", choices=bench.BANK_DTYPES,
+                   help="storage dtype of the task vectors (default fp32 on a CPU, bf16 on a GPU)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--backends", type=_comma_list,
