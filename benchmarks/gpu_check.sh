@@ -4,7 +4,7 @@
 # ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast. Every part runs under `timeout`, so the script always
 # finishes; a part that fails or times out is logged and the next one still runs.
 #
-#   bash benchmarks/gpu_check.sh            from the repository root; results under $OUT (default ./bench_out/gpu_check)
+#   bash benchmarks/gpu_check.sh     results under $OUT (an absolute path; default: bench_out/gpu_check)
 #
 # $OUT receives 8 files: env.log build.log tests.log layer.log layer.json bench.log bench/results.json
 # bench/bench.png. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
@@ -14,7 +14,8 @@ OUT=${OUT:-$PWD/bench_out/gpu_check}
 mkdir -p "$OUT/bench"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 # The package runs from the source tree: an editable install would compile the CUDA extension through setup.py.
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -32,18 +33,24 @@ part() {  # part NAME SECONDS LOG COMMAND...: runs COMMAND under a time limit, a
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    python3 -c "import sys; print('python', sys.version.split()[0])"
-    for mod in torch triton open_clip torchvision timm ftfy regex huggingface_hub tqdm matplotlib numpy safetensors ninja; do
-        python3 -c "import $mod; print('$mod', getattr($mod, '__version__', 'present'))" 2>&1 | tail -1
-    done
-    python3 -c "import torch; print('cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    timeout 60 python3 -c "
+import importlib, sys
+print('python', sys.version.split()[0])
+for name in ('torch triton open_clip torchvision timm ftfy regex huggingface_hub tqdm matplotlib numpy '
+             'safetensors pytest ninja').split():
+    try:
+        print(name, getattr(importlib.import_module(name), '__version__', 'present'))
+    except Exception as e:
+        print(name, 'NOT IMPORTABLE:', type(e).__name__, e)
+import torch
+print('torch cuda', torch.version.cuda, torch.cuda.get_device_name())"
     command -v nvcc && nvcc --version | tail -1
 } >"$OUT/env.log" 2>&1
 
 # Build the CUDA extension once, so no later process compiles it; on failure the cuda backend is left out and the
 # build lock of an interrupted build is removed, so no later process waits on it.
 BACKENDS=naive,finetune,torch,triton,cuda
-if ! part "cuda extension build" 120 "$OUT/build.log" python3 -c "
+if ! part "cuda extension build" 100 "$OUT/build.log" python3 -c "
 import sys, torch
 from atlas_fast.backends import get_backend
 reason = get_backend('cuda').unavailable_reason(torch.device('cuda'))
@@ -54,11 +61,11 @@ sys.exit(0 if reason is None else 1)"; then
     [ -n "$lockdir" ] && rm -f "$lockdir/lock"
 fi
 
-part "gpu tests" 90 "$OUT/tests.log" python3 -m pytest -m gpu -q -p no:cacheprovider tests
+part "gpu tests" 75 "$OUT/tests.log" python3 -m pytest -m gpu -q -p no:cacheprovider tests
 
-part "atlas_linear roofline" 60 "$OUT/layer.log" python3 benchmarks/bench_atlas_linear.py --json "$OUT/layer.json"
+part "atlas_linear roofline" 50 "$OUT/layer.log" python3 benchmarks/bench_atlas_linear.py --json "$OUT/layer.json"
 
-part "atlas-fast bench" 170 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
+part "atlas-fast bench" 210 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
     --bank-dtype bf16 --batch 128 --amp --backends "$BACKENDS" --warmup 2 --steps 10 --out "$OUT/bench"
 
 echo "gpu_check: done in $SECONDS s; results in $OUT"
