@@ -215,14 +215,17 @@ class TaskVectors:
 def synthetic_task_vectors(model, num_tasks, rel_scale=1e-2, dtype=torch.float32, seed=0):
     """Random task vectors for every floating parameter of `model`, of magnitude rel_scale × the
     parameter's RMS (at least rel_scale × 1e-2 for all-zero parameters): a realistic stand-in for benchmarks
-    and tests, where fine-tuned checkpoints are not at hand."""
-    gen = torch.Generator().manual_seed(seed)
+    and tests, where fine-tuned checkpoints are not at hand. Drawn on the parameters' device (the numbers
+    depend on the device's generator)."""
+    generators = {}
     vectors = {}
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             continue
+        if p.device not in generators:
+            generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
         rms = p.detach().float().pow(2).mean().sqrt().item() if p.numel() else 0.0
         scale = rel_scale * max(rms, 1e-2)
-        v = torch.randn((num_tasks, *p.shape), generator=gen) * scale
-        vectors[name] = v.to(dtype=dtype, device=p.device)
+        v = torch.randn((num_tasks, *p.shape), generator=generators[p.device], device=p.device) * scale
+        vectors[name] = v.to(dtype)
     return TaskVectors(vectors, sources=[f"synthetic[{t}]" for t in range(num_tasks)])
