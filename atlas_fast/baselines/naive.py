@@ -35,7 +35,8 @@ class NaiveAtlas(nn.Module):
             c = self.atlas.block(b)
             K = c.shape[1]
             part = partition_index(p0.numel(), self.atlas.keys[b], K, p0.device).view(p0.shape) if K > 1 else None
-            delta = sum((c[t][part] if K > 1 else c[t, 0]) * tau[t].to(p0.dtype) for t in range(tau.shape[0]))
+            # As the paper's code does: all T scaled task vectors of the block, then their sum.
+            delta = sum([(c[t][part] if K > 1 else c[t, 0]) * tau[t].to(p0.dtype) for t in range(tau.shape[0])])
             merged[name] = p0 + delta
         return merged
 
