@@ -124,7 +124,9 @@ class AtlasModel(nn.Module):
         self.model, self.atlas, self.generic = model, coefs, generic
         self.report, self.sources = report, list(sources)
         object.__setattr__(self, "_swaps", swaps)      # (parent, attr, original module, atlas module)
-        object.__setattr__(self, "_blocks", blocks)    # (name, θ0 parameter, τ) in block order
+        # (name, θ0 parameter, module holding τ, its buffer name) in block order: τ is looked up when used,
+        # so it follows the module through .to().
+        object.__setattr__(self, "_blocks", blocks)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -149,19 +151,14 @@ class AtlasModel(nn.Module):
     @torch.no_grad()
     def merged_parameters(self):
         """{block name: θ0 + Σ c τ} in θ0's dtype, one block at a time (torch backend)."""
-        return {name: merge_block(p0, self._bank(name), self.atlas.block(b), self.atlas.keys[b]).to(p0.dtype)
-                for b, (name, p0, _) in enumerate(self._blocks)}
-
-    def _bank(self, name):
-        return self._blocks[self.block_names.index(name)][2] if isinstance(name, str) else name
+        return {name: merge_block(p0, getattr(holder, tau), self.atlas.block(b), self.atlas.keys[b]).to(p0.dtype)
+                for b, (name, p0, holder, tau) in enumerate(self._blocks)}
 
     @torch.no_grad()
     def merge(self):
         """A plain copy of the original model (same classes, no atlas modules) holding the merged weights."""
-        memo = {}
-        for b, (name, p0, tau) in enumerate(self._blocks):
-            merged = merge_block(p0, tau, self.atlas.block(b), self.atlas.keys[b]).to(p0.dtype)
-            memo[id(p0)] = nn.Parameter(merged)
+        merged = self.merged_parameters()
+        memo = {id(p0): nn.Parameter(merged[name]) for name, p0, _, _ in self._blocks}
         self.generic.uninstall()
         for parent, attr, original, _ in self._swaps:
             setattr(parent, attr, original)
@@ -287,5 +284,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     report = CompositionReport(composed=names, fused=fused, generic=[e[0] for e in generic_entries],
                                missing_from_bank=missing, unused_bank_entries=unknown,
                                buffers_not_composed=[n for n in extra if n in buffers])
-    blocks = [(n, params[n], task_vectors[n]) for n in names]
+    holders = {name: (new, f"tau_{attr}") for _, _, _, new in swaps for attr, (_, name) in new.blocks.items()}
+    holders.update({e[0]: (generic, f"tau_{i}") for i, e in enumerate(generic_entries)})
+    blocks = [(n, params[n], *holders[n]) for n in names]
     return AtlasModel(model, coefs, generic, swaps, blocks, report, task_vectors.sources)

@@ -125,3 +125,14 @@ def test_torch_compile_fullgraph():
     out = compiled(x)
     assert_rel(out.detach(), eager.detach(), 1e-6)
     assert_rel(torch.autograd.grad(out.sum(), atlas.coefficients)[0], grad, 1e-6)
+
+
+def test_merge_after_to():
+    """After .to(), merge() gives a plain copy in the new dtype with the composed model's outputs."""
+    atlas, _ = _composed(nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)))
+    atlas.to(torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    plain = atlas.merge()
+    assert plain.inner[0].weight.dtype == torch.float64
+    with torch.no_grad():
+        assert_rel(plain(x), atlas(x), 1e-12)
