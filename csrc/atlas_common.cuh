@@ -1,5 +1,5 @@
-// Device helpers shared by the atlas kernels: element conversion, the partition hash, and a deterministic
-// block-wide sum.
+// Device helpers shared by the atlas kernels: element conversion, the partition hash, and deterministic
+// block-wide sums.
 #pragma once
 
 #include <cstdint>
@@ -49,6 +49,20 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
         for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
     __syncthreads();
     return total;
+}
+
+// out[p] = Σ_j [part[j] == p] prod[j] over the thread block, for p < P, written by thread 0 (part[j] < 0: no
+// element). Reproducible as block_sum is.
+template <int THREADS, int PER>
+__device__ __forceinline__ void store_partition_sums(const float (&prod)[PER], const int (&part)[PER], int64_t P,
+                                                     float* scratch, float* out) {
+    for (int64_t p = 0; p < P; ++p) {
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) s += part[j] == p ? prod[j] : 0.f;
+        s = block_sum<THREADS>(s, scratch);
+        if (threadIdx.x == 0) out[p] = s;
+    }
 }
 
 // Calls f(a, b) with default-constructed values of the C++ types of two runtime dtypes.

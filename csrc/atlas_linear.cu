@@ -238,13 +238,7 @@ grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int6
             const int64_t i = (n0 + e / BN) * Kin + kk0 + e % BN;
             prod[j] = part[j] >= 0 ? g[j] * to_float(tau[t * NK + i]) : 0.f;
         }
-        for (int64_t p = 0; p < P; ++p) {
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < PER; ++j) s += part[j] == p ? prod[j] : 0.f;
-            s = block_sum<THREADS>(s, scratch);
-            if (threadIdx.x == 0) partial[(slot * T + t) * P + p] = s;
-        }
+        store_partition_sums<THREADS, PER>(prod, part, P, scratch, partial + (slot * T + t) * P);
     }
 }
 

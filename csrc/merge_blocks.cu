@@ -79,13 +79,7 @@ reduce_kernel(const int64_t* __restrict__ table, int64_t B, int64_t T, int64_t K
             const int64_t i = begin + threadIdx.x + j * THREADS;
             prod[j] = part[j] >= 0 ? gv[j] * to_float(tau[t * numel + i]) : 0.f;
         }
-        for (int64_t p = 0; p < K; ++p) {
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < PER; ++j) s += part[j] == p ? prod[j] : 0.f;
-            s = block_sum<THREADS>(s, scratch);
-            if (threadIdx.x == 0) partial[(chunk * T + t) * K + p] = s;
-        }
+        store_partition_sums<THREADS, PER>(prod, part, K, scratch, partial + (chunk * T + t) * K);
     }
 }
 
