@@ -27,3 +27,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_triton_tile_config():
+    """On a GPU the tests check correctness, not tuning: each Triton kernel runs one tile configuration
+    (a single-stage one where there is one, which fits any bank) instead of autotuning every odd shape."""
+    if not _cuda:
+        yield
+        return
+    from atlas_fast.kernels import atlas_linear as kernels
+    tuners = (kernels._fwd, kernels._dx, kernels._dc)
+    saved = [t.configs for t in tuners]
+    for t in tuners:
+        t.configs = [c for c in t.configs if c.num_stages == 1][:1] or t.configs[:1]
+    yield
+    for t, configs in zip(tuners, saved):
+        t.configs = configs
