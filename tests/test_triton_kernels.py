@@ -60,32 +60,27 @@ def _run_launchers(case, dy, deterministic=True, keys=KEYS):
     return y, dx, dc
 
 
+def _check_launchers(case, dy, deterministic):
+    y, dx, dc = _run_launchers(case, dy, deterministic)
+    y_ref, dx_ref, dc_ref = _reference(case, dy)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(dx, dx_ref, tol_grad, "dx")
+    assert_rel(dc, dc_ref, tol_grad, "dc")
+
+
 @pytest.mark.parametrize("T", [1, 3, 5])
 @pytest.mark.parametrize("P", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_launchers_odd_shapes(T, P, bias, deterministic):
-    case = _case(37, 70, 45, T, P, bias)
-    dy = torch.randn(37, 45, device=DEVICE)
-    y, dx, dc = _run_launchers(case, dy, deterministic)
-    y_ref, dx_ref, dc_ref = _reference(case, dy)
-    tol_out, tol_grad = TOL[torch.float32]
-    assert_rel(y, y_ref, tol_out)
-    assert_rel(dx, dx_ref, tol_grad, "dx")
-    assert_rel(dc, dc_ref, tol_grad, "dc")
+    _check_launchers(_case(37, 70, 45, T, P, bias), torch.randn(37, 45, device=DEVICE), deterministic)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_launchers_many_tiles(deterministic):
     """Several tiles along every dimension, whatever the tile configuration (the interpreter's is 64 wide)."""
-    case = _case(150, 201, 140, 2, 3, True)
-    dy = torch.randn(150, 140, device=DEVICE)
-    y, dx, dc = _run_launchers(case, dy, deterministic)
-    y_ref, dx_ref, dc_ref = _reference(case, dy)
-    tol_out, tol_grad = TOL[torch.float32]
-    assert_rel(y, y_ref, tol_out)
-    assert_rel(dx, dx_ref, tol_grad, "dx")
-    assert_rel(dc, dc_ref, tol_grad, "dc")
+    _check_launchers(_case(150, 201, 140, 2, 3, True), torch.randn(150, 140, device=DEVICE), deterministic)
 
 
 @pytest.mark.parametrize("key", [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, KEYS[0]])
