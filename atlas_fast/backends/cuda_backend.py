@@ -3,7 +3,7 @@
 Linear blocks run fused kernels (csrc/atlas_linear.cu): the forward and the input gradient build the merged
 weight tile by tile in shared memory, the coefficient gradient reduces each dyᵀx tile against every τ_t
 before it is written; neither the merged weight nor the weight gradient exists in memory. A conv2d with
-groups=1 runs the same kernels on its im2col view (as the triton backend does: a patchify conv is a reshape).
+groups=1 runs the same kernels on its im2col view (im2col.Im2colConv, as the triton backend does).
 Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
 (csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
 backend='torch').
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .base import Backend
-from .im2col import out_size, patches, rows, unpatch
+from .im2col import Im2colConv
 
 _ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
 _EXTENSION = "atlas_fast_cuda"
@@ -157,7 +157,7 @@ def _or_none(t, present):
     return t if present else None
 
 
-class CudaBackend(Backend):
+class CudaBackend(Im2colConv, Backend):
     name = "cuda"
 
     def unavailable_reason(self, device):
@@ -179,29 +179,6 @@ class CudaBackend(Backend):
         dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, tau_w, tau_b, coef_w,
                                                                        key_w, key_b, needs_input_grad)
         return _or_none(dx, needs_input_grad), dcw, _or_none(dcb, tau_b is not None)
-
-    def atlas_conv2d(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
-        if conv[3] != 1:
-            return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
-        _check_dtypes(coef_w, x, weight, tau_w)
-        N = weight.shape[0]
-        Ho, Wo = out_size(conv, weight, x)
-        y = torch.ops.atlas_fast.atlas_linear_cuda_forward(
-            patches(x, weight, conv), weight.reshape(N, -1), bias, tau_w.reshape(*tau_w.shape[:2], -1), tau_b,
-            coef_w, coef_b, key_w, key_b)
-        return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
-
-    def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
-        if conv[3] != 1:
-            return super().atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
-                                                 needs_input_grad)
-        _check_dtypes(coef_w, x, weight, tau_w)
-        N = weight.shape[0]
-        dcols, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(
-            rows(grad_out), patches(x, weight, conv), weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1),
-            tau_b, coef_w, key_w, key_b, needs_input_grad)
-        dx = unpatch(dcols, x, weight, conv) if needs_input_grad else None
-        return dx, dcw, _or_none(dcb, tau_b is not None)
 
     def merge_blocks(self, theta0, tau, coef, keys):
         _check_dtypes(coef, *theta0, *tau)

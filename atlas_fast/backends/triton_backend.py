@@ -1,12 +1,8 @@
 """The triton backend: the fused kernels of kernels/atlas_linear.py behind the op contract.
 
 Linear blocks run the three kernels directly (forward, dx, dc): neither the merged weight nor the weight
-gradient dyᵀx exists in memory. A conv2d with groups=1 runs the same kernels on its im2col view: the
-weight (N, C, kh, kw) read as (N, C·kh·kw) keeps every element's flat index, so the partition hash is
-unchanged. A patchify conv (stride = kernel, no padding or dilation, as in a ViT's patch embedding) reads
-x as patches through one permuted copy of x's size; any other conv unfolds x (kh·kw / stride² times its
-size, like any im2col). Grouped convs,
-merge_blocks and float64 (gradcheck) inputs are the torch backend's.
+gradient dyᵀx exists in memory. A conv2d with groups=1 runs the same kernels on its im2col view
+(im2col.Im2colConv). Grouped convs and merge_blocks are the torch backend's; float64 (gradcheck) is refused.
 
 Coefficient gradients are deterministic by default; `set_deterministic(False)` switches to atomics.
 """
@@ -15,7 +11,7 @@ import os
 import torch
 
 from .base import Backend
-from .im2col import out_size, patches, rows, unpatch
+from .im2col import Im2colConv
 from .torch_backend import reduce_block
 
 _deterministic = True
@@ -57,7 +53,7 @@ def _bias_grad(tau_b, grad_sum, key_b, partitions):
     return reduce_block(tau_b, grad_sum, key_b, partitions) if tau_b is not None else None
 
 
-class TritonBackend(Backend):
+class TritonBackend(Im2colConv, Backend):
     name = "triton"
 
     def unavailable_reason(self, device):
@@ -89,32 +85,6 @@ class TritonBackend(Backend):
         grad_x = kernels.grad_input(gy, weight, tau_w, coef_w, key_w).view(x.shape) if needs_input_grad else None
         grad_cw = kernels.grad_coef(gy, x2, tau_w, P, key_w, deterministic=_deterministic)
         grad_cb = _bias_grad(tau_b, gy.sum(0, dtype=torch.float32), key_b, P)
-        return grad_x, grad_cw, grad_cb
-
-    def atlas_conv2d(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
-        if conv[3] != 1:
-            return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
-        _check_dtypes(x, coef_w)
-        N = weight.shape[0]
-        Ho, Wo = out_size(conv, weight, x)
-        y = _kernels().forward(patches(x, weight, conv), weight.reshape(N, -1), bias,
-                               tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
-        return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
-
-    def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
-        if conv[3] != 1:
-            return super().atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
-                                                 needs_input_grad)
-        _check_dtypes(x, coef_w)
-        kernels = _kernels()
-        N, P = weight.shape[0], coef_w.shape[1]
-        w2, tau2 = weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1)
-        gy = rows(grad_out)
-        grad_x = None
-        if needs_input_grad:
-            grad_x = unpatch(kernels.grad_input(gy, w2, tau2, coef_w, key_w), x, weight, conv)
-        grad_cw = kernels.grad_coef(gy, patches(x, weight, conv), tau2, P, key_w, deterministic=_deterministic)
-        grad_cb = _bias_grad(tau_b, grad_out.sum((0, 2, 3), dtype=torch.float32), key_b, P)
         return grad_x, grad_cw, grad_cb
 
 
