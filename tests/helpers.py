@@ -31,3 +31,66 @@ def random_bank(shape, T, dtype=torch.float32, scale=1e-2, device="cpu"):
 def random_coef(T, K, device="cpu"):
     """Non-zero coefficients in the range aTLAS learns (about ±1)."""
     return (torch.rand(T, K, device=device) * 1.6 - 0.8).requires_grad_()
+
+
+# ---------------------------------------------------------------- model-level float64 reference
+
+def composed_block_names(model, bank):
+    """The blocks compose() is specified to create: the model's parameters the bank covers, in
+    named_parameters() order (block b is the b-th of them)."""
+    return [n for n, _ in model.named_parameters() if n in bank]
+
+
+def block_coefficients(coef, b, granularity="block", partitions=1):
+    """The (T, K) coefficients of block b in compose()'s layout: (T,) task, (T, B) block, (T, B, K) partitions."""
+    if granularity == "task":
+        return coef.reshape(-1, 1)
+    return coef[:, b:b + 1] if partitions == 1 else coef[:, b]
+
+
+def merged_reference(model, bank, coef, granularity="block", partitions=1, seed=0):
+    """{name: θ0 + Σ_t c τ_t} in float64 for every composed parameter of `model` (a plain, uncomposed model),
+    built block by block from reference.merge_ref with block b's key block_key(seed, b)."""
+    from atlas_fast.hashing import block_key
+    from atlas_fast.reference import merge_ref
+    params = dict(model.named_parameters())
+    return {n: merge_ref(params[n].detach(), bank[n], block_coefficients(coef, b, granularity, partitions),
+                         block_key(seed, b))
+            for b, n in enumerate(composed_block_names(model, bank))}
+
+
+def _double(v):
+    return v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def reference_call(model, merged, *args, **kwargs):
+    """Runs a float64 copy of the plain `model` on the float64 parameters `merged` (others at θ0) with
+    torch.func.functional_call; floating tensor arguments are upcast to float64."""
+    import copy
+    from torch.func import functional_call
+    model64 = copy.deepcopy(model).double()
+    return functional_call(model64, merged, tuple(_double(a) for a in args),
+                           {k: _double(v) for k, v in kwargs.items()})
+
+
+def reference_outputs_and_grad(model, bank, coef, args, kwargs=None, grad_out=None, granularity="block",
+                               partitions=1, seed=0):
+    """The float64 reference of a composed model: (outputs, dL/dc) with L = Σ grad_out · first output, the
+    coefficient gradient by autograd through merge_ref. coef: the composed model's coefficients."""
+    c64 = coef.detach().double().requires_grad_()
+    merged = merged_reference(model, bank, c64, granularity, partitions, seed)
+    out = reference_call(model, merged, *args, **(kwargs or {}))
+    first = out[0] if isinstance(out, tuple) else out
+    grad = torch.autograd.grad(first, c64, grad_out.double())[0] if grad_out is not None else None
+    return out, grad
+
+
+def assert_coef_grad(grad, ref, names, tol, granularity="block", partitions=1):
+    """The whole coefficient gradient, then block by block (so a wrong gradient of one small block, a bias
+    say, cannot hide in the norm of the whole tensor)."""
+    assert_rel(grad, ref, tol, "coefficient gradient")
+    if granularity == "task":
+        return
+    for b, name in enumerate(names):
+        assert_rel(block_coefficients(grad, b, granularity, partitions),
+                   block_coefficients(ref, b, granularity, partitions), tol, f"coefficient gradient of {name}")
