@@ -1,8 +1,10 @@
-"""Triton kernels of atlas_linear: y = x (W0 + Σ_t c_t τ_t)ᵀ + (b0 + Σ_t c'_t τ'_t) without a merged weight.
+"""Triton kernels of atlas_linear: y = x (W0 + Σ_t c_t τ_t)ᵀ + (b0 + Σ_t c'_t τ'_t) without a merged weight,
+and the merge kernel of the merge-once strategy for large M.
 
 The plain-PyTorch reference of the same op is `atlas_fast.backends.torch_backend` (and the float64 oracle
 `atlas_fast.reference.linear_ref`). This file reads top to bottom: shared `@triton.jit` helpers (partition
-hash, merged tile) → the forward, input-gradient and coefficient-gradient kernels → their launchers.
+hash, merged tile) → the forward, input-gradient and coefficient-gradient kernels → the merge kernel →
+tile configurations → their launchers.
 
 Shapes: x (M, K) · W0 (N, K) · τ (T, N, K) · c (T, P) float32 · b0 (N,) · τ' (T, N) · c' (T, P).
 W0, τ, b0, τ' are row-major contiguous, so element (n, k) of the weight has the flat index n·K + k that the
@@ -227,6 +229,27 @@ def atlas_linear_dc_kernel(
         tau_ptr += N * K
 
 
+# Merge once, for large M (atlas_fast/backends/plan.py decides per call): the fused kernels above rebuild
+# every merged tile once per M tile, ⌈M / BLOCK_M⌉ · T · N·K multiply-adds and as many τ re-reads from L2.
+# This kernel builds W(c) = θ0 + Σ_t c[t, k(i)] τ_t once, into a transient buffer in the activation dtype,
+# for a stock GEMM (y = x W(c)ᵀ, and dx = dy W(c) in the backward). Its gradient with respect to c is the
+# dc reduction above (dc[t, p] = Σ_{i : k(i) = p} τ_t[i] G[i]): the same kernel serves both strategies.
+@triton.jit(do_not_specialize=["key"])
+def atlas_linear_merge_kernel(
+    theta_ptr,   # θ0 of the block, contiguous, numel elements, float32/bf16/fp16
+    tau_ptr,     # τ (T, numel) contiguous, float32/bf16/fp16
+    coef_ptr,    # c (T, P) float32 contiguous
+    out_ptr,     # W(c), numel elements contiguous, in the activation dtype
+    numel,
+    key,         # block key as the int32 bit pattern of the uint32 key
+    T: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = flat < numel
+    merged = _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, numel, T, P)
+    tl.store(out_ptr + flat, merged.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------- tile configurations
 
 # Forward and dx tiles for Hopper (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 64-128 wide, 4-8 warps.
@@ -287,6 +310,11 @@ if INTERPRET:
 else:
     _GEMM_CONFIGS = _gemm_configs(HOPPER_GEMM_TILES)
     _DC_CONFIGS = _dc_configs(HOPPER_DC_TILES)
+
+# The merge streams θ0 and the bank once and does T multiply-adds per element: a memory-bound elementwise
+# kernel, one configuration. Each program handles MERGE_BLOCK elements (16 per thread with 4 warps on a GPU);
+# the interpreter's cost is per program, so it takes wide blocks.
+MERGE_BLOCK, MERGE_WARPS = (8192, 4) if INTERPRET else (2048, 4)
 
 # T is part of every key: it sets the bytes read per K step. The dc kernel resets its output before each
 # timing run so that atomic mode measures (and leaves) a clean sum.
@@ -409,3 +437,21 @@ def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=N
     if deterministic:
         torch.sum(target, dim=0, out=dc)
     return dc
+
+
+def merge(theta0, tau, coef, key=0, dtype=None, out=None):
+    """W(c) = θ0 + Σ_t c[t, k(i)] τ_t[i] for a block of any shape, merged in float32 and stored in `dtype`
+    (default θ0's); `out` an optional preallocated result. The merge-once strategy's transient weight."""
+    _check_bank("merge", theta0, tau, coef)
+    dtype = theta0.dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"merge: the merged block must be float32, bfloat16 or float16, got {dtype}")
+    merged = _check_out(out, theta0.shape, dtype, theta0.device)
+    numel = theta0.numel()
+    if numel == 0:
+        return merged
+    T, P = coef.shape
+    atlas_linear_merge_kernel[(triton.cdiv(numel, MERGE_BLOCK),)](
+        theta0.contiguous(), tau.contiguous(), coef.contiguous(), merged, numel, _key32(key), T=T, P=P,
+        BLOCK=MERGE_BLOCK, num_warps=MERGE_WARPS)
+    return merged

@@ -251,6 +251,16 @@ def _plan(M, N, K, T, P, act, bank, theta, spec, block_m, block_n, tf32, strateg
                 strategy is not None)
 
 
+def for_linear(M, weight, tau_w, coef_w, act_dtype, block_m):
+    """The plan of a backend's call: shapes and dtypes from its tensors, rates from their device, tf32 as
+    torch allows it for matmuls."""
+    import torch
+    N, K = weight.shape
+    T, P = coef_w.shape
+    return plan(M, N, K, T, P, act_dtype, tau_w.dtype, weight.dtype, device_spec(weight.device), block_m=block_m,
+                tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
 class KeptWeights:
     """Merged weights a forward keeps for its backward, up to `keep_budget()` bytes in all.
 

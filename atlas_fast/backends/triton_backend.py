@@ -1,7 +1,10 @@
 """The triton backend: the fused kernels of kernels/atlas_linear.py behind the op contract.
 
 Linear blocks run the three kernels directly (forward, dx, dc): neither the merged weight nor the weight
-gradient dyᵀx exists in memory. A conv2d with groups=1 runs the same kernels on its im2col view
+gradient dyᵀx exists in memory. For many rows the cost model of plan.py picks merge-once instead: the merge
+kernel writes W(c) into a transient buffer in the activation dtype and torch.matmul runs the product (the
+backward merges again for dx, or takes the forward's buffer when plan.set_keep_budget allows); dc stays the
+fused reduction at any M. A conv2d with groups=1 runs the same kernels on its im2col view
 (im2col.Im2colConv). Grouped convs and merge_blocks are the torch backend's; float64 (gradcheck) is refused.
 
 Coefficient gradients are deterministic by default; `set_deterministic(False)` switches to atomics.
@@ -9,10 +12,15 @@ Coefficient gradients are deterministic by default; `set_deterministic(False)` s
 import os
 
 import torch
+import torch.nn.functional as F
 
+from . import plan
 from .base import Backend
 from .im2col import Im2colConv
 from .torch_backend import reduce_block
+
+# The forward/dx tile height the cost model assumes for the fused kernels (the Hopper configurations' largest).
+BLOCK_M = 128
 
 _deterministic = True
 
@@ -53,8 +61,17 @@ def _bias_grad(tau_b, grad_sum, key_b, partitions):
     return reduce_block(tau_b, grad_sum, key_b, partitions) if tau_b is not None else None
 
 
+def _merged_bias(kernels, bias, tau_b, coef_b, key_b, dtype):
+    if bias is None:
+        return None
+    return kernels.merge(bias, tau_b, coef_b, key_b, dtype) if tau_b is not None else bias.to(dtype)
+
+
 class TritonBackend(Im2colConv, Backend):
     name = "triton"
+
+    def __init__(self):
+        self.kept = plan.KeptWeights()
 
     def unavailable_reason(self, device):
         try:
@@ -72,8 +89,16 @@ class TritonBackend(Im2colConv, Backend):
 
     def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
         _check_dtypes(x, coef_w)
+        kernels = _kernels()
         x2 = x.reshape(-1, x.shape[-1])
-        y = _kernels().forward(x2, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
+        choice = plan.for_linear(x2.shape[0], weight, tau_w, coef_w, x.dtype, BLOCK_M)
+        if choice.forward == "fused":
+            y = kernels.forward(x2, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
+        else:
+            w = kernels.merge(weight, tau_w, coef_w, key_w, x.dtype)
+            y = F.linear(x2, w, _merged_bias(kernels, bias, tau_b, coef_b, key_b, x.dtype))
+            if choice.dx == "keep":
+                self.kept.put(self.kept.key(weight, tau_w, coef_w, key_w, x.dtype), w)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
@@ -82,7 +107,16 @@ class TritonBackend(Im2colConv, Backend):
         P = coef_w.shape[1]
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        grad_x = kernels.grad_input(gy, weight, tau_w, coef_w, key_w).view(x.shape) if needs_input_grad else None
+        grad_x = None
+        if needs_input_grad:
+            choice = plan.for_linear(gy.shape[0], weight, tau_w, coef_w, gy.dtype, BLOCK_M)
+            if choice.dx == "fused":
+                grad_x = kernels.grad_input(gy, weight, tau_w, coef_w, key_w)
+            else:
+                kept = self.kept.take(self.kept.key(weight, tau_w, coef_w, key_w, gy.dtype))
+                w = kept if kept is not None else kernels.merge(weight, tau_w, coef_w, key_w, gy.dtype)
+                grad_x = torch.matmul(gy, w)
+            grad_x = grad_x.view(x.shape)
         grad_cw = kernels.grad_coef(gy, x2, tau_w, P, key_w, deterministic=_deterministic)
         grad_cb = _bias_grad(tau_b, gy.sum(0, dtype=torch.float32), key_b, P)
         return grad_x, grad_cw, grad_cb
