@@ -8,9 +8,13 @@ Providers, all on the same x, θ0, bank and non-zero coefficients:
     pytest benchmarks/bench_atlas_linear.py            CPU: the tokens of one image, fp32, torch backend
     pytest benchmarks/bench_atlas_linear.py -m gpu     GPU: the tokens of 128 images, bf16 x and bank
     python benchmarks/bench_atlas_linear.py            GPU: the ViT-B/32 MLP layer, T=21, against its FLOP
-                                                       and byte floors from ceilings measured on the machine
+                                                       and byte floors from ceilings measured on the machine;
+                                                       then each fused backend with the strategy forced to
+                                                       fused, to merge-once, and left to the cost model, at
+                                                       M = 6400, 128, 8, 1 rows, with the model's prediction
 """
 import argparse
+import importlib
 import json
 import statistics
 
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas_fast import atlas_linear
+from atlas_fast.backends import plan
 from atlas_fast.bench import unavailable_reason
 
 # (in_features, out_features, tokens per image) of the layers that dominate each model.
@@ -149,8 +154,8 @@ def fused_floors(M, K, N, T, x_bytes, w_bytes, tau_bytes):
     return flops, nbytes
 
 
-def roofline(M=GPU_IMAGES * 50, K=768, N=3072, T=21):
-    flops_ceiling, bytes_ceiling = measured_ceilings()
+def roofline(ceilings, M=GPU_IMAGES * 50, K=768, N=3072, T=21):
+    flops_ceiling, bytes_ceiling = ceilings
     flops, nbytes = fused_floors(M, K, N, T, 2, 4, 2)
     floor_s = max(flops / flops_ceiling, nbytes / bytes_ceiling)
     print(f"ceilings: bf16 matmul {flops_ceiling / 1e12:.0f} TFLOP/s, device copy {bytes_ceiling / 1e9:.0f} GB/s")
@@ -177,13 +182,71 @@ def roofline(M=GPU_IMAGES * 50, K=768, N=3072, T=21):
             "bytes_per_s_ceiling": bytes_ceiling, "floor_s": floor_s, "providers": rows}
 
 
+STRATEGY_ROWS = (6400, 128, 8, 1)
+
+
+def predicted_step(backend, M, K, N, T, ceilings, strategy):
+    """The cost model's forward + dx + dc seconds for this backend's tiles, on the device's table entry with
+    the measured matmul and copy rates in place of the data sheet's."""
+    spec = plan.device_spec(torch.device("cuda"), tensor_core_flops=ceilings[0], dram_bandwidth=ceilings[1])
+    block_m = importlib.import_module(f"atlas_fast.backends.{backend}_backend").BLOCK_M
+    p = plan.plan(M, N, K, T, 1, torch.bfloat16, torch.bfloat16, torch.float32, spec, block_m=block_m,
+                  strategy=strategy, budget=0)
+    return p, p.forward_costs[p.forward].seconds + p.dx_costs[p.dx].seconds + p.dc.seconds
+
+
+def strategies(ceilings, rows=STRATEGY_ROWS, K=768, N=3072, T=21):
+    """Forward + backward of each fused backend under each strategy, against the op's floor
+    max(FLOP time, byte time) and against the cost model's prediction."""
+    flops_ceiling, bytes_ceiling = ceilings
+    print(f"\nstrategies: K={K} N={N} T={T}, bf16 x and bank, fp32 θ0; 'plan' lets the cost model choose")
+    print(f"{'backend':<7} {'M':>5} {'strategy':<10} {'chose':<10} {'fwd+bwd ms':>11} {'spread':>7} {'× floor':>8} "
+          f"{'model ms':>9}")
+    out = []
+    for backend in ("triton", "cuda"):
+        reason = unavailable_reason(backend, torch.device("cuda"))
+        if reason is not None:
+            print(f"{backend:<7} unavailable: {reason}")
+            out.append({"backend": backend, "unavailable": reason})
+            continue
+        for M in rows:
+            flops, nbytes = fused_floors(M, K, N, T, 2, 4, 2)
+            floor_s = max(flops / flops_ceiling, nbytes / bytes_ceiling)
+            a = make_inputs(M, K, N, T, "cuda", torch.bfloat16, torch.bfloat16)
+            for strategy in ("fused", "merge_once", None):
+                previous = plan.set_strategy(strategy)
+                try:
+                    times = cuda_times(step_fn(backend, a))
+                finally:
+                    plan.set_strategy(previous)
+                chosen, model_s = predicted_step(backend, M, K, N, T, ceilings, strategy)
+                med = statistics.median(times)
+                name = strategy or "plan"
+                print(f"{backend:<7} {M:>5} {name:<10} {chosen.forward + '/' + chosen.dx:<10} {med * 1e3:11.3f} "
+                      f"{(max(times) - min(times)) / 2 * 1e3:7.3f} {med / floor_s:8.2f} {model_s * 1e3:9.3f}",
+                      flush=True)
+                out.append({"backend": backend, "M": M, "strategy": name, "forward": chosen.forward, "dx": chosen.dx,
+                            "median_s": med, "times_s": times, "floor_s": floor_s, "vs_floor": med / floor_s,
+                            "model_s": model_s})
+            del a
+            torch.cuda.empty_cache()
+    return {"K": K, "N": N, "T": T, "flops_per_s_ceiling": flops_ceiling, "bytes_per_s_ceiling": bytes_ceiling,
+            "rows": out}
+
+
+def _write(path, result):
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="atlas_linear against its FLOP and byte floors on a GPU")
-    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--json", help="also write the roofline numbers to this file")
+    parser.add_argument("--strategies-json", help="also write the fused / merge-once timings to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the roofline needs a CUDA device")
-    result = roofline()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    ceilings = measured_ceilings()
+    _write(args.json, roofline(ceilings))
+    _write(args.strategies_json, strategies(ceilings))

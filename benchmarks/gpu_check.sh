@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks in one pass, under 8 minutes on an H200: build the CUDA extension, run the gpu-marked tests,
-# time atlas_linear at the ViT-B/32 MLP size against its FLOP and byte floors, and run `atlas-fast bench` at
-# ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast. Every part runs under `timeout`, so the script always
+# time atlas_linear at the ViT-B/32 MLP size against its FLOP and byte floors, then each fused backend with the
+# fused and merge-once strategies and the cost model's choice at M = 6400, 128, 8, 1, and run `atlas-fast bench`
+# at ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast. Every part runs under `timeout`, so the script always
 # finishes; a part that fails or times out is logged and the next one still runs.
 #
 #   bash benchmarks/gpu_check.sh     results under $OUT (an absolute path; default: bench_out/gpu_check)
 #
-# $OUT receives 8 files: env.log build.log tests.log layer.log layer.json bench.log bench/results.json
-# bench/bench.png. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
+# $OUT receives 9 files: env.log build.log tests.log layer.log layer.json strategies.json bench.log
+# bench/results.json bench/bench.png. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench_out/gpu_check}
@@ -33,7 +34,7 @@ part() {  # part NAME SECONDS LOG COMMAND...: runs COMMAND under a time limit, a
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    timeout 60 python3 -c "
+    timeout 20 python3 -c "
 import importlib, sys
 print('python', sys.version.split()[0])
 for name in ('torch triton open_clip torchvision timm ftfy regex huggingface_hub tqdm matplotlib numpy '
@@ -63,9 +64,11 @@ fi
 
 part "gpu tests" 75 "$OUT/tests.log" python3 -m pytest -m gpu -q -p no:cacheprovider tests
 
-part "atlas_linear roofline" 50 "$OUT/layer.log" python3 benchmarks/bench_atlas_linear.py --json "$OUT/layer.json"
+# One process for both layer timings: the Triton kernels compiled for the roofline serve the strategy rows.
+part "atlas_linear roofline and strategies" 85 "$OUT/layer.log" python3 benchmarks/bench_atlas_linear.py \
+    --json "$OUT/layer.json" --strategies-json "$OUT/strategies.json"
 
-part "atlas-fast bench" 210 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
+part "atlas-fast bench" 195 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
     --bank-dtype bf16 --batch 128 --amp --backends "$BACKENDS" --warmup 2 --steps 10 --out "$OUT/bench"
 
 echo "gpu_check: done in $SECONDS s; results in $OUT"

@@ -35,6 +35,16 @@ __device__ __forceinline__ int partition_of(uint32_t i, uint32_t key, int P) {
     return P == 1 ? 0 : static_cast<int>(fmix32(i ^ key) % static_cast<uint32_t>(P));
 }
 
+// θ0[i] + Σ_t coef[t·coef_stride + p] τ_t[i] in fp32, with τ_t at tau + t·numel: the merged element i of
+// partition p. coef_stride is P for one block's (T, P) coefficients, B·K for the (T, B, K) of many blocks.
+template <typename bank_t>
+__device__ __forceinline__ float merged_element(float theta, const bank_t* __restrict__ tau, int64_t numel, int64_t i,
+                                                int64_t T, const float* __restrict__ coef, int64_t coef_stride) {
+    float v = theta;
+    for (int64_t t = 0; t < T; ++t) v = fmaf(coef[t * coef_stride], to_float(tau[t * numel + i]), v);
+    return v;
+}
+
 // Sum of `v` over the thread block, valid in thread 0. Fixed shuffle tree and fixed warp order, so the result
 // is bitwise reproducible. `scratch` holds one float per warp; the trailing barrier lets callers reuse it.
 template <int THREADS>
@@ -65,23 +75,27 @@ __device__ __forceinline__ void store_partition_sums(const float (&prod)[PER], c
     }
 }
 
+// Calls f(v) with a default-constructed value of the C++ type of a runtime dtype.
+template <typename F>
+cudaError_t dispatch1(DType a, F&& f) {
+    switch (a) {
+        case DType::f32: return f(float{});
+        case DType::bf16: return f(__nv_bfloat16{});
+        case DType::f16: return f(__half{});
+    }
+    return cudaErrorInvalidValue;
+}
+
 // Calls f(a, b) with default-constructed values of the C++ types of two runtime dtypes.
 template <typename F>
 cudaError_t dispatch2(DType a, DType b, F&& f) {
-    auto inner = [&](auto ta) -> cudaError_t {
-        switch (b) {
-            case DType::f32: return f(ta, float{});
-            case DType::bf16: return f(ta, __nv_bfloat16{});
-            case DType::f16: return f(ta, __half{});
-        }
-        return cudaErrorInvalidValue;
-    };
-    switch (a) {
-        case DType::f32: return inner(float{});
-        case DType::bf16: return inner(__nv_bfloat16{});
-        case DType::f16: return inner(__half{});
-    }
-    return cudaErrorInvalidValue;
+    return dispatch1(a, [&](auto ta) { return dispatch1(b, [&](auto tb) { return f(ta, tb); }); });
+}
+
+// Calls f(a, b, c) likewise for three runtime dtypes.
+template <typename F>
+cudaError_t dispatch3(DType a, DType b, DType c, F&& f) {
+    return dispatch2(a, b, [&](auto ta, auto tb) { return dispatch1(c, [&](auto tc) { return f(ta, tb, tc); }); });
 }
 
 }  // namespace atlas

@@ -33,6 +33,11 @@ cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M
                              const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, float* workspace,
                              int num_sms, float* dc, cudaStream_t stream);
 
+// W(c) = θ0 + Σ_t coef[t, k(i)] τ_t[i] for one block of `numel` elements (the merge-once strategy of the linear
+// op): θ0 in `value`, τ (T, numel) in `bank`, coef (T, P) fp32, out in `out_dtype` (the activation dtype).
+cudaError_t merge_block(const void* theta0, DType value, const void* tau, DType bank, int64_t numel, int64_t T,
+                        const float* coef, int64_t P, uint32_t key, void* out, DType out_dtype, cudaStream_t stream);
+
 // Multi-tensor blocks. `table` is a device int64 array of B rows of kBlockFields entries:
 //   {θ0 or g pointer, τ pointer, output pointer (unused by the backward), numel, key, first chunk};
 // row B holds only the total chunk count in its "first chunk" field. Chunks of kMergeChunk elements.

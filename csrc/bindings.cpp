@@ -18,16 +18,18 @@ namespace {
 using at::Tensor;
 constexpr int64_t kMaxHashNumel = 0xFFFFFFFFll;  // flat indices must fit the 32-bit partition hash
 
-atlas::DType kernel_dtype(const Tensor& t, const char* what) {
-    switch (t.scalar_type()) {
+atlas::DType kernel_dtype(at::ScalarType type, const char* what) {
+    switch (type) {
         case at::kFloat: return atlas::DType::f32;
         case at::kBFloat16: return atlas::DType::bf16;
         case at::kHalf: return atlas::DType::f16;
         default:
-            TORCH_CHECK(false, what, ": the cuda backend takes float32, bfloat16 or float16, got ", t.scalar_type(),
+            TORCH_CHECK(false, what, ": the cuda backend takes float32, bfloat16 or float16, got ", type,
                         " (float64 runs on backend='torch')");
     }
 }
+
+atlas::DType kernel_dtype(const Tensor& t, const char* what) { return kernel_dtype(t.scalar_type(), what); }
 
 void check_device(const Tensor& t, const char* what, const at::Device& device) {
     TORCH_CHECK(t.is_cuda(), what, " must be a CUDA tensor, got one on ", t.device());
@@ -227,6 +229,34 @@ Tensor merge_blocks_cuda_backward(const std::vector<Tensor>& grads, const std::v
     return dc;
 }
 
+// W(c) = θ0 + Σ_t c[t, k(i)] τ_t[i] of one block (any shape) in `dtype`: the merge-once strategy's transient
+// weight for a stock GEMM. θ0 in any kernel dtype (merged in fp32, rounded once).
+Tensor atlas_linear_cuda_merge(const Tensor& weight, const Tensor& tau_w, const Tensor& coef_w, int64_t key_w,
+                               at::ScalarType dtype) {
+    const at::Device device = weight.device();
+    const c10::cuda::CUDAGuard guard(device);
+    check_device(weight, "weight", device);
+    check_device(tau_w, "tau_w", device);
+    check_device(coef_w, "coef_w", device);
+    const atlas::DType value = kernel_dtype(weight, "weight");
+    const atlas::DType bank = kernel_dtype(tau_w, "tau_w");
+    const atlas::DType out_dtype = kernel_dtype(dtype, "dtype");
+    TORCH_CHECK(weight.numel() <= kMaxHashNumel, "weight has ", weight.numel(),
+                " elements, more than the 32-bit partition hash covers");
+    TORCH_CHECK(coef_w.dim() == 2 && coef_w.scalar_type() == at::kFloat && coef_w.size(1) >= 1,
+                "coef_w must be float32 (T, P), got ", coef_w.scalar_type(), " ", coef_w.sizes());
+    const int64_t T = coef_w.size(0);
+    TORCH_CHECK(tau_w.dim() == weight.dim() + 1 && tau_w.size(0) == T && tau_w.sizes().slice(1) == weight.sizes(),
+                "tau_w must be (T=", T, ", *", weight.sizes(), "), got ", tau_w.sizes());
+    const Tensor w = weight.contiguous(), tau = tau_w.contiguous(), coef = coef_w.contiguous();
+    Tensor out = at::empty(weight.sizes(), weight.options().dtype(dtype));
+    check_launch(atlas::merge_block(w.data_ptr(), value, tau.data_ptr(), bank, w.numel(), T, coef.data_ptr<float>(),
+                                    coef.size(1), block_key(key_w, "key_w"), out.data_ptr(), out_dtype,
+                                    at::cuda::getCurrentCUDAStream()),
+                 "atlas_linear_cuda_merge");
+    return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad_out, const Tensor& x,
                                                               const Tensor& weight, const Tensor& tau_w,
                                                               const std::optional<Tensor>& tau_b,
@@ -281,6 +311,7 @@ TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
           "Tensor coef_w, Tensor? coef_b, int key_w, int key_b) -> Tensor");
     m.def("atlas_linear_cuda_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor tau_w, Tensor? tau_b, "
           "Tensor coef_w, int key_w, int key_b, bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
+    m.def("atlas_linear_cuda_merge(Tensor weight, Tensor tau_w, Tensor coef_w, int key_w, ScalarType dtype) -> Tensor");
     m.def("merge_blocks_cuda(Tensor[] theta0, Tensor[] tau, Tensor coef, int[] keys) -> Tensor[]");
     m.def("merge_blocks_cuda_backward(Tensor[] grads, Tensor[] tau, int[] keys, int partitions) -> Tensor");
 }
@@ -288,6 +319,7 @@ TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
 TORCH_LIBRARY_IMPL(atlas_fast, CUDA, m) {
     m.impl("atlas_linear_cuda_forward", &atlas_linear_cuda_forward);
     m.impl("atlas_linear_cuda_backward", &atlas_linear_cuda_backward);
+    m.impl("atlas_linear_cuda_merge", &atlas_linear_cuda_merge);
     m.impl("merge_blocks_cuda", &merge_blocks_cuda);
     m.impl("merge_blocks_cuda_backward", &merge_blocks_cuda_backward);
 }

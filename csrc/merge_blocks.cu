@@ -6,6 +6,8 @@
 // Every block is cut into chunks of kMergeChunk elements and one thread block handles one chunk, finding its
 // tensor by binary search over the table's first-chunk column. The backward writes one partial sum per
 // (chunk, t, k) and a second kernel adds each tensor's chunks in order, so dc is bitwise reproducible.
+// merge_block is the forward for one block into another dtype: the linear op's merge-once weight, whose
+// coefficient gradient is the fused dc kernel of atlas_linear.cu.
 #include "atlas_common.cuh"
 
 namespace atlas {
@@ -45,9 +47,20 @@ merge_kernel(const int64_t* __restrict__ table, int64_t B, int64_t T, const floa
     const int64_t end = begin + kMergeChunk < numel ? begin + kMergeChunk : numel;
     for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
         const int p = partition_of(static_cast<uint32_t>(i), key, static_cast<int>(K));
-        float v = to_float(theta0[i]);
-        for (int64_t t = 0; t < T; ++t) v = fmaf(coef[(t * B + b) * K + p], to_float(tau[t * numel + i]), v);
-        out[i] = from_float<value_t>(v);
+        out[i] = from_float<value_t>(merged_element(to_float(theta0[i]), tau, numel, i, T, coef + b * K + p, B * K));
+    }
+}
+
+// One block, merged into another dtype (the linear op's merge-once weight): θ0 (numel) in value_t, τ (T, numel)
+// in bank_t, coef (T, P) fp32, out (numel) in out_t. A grid-stride loop, one element per thread and step.
+template <typename value_t, typename bank_t, typename out_t>
+__global__ void __launch_bounds__(THREADS)
+merge_block_kernel(const value_t* __restrict__ theta0, const bank_t* __restrict__ tau, int64_t numel, int64_t T,
+                   const float* __restrict__ coef, int64_t P, uint32_t key, out_t* __restrict__ out) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * THREADS;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x; i < numel; i += stride) {
+        const int p = partition_of(static_cast<uint32_t>(i), key, static_cast<int>(P));
+        out[i] = from_float<out_t>(merged_element(to_float(theta0[i]), tau, numel, i, T, coef + p, P));
     }
 }
 
@@ -103,6 +116,22 @@ cudaError_t merge_blocks(const int64_t* table, int64_t B, int64_t chunks, DType 
     return dispatch2(value, bank, [&](auto v_t, auto b_t) {
         merge_kernel<decltype(v_t), decltype(b_t)><<<static_cast<unsigned>(chunks), THREADS, 0, stream>>>(
             table, B, T, coef, K);
+        return cudaGetLastError();
+    });
+}
+
+cudaError_t merge_block(const void* theta0, DType value, const void* tau, DType bank, int64_t numel, int64_t T,
+                        const float* coef, int64_t P, uint32_t key, void* out, DType out_dtype, cudaStream_t stream) {
+    if (numel == 0) return cudaSuccess;
+    // Enough blocks to cover the block once, capped at a grid the loop strides over.
+    const int64_t blocks = (numel + THREADS - 1) / THREADS < (1 << 20) ? (numel + THREADS - 1) / THREADS : (1 << 20);
+    return dispatch3(value, bank, out_dtype, [&](auto v_t, auto b_t, auto o_t) {
+        using value_t = decltype(v_t);
+        using bank_t = decltype(b_t);
+        using out_t = decltype(o_t);
+        merge_block_kernel<value_t, bank_t, out_t><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+            static_cast<const value_t*>(theta0), static_cast<const bank_t*>(tau), numel, T, coef, P, key,
+            static_cast<out_t*>(out));
         return cudaGetLastError();
     });
 }

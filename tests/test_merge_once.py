@@ -238,7 +238,6 @@ def test_triton_op_and_conv_through_autograd(strategy):
 @pytest.mark.parametrize("bias", [True, False])
 def test_cuda_backend_strategy_matches_reference(strategy, M, K, N, T, P, bank, bias):
     plan.set_strategy(strategy)
-    torch.backends.cuda.matmul.allow_tf32 = False
     case = _case(M, K, N, T, P, bias, bank, device="cuda")
     dy = torch.randn(M, N, device="cuda")
     _poison_cuda_allocator()

@@ -2,14 +2,18 @@
 
 Linear blocks run fused kernels (csrc/atlas_linear.cu): the forward and the input gradient build the merged
 weight tile by tile in shared memory, the coefficient gradient reduces each dyᵀx tile against every τ_t
-before it is written; neither the merged weight nor the weight gradient exists in memory. A conv2d with
+before it is written; neither the merged weight nor the weight gradient exists in memory. For many rows the
+cost model of plan.py picks merge-once instead: atlas_linear_cuda_merge writes W(c) into a transient buffer
+in the activation dtype (the one-block kernel of csrc/merge_blocks.cu) and F.linear runs the product on
+cuBLAS; the backward merges again for dx (or takes the forward's buffer when plan.set_keep_budget allows)
+and keeps the fused dc kernel. A conv2d with
 groups=1 runs the same kernels on its im2col view (im2col.Im2colConv, as the triton backend does).
 Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
 (csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
 backend='torch').
 
 The kernels are registered as torch.ops.atlas_fast.{atlas_linear_cuda_forward, atlas_linear_cuda_backward,
-merge_blocks_cuda, merge_blocks_cuda_backward} by a shared library: the ahead-of-time build atlas_fast._C
+atlas_linear_cuda_merge, merge_blocks_cuda, merge_blocks_cuda_backward} by a shared library: the ahead-of-time build atlas_fast._C
 (`ATLAS_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .`) when installed, otherwise compiled with ninja
 on first use into ~/.cache/atlas_fast/. Importing this module compiles nothing and touches no GPU.
 """
@@ -19,13 +23,17 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from . import plan
 from .base import Backend
 from .im2col import Im2colConv
 
 _ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
 _EXTENSION = "atlas_fast_cuda"
 _load_result = []  # [None] once loaded, [reason] once loading failed: one attempt per process
+# The tile height of the fused forward and dx kernels (BM in csrc/atlas_linear.cu), for the cost model.
+BLOCK_M = 64
 
 
 def source_dir():
@@ -104,6 +112,10 @@ def _register_fakes():
         dcb = coef_w.new_empty(coef_w.shape) if tau_b is not None else empty(coef_w)
         return dx, coef_w.new_empty(coef_w.shape), dcb
 
+    @torch.library.register_fake("atlas_fast::atlas_linear_cuda_merge")
+    def _(weight, tau_w, coef_w, key_w, dtype):
+        return weight.new_empty(weight.shape, dtype=dtype)
+
     @torch.library.register_fake("atlas_fast::merge_blocks_cuda")
     def _(theta0, tau, coef, keys):
         return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in theta0]
@@ -157,8 +169,15 @@ def _or_none(t, present):
     return t if present else None
 
 
+def _merge(theta0, tau, coef, key, dtype):
+    return torch.ops.atlas_fast.atlas_linear_cuda_merge(theta0, tau, coef, key, dtype)
+
+
 class CudaBackend(Im2colConv, Backend):
     name = "cuda"
+
+    def __init__(self):
+        self.kept = plan.KeptWeights()
 
     def unavailable_reason(self, device):
         if device.type != "cuda":
@@ -171,13 +190,30 @@ class CudaBackend(Im2colConv, Backend):
 
     def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
         _check_dtypes(coef_w, x, weight, tau_w)
-        return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w,
-                                                              key_b)
+        choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
+        if choice.forward == "fused":
+            return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b,
+                                                                  key_w, key_b)
+        w = _merge(weight, tau_w, coef_w, key_w, x.dtype)
+        b = None
+        if bias is not None:
+            b = _merge(bias, tau_b, coef_b, key_b, x.dtype) if tau_b is not None else bias.to(x.dtype)
+        y = F.linear(x, w, b)
+        if choice.dx == "keep":
+            self.kept.put(self.kept.key(weight, tau_w, coef_w, key_w, x.dtype), w)
+        return y
 
     def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
         _check_dtypes(coef_w, x, weight, tau_w)
+        choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
+        fused_dx = needs_input_grad and choice.dx == "fused"
         dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, tau_w, tau_b, coef_w,
-                                                                       key_w, key_b, needs_input_grad)
+                                                                       key_w, key_b, fused_dx)
+        if needs_input_grad and not fused_dx:
+            # The dx of the fused kernel has x's dtype and shape; so has this one.
+            kept = self.kept.take(self.kept.key(weight, tau_w, coef_w, key_w, x.dtype))
+            w = kept if kept is not None else _merge(weight, tau_w, coef_w, key_w, x.dtype)
+            dx = torch.matmul(grad_out.to(x.dtype), w)
         return _or_none(dx, needs_input_grad), dcw, _or_none(dcb, tau_b is not None)
 
     def merge_blocks(self, theta0, tau, coef, keys):
