@@ -1,0 +1,20 @@
+"""Learning aTLAS coefficients for real jobs: few-shot and multi-task cross-entropy, test-time entropy
+minimisation, unsupervised FixMatch (UFM) and task negation, with zero-shot or linear-probe heads.
+
+    result = adapt("ViT-B-32", "bank.safetensors", "data/cars", pretrained="zeroshot.pt",
+                   objective="ce", shots=16, epochs=10, out="runs/cars")
+    evaluate("ViT-B-32", "data/cars", pretrained="zeroshot.pt", bank="bank.safetensors",
+             coefficients="runs/cars/coefficients.safetensors")
+    merge("ViT-B-32", "bank.safetensors", "runs/cars/coefficients.safetensors", "cars.pt",
+          pretrained="zeroshot.pt")
+"""
+from .api import AdaptResult, BankMismatchError, adapt, build_bank, compose_from_file, evaluate, load_data, \
+    load_model, merge
+from .data import DataError
+from .heads import Classifier, LinearHead, ZeroShotHead, fit_linear_probe, zero_shot_head
+from .loop import Task, TrainConfig, train
+from .models import ModelSpecError
+
+__all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "compose_from_file",
+           "AdaptResult", "BankMismatchError", "DataError", "ModelSpecError", "Classifier", "LinearHead",
+           "ZeroShotHead", "fit_linear_probe", "zero_shot_head", "Task", "TrainConfig", "train"]

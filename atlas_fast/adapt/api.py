@@ -1,0 +1,381 @@
+"""The aTLAS jobs as Python functions, each the body of one `atlas-fast` subcommand:
+build_bank, adapt, evaluate, merge.
+
+Models are open_clip architectures (name or config .json) with a checkpoint file, or modules passed
+directly: an open_clip CLIP (zero-shot heads from its text tower) or any image encoder (linear-probe
+heads). Data are ImageFolder-layout folders (<root>/<class>/<image>, or <root>/train and <root>/val|test
+holding that layout) or torchvision-style data sets yielding (PIL image, class index).
+"""
+import copy
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch.utils.data import ConcatDataset
+
+from ..compose import compose
+from ..task_vectors import DTYPES, TaskVectors, atomic_write, read_state_dict
+from .checkpoint import torch_save
+from .data import (DataError, ImageFolderData, ViewData, check_classnames, dataset_targets, few_shot_indices,
+                   folder_classnames, split_indices)
+from .heads import (DEFAULT_TEMPLATES, Classifier, LinearHead, ZeroShotHead, fit_linear_probe, read_classnames,
+                    read_templates, zero_shot_head)
+from .loop import Task, TrainConfig, evaluate as evaluate_data, train
+from .models import ModelSpecError, clip_state_without_visual, load_clip
+
+
+class BankMismatchError(ValueError):
+    """A task-vector bank whose blocks do not fit the model."""
+
+
+@dataclass
+class LoadedModel:
+    module: torch.nn.Module           # the whole model (a CLIP, or the encoder itself)
+    encoder: torch.nn.Module          # the image tower that is composed
+    preprocess: object
+    tokenizer: object = None
+    model_id: str = None
+
+    @property
+    def has_text(self):
+        return hasattr(self.module, "encode_text") and self.tokenizer is not None
+
+
+def _device(device):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model(model, pretrained=None, preprocess=None, device=None):
+    """A LoadedModel from an open_clip name / config .json (+ checkpoint), or from a module."""
+    device = _device(device)
+    if isinstance(model, str):
+        torch.manual_seed(0)   # a model without a checkpoint is the same random θ0 in every command
+        clip, pre, tok = load_clip(model, pretrained, device)
+        return LoadedModel(clip, clip.visual, preprocess or pre, tok, f"{model}|{pretrained}")
+    if not isinstance(model, torch.nn.Module):
+        raise ModelSpecError(f"model: expected an open_clip name, a config .json or a module, "
+                             f"got {type(model).__name__}")
+    model = model.to(device).eval()
+    if hasattr(model, "visual") and hasattr(model, "encode_text"):
+        import open_clip
+        size = getattr(model.visual, "image_size", 224)
+        pre = preprocess or open_clip.image_transform(size, is_train=False)
+        return LoadedModel(model, model.visual, pre, _tokenizer_for(model))
+    if preprocess is None:
+        raise ModelSpecError("model: an image encoder without a text tower needs preprocess= (PIL image -> tensor)")
+    return LoadedModel(model, model, preprocess)
+
+
+def _tokenizer_for(clip):
+    import open_clip
+    length = getattr(clip, "context_length", 77)
+    return lambda texts: open_clip.tokenize(texts, context_length=length)
+
+
+def _load_bank(bank, device):
+    if isinstance(bank, TaskVectors):
+        return bank.to(device)
+    return TaskVectors.load(bank, device=str(device))
+
+
+def _compose(loaded, bank, bank_name, **kwargs):
+    try:
+        return compose(loaded.encoder, bank, **kwargs)
+    except ValueError as e:
+        raise BankMismatchError(f"{bank_name}: does not match the model's image tower: {e}") from e
+
+
+def _as_list(x):
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+@dataclass
+class DataSpec:
+    name: str
+    data: object
+    classes: list
+    names: list
+    train: list
+    val: list
+
+
+def load_data(source, classnames=None, val_fraction=0.2, split_seed=0):
+    """A DataSpec: the items, folder classes, class names and a (train, val) split.
+
+    A folder with train/ and val/ (or test/) subfolders uses them; any other folder or data set is split
+    per class, val_fraction of each class to val (seeded by split_seed, so every command sees one split)."""
+    if isinstance(source, (str, os.PathLike)):
+        root = os.fspath(source)
+        name = os.path.basename(os.path.normpath(root))
+        held = [s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))]
+        if os.path.isdir(os.path.join(root, "train")) and held:
+            tr, va = ImageFolderData(os.path.join(root, "train")), ImageFolderData(os.path.join(root, held[0]))
+            if tr.classes != va.classes:
+                raise DataError(f"{root}: train/ and {held[0]}/ hold different class folders")
+            data, classes = ConcatDataset([tr, va]), tr.classes
+            train, val = list(range(len(tr))), list(range(len(tr), len(tr) + len(va)))
+            targets = tr.targets + va.targets
+        else:
+            data = ImageFolderData(root)
+            classes, targets = data.classes, data.targets
+            train, val = split_indices(targets, val_fraction, split_seed)
+    else:
+        data, name = source, type(source).__name__
+        classes = list(getattr(source, "classes", []) or [])
+        targets = dataset_targets(source)
+        if not classes:
+            if classnames is None:
+                raise DataError(f"{name}: the data set has no .classes; pass classnames")
+            classes = [str(c) for c in range(max(targets) + 1)]
+        train, val = split_indices(targets, val_fraction, split_seed)
+    if classnames is None:
+        names = folder_classnames(classes)
+    elif isinstance(classnames, (str, os.PathLike)):
+        names = check_classnames(read_classnames(classnames), classes, os.fspath(classnames))
+    else:
+        names = check_classnames(list(classnames), classes, "classnames")
+    return DataSpec(name, data, classes, names, train, val)
+
+
+def _per_dataset(value, n, what):
+    """One value per data set from a single value or a list (a list of strings is per data set)."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{what}: {len(value)} entries for {n} data sets")
+    return list(value)
+
+
+def _is_name_list(x):
+    return isinstance(x, (list, tuple)) and x and all(isinstance(v, str) for v in x) and \
+        not all(os.path.isfile(v) for v in x)
+
+
+def _heads(loaded, specs, head, templates, cache_dir, labelled, device):
+    if head == "zeroshot":
+        if not loaded.has_text:
+            raise ModelSpecError("head='zeroshot' needs an open_clip model with a text tower; use head='linear'")
+        tpl = DEFAULT_TEMPLATES if templates is None else (
+            read_templates(templates) if isinstance(templates, (str, os.PathLike)) else list(templates))
+        return [zero_shot_head(loaded.module, loaded.tokenizer, s.names, tpl, cache_dir, loaded.model_id)
+                for s in specs]
+    if head == "linear":
+        return [_linear_probe(loaded, s, idx, device) for s, idx in zip(specs, labelled)]
+    raise ValueError(f"head={head!r}: expected 'zeroshot' or 'linear'")
+
+
+@torch.no_grad()
+def _features(encoder, data, indices, preprocess, device, batch_size=256):
+    from .data import eval_loader
+    feats, labels = [], []
+    for x, y, _ in eval_loader(ViewData(data, indices, preprocess), batch_size):
+        feats.append(encoder(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _linear_probe(loaded, spec, indices, device):
+    if indices is None:
+        raise DataError(f"{spec.name}: head='linear' is fitted on labelled images; this objective has none "
+                        f"(use a zero-shot head)")
+    feats, labels = _features(loaded.encoder, spec.data, indices, loaded.preprocess, device)
+    return fit_linear_probe(feats, labels, len(spec.classes))
+
+
+def save_heads(path, tasks):
+    heads = [{"name": t.name, "type": type(t.head).__name__,
+              **{k: v.cpu() for k, v in t.head.state_dict().items()}} for t in tasks]
+    torch_save(path, heads)
+
+
+def load_heads(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such heads file")
+    heads = torch.load(path, map_location="cpu", weights_only=True)
+    return [ZeroShotHead(h["weight"], h["logit_scale"]) if h["type"] == "ZeroShotHead"
+            else LinearHead(h["weight"], h["bias"]) for h in heads]
+
+
+@dataclass
+class AdaptResult:
+    summary: dict
+    atlas: object = field(repr=False)
+    tasks: list = field(repr=False)
+    model: object = field(repr=False)
+
+    def classifier(self, i=0):
+        """The adapted image classifier of data set i: composed encoder + head."""
+        return Classifier(self.atlas, self.tasks[i].head)
+
+
+def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, classnames=None, templates=None,
+          shots=None, head="zeroshot", granularity="block", partitions=1, backend="auto", device=None,
+          val_fraction=0.2, split_seed=0, finetuned_accuracy=None, preprocess=None, cache_dir=None,
+          heads=None, resume=False, on_step=None, **options):
+    """Learn aTLAS coefficients of `bank` for `model` on `data` with `objective`; writes the run to `out`.
+
+    data: one or more folders / data sets (ce: one or more, task addition when several; negation:
+    target then control; entropy and ufm: one, whose labels are not used for training).
+    shots: labelled images per class for ce / negation (None: all training images).
+    options: TrainConfig fields (epochs, batch_size, lr, seed, init, threshold, workers, ...).
+    Returns an AdaptResult (summary dict, the composed model, the tasks).
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"adapt: unknown option(s) {', '.join(unknown)}; TrainConfig has {', '.join(sorted(known))}")
+    cfg = TrainConfig(objective=objective, **options)
+    cfg.validate()
+    device = _device(device)
+    sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
+    if not sources:
+        raise DataError("data: no data set given")
+    names = [classnames] if _is_name_list(classnames) and len(sources) == 1 else _per_dataset(
+        classnames, len(sources), "classnames")
+    specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
+    labelled = objective in ("ce", "negation")
+    train_sets = [few_shot_indices(dataset_targets(s.data), s.train, shots, cfg.seed, s.classes)
+                  if labelled else s.train for s in specs]
+    if shots is not None and not labelled:
+        raise ValueError(f"shots={shots}: objective {objective!r} uses no labels")
+    loaded = load_model(model, pretrained, preprocess, device)
+    bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
+    bank = _load_bank(bank, device)
+    head_list = load_heads(heads) if heads is not None else _heads(
+        loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
+        train_sets if labelled else [None] * len(specs), device)
+    if len(head_list) != len(specs):
+        raise ValueError(f"heads: {len(head_list)} heads for {len(specs)} data sets")
+    ft = _per_dataset(finetuned_accuracy, len(specs), "finetuned_accuracy") if finetuned_accuracy is not None \
+        else [None] * len(specs)
+    tasks = [Task(s.name, s.data, s.names, h, tr, s.val, a)
+             for s, h, tr, a in zip(specs, head_list, train_sets, ft)]
+    atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend)
+    os.makedirs(out, exist_ok=True)
+    save_heads(os.path.join(out, "heads.pt"), tasks)
+    summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step)
+    return AdaptResult(summary, atlas, tasks, loaded.module)
+
+
+def _coefficient_layout(path):
+    """(granularity, partitions, seed) recorded in a coefficient file."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such coefficient file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable coefficient file ({e})") from e
+    if "granularity" not in meta:
+        raise ValueError(f"{path}: not an atlas_fast coefficient file")
+    return meta["granularity"], int(meta["partitions"]), int(meta["seed"])
+
+
+def compose_from_file(loaded, bank, coefficients, backend="auto", device=None):
+    """Compose loaded.encoder with `bank` laid out as in `coefficients` and load them."""
+    granularity, partitions, seed = _coefficient_layout(coefficients)
+    bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
+    atlas = _compose(loaded, _load_bank(bank, _device(device)), bank_name, granularity=granularity,
+                     partitions=partitions, backend=backend, seed=seed)
+    atlas.load_coefficients(coefficients)
+    return atlas
+
+
+def _load_finetuned(loaded, path, allow_pickle):
+    """Load a fine-tuned checkpoint's image tower (keys with or without the "visual." prefix) into
+    loaded.encoder."""
+    sd = read_state_dict(path, allow_pickle)
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    try:
+        loaded.encoder.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelSpecError(f"{path}: does not fit the model's image tower "
+                             f"({str(e).strip().splitlines()[0]})") from e
+
+
+def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetuned=None, classnames=None,
+             templates=None, heads=None, split="val", val_fraction=0.2, split_seed=0, device=None, preprocess=None,
+             cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0):
+    """Accuracy on each data set's `split` ("val", "train" or "all") of θ0, of θ0 composed with each
+    coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}]."""
+    if split not in ("val", "train", "all"):
+        raise ValueError(f"split={split!r}: expected val, train or all")
+    coefficients, finetuned = _as_list(coefficients), _as_list(finetuned)
+    if coefficients and bank is None:
+        raise ValueError("coefficients: evaluating a coefficient file needs the bank it was learned with")
+    device = _device(device)
+    sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
+    names = [classnames] if _is_name_list(classnames) and len(sources) == 1 else _per_dataset(
+        classnames, len(sources), "classnames")
+    specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
+    cfg = TrainConfig(eval_batch_size=batch_size, workers=workers)
+    loaded = load_model(model, pretrained, preprocess, device)
+    if heads is not None:
+        head_list = load_heads(heads)
+    elif loaded.has_text:
+        head_list = _heads(loaded, specs, "zeroshot", templates, cache_dir, None, device)
+    else:
+        raise ModelSpecError("evaluate: a model without a text tower needs heads= (heads.pt of an adapt run)")
+    rows = []
+
+    def run(label, encoder):
+        for s, h in zip(specs, head_list):
+            idx = {"val": s.val, "train": s.train, "all": s.train + s.val}[split]
+            clf = Classifier(encoder, h.to(device)).eval()
+            r = evaluate_data(lambda x: clf(x.to(device)), ViewData(s.data, idx, loaded.preprocess), cfg)
+            rows.append({"model": label, "data": s.name, "accuracy": r["accuracy"], "n": r["n"]})
+
+    run("pretrained", loaded.encoder)
+    for path in coefficients:
+        # compose() works in place: compose a copy so that θ0 stays for the next model
+        copy_ = LoadedModel(*(getattr(loaded, f.name) for f in fields(LoadedModel)))
+        copy_.encoder = copy.deepcopy(loaded.encoder)
+        run(os.fspath(path), compose_from_file(copy_, bank, path, backend, device))
+    for path in finetuned:
+        copy_ = LoadedModel(*(getattr(loaded, f.name) for f in fields(LoadedModel)))
+        copy_.encoder = copy.deepcopy(loaded.encoder)
+        _load_finetuned(copy_, path, allow_pickle)
+        run(os.fspath(path), copy_.encoder)
+    return rows
+
+
+def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu"):
+    """Write θ0 + Σ c·τ as a checkpoint of the whole model (state dict; .safetensors or torch file) that
+    open_clip.load_checkpoint reads. Returns the path."""
+    loaded = load_model(model, pretrained, device=device)
+    rest = clip_state_without_visual(loaded.module) if loaded.encoder is not loaded.module else {}
+    atlas = compose_from_file(loaded, bank, coefficients, backend, device)
+    plain = atlas.merge()
+    prefix = "visual." if loaded.encoder is not loaded.module else ""
+    state = {**rest, **{prefix + k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}}
+    out = os.fspath(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        atomic_write(out, lambda tmp: save_file({k: v.clone() for k, v in state.items()}, tmp))
+    else:
+        torch_save(out, {"state_dict": state})
+    return out
+
+
+def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", allow_pickle=False):
+    """Build a task-vector bank (τ_t = finetuned_t − pretrained) from checkpoint files and save it to `out`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    finetuned = _as_list(finetuned)
+    if not finetuned:
+        raise ValueError("finetuned: no fine-tuned checkpoint given")
+    tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=DTYPES[dtype], prefix=prefix or None,
+                                      allow_pickle=allow_pickle)
+    tv.save(out)
+    return tv
+
+
+__all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "AdaptResult",
+           "BankMismatchError", "compose_from_file"]

@@ -1,0 +1,275 @@
+"""The coefficient-learning loop: AdamW on the coefficients alone, warm-up then cosine schedule, autocast
+(bf16 on a GPU), gradient clipping, evaluation and best-epoch selection each epoch, atomic resumable
+checkpoints, a JSON-lines log and plots.
+
+A run is a pure function of its config and seed: batches and augmentations are fixed by (seed, step)
+(see data.py), so a run killed and resumed from its checkpoint ends exactly where an uninterrupted one does.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from ..task_vectors import atomic_write
+from . import checkpoint as ckpt
+from .data import ViewData, _mix, eval_loader, stream_loader
+from .objectives import get_objective
+from .plots import coefficient_summary, plot_coefficients, plot_curves
+
+
+@dataclass
+class Task:
+    """One data set to learn on or evaluate: items (image, class index), its head and its splits."""
+    name: str
+    data: Dataset
+    classes: list
+    head: nn.Module
+    train: list                       # indices into data used for training (labelled or not)
+    val: list                         # indices into data used for evaluation and selection
+    finetuned_accuracy: Optional[float] = None   # for normalised accuracy in task addition
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "ce"
+    epochs: int = 10
+    batch_size: int = 32
+    steps_per_epoch: Optional[int] = None  # default: one pass over the largest training set
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    warmup: float = 0.1                    # fraction of all steps with a linear warm-up
+    grad_clip: float = 1.0
+    amp: str = "auto"                      # "auto" (bf16 on a GPU), "bf16", "fp16" or "off"
+    seed: int = 0
+    init: float = 0.0                      # starting value of every coefficient (0: the model is θ0)
+    select: Optional[str] = None           # "best" or "last"; default by objective
+    threshold: float = 0.9                 # ufm: pseudo-label confidence threshold
+    trusted_per_class: int = 8             # ufm: trusted examples per predicted class
+    keep: float = 0.95                     # negation: control accuracy kept, relative to the initial
+    control_weight: float = 1.0            # negation: weight of the control task's cross-entropy
+    augment: bool = False                  # ce: train on weak augmented views
+    flip: bool = True                      # augmentations may flip horizontally
+    eval_batch_size: int = 256
+    checkpoint_every: int = 0              # also checkpoint every n steps within an epoch (0: epoch ends)
+    workers: int = 0
+    progress: bool = True
+
+    def result_fields(self):
+        """The fields that change the outcome: a checkpoint resumes only under the same values."""
+        d = asdict(self)
+        for k in ("eval_batch_size", "checkpoint_every", "workers", "progress"):
+            d.pop(k)
+        return d
+
+    def validate(self):
+        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+                  ("warmup", 0 <= self.warmup < 1), ("threshold", 0 <= self.threshold <= 1),
+                  ("trusted_per_class", self.trusted_per_class >= 1), ("keep", 0 <= self.keep <= 1),
+                  ("select", self.select in (None, "best", "last")),
+                  ("amp", self.amp in ("auto", "bf16", "fp16", "off")),
+                  ("steps_per_epoch", self.steps_per_epoch is None or self.steps_per_epoch >= 1),
+                  ("checkpoint_every", self.checkpoint_every >= 0), ("workers", self.workers >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: invalid value")
+        get_objective(self.objective)
+
+
+def autocast_for(device, amp):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+
+
+def schedule(total, warmup_steps):
+    """Linear warm-up to the base rate, then cosine decay to zero at `total` steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def predict(fn, data, cfg):
+    """Softmax probabilities of fn(images) over a ViewData with one view, in data order (CPU)."""
+    out = []
+    for x, *_ in eval_loader(data, cfg.eval_batch_size, cfg.workers):
+        out.append(torch.softmax(fn(x).float(), -1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(fn, data, cfg):
+    """{"accuracy", "loss", "n"} of fn on a labelled ViewData."""
+    correct, loss, n = 0, 0.0, 0
+    for x, y, _ in eval_loader(data, cfg.eval_batch_size, cfg.workers):
+        logits = fn(x).float()
+        y = y.to(logits.device)
+        correct += (logits.argmax(-1) == y).sum().item()
+        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        n += len(y)
+    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+
+def make_classify(encoder, tasks, device, amp):
+    heads = [t.head.to(device) for t in tasks]
+    ctx = autocast_for(device, amp)
+
+    def classify(i, images):
+        with ctx():
+            features = encoder(images.to(device, non_blocking=True))
+        return heads[i](features.float())
+    return classify
+
+
+def evaluate_tasks(classify, tasks, preprocess, cfg):
+    return [evaluate(lambda x, i=i: classify(i, x), ViewData(t.data, t.val, preprocess), cfg)
+            for i, t in enumerate(tasks)]
+
+
+def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
+    """Learn atlas.coefficients on `tasks` with cfg.objective; write checkpoint.pt, log.jsonl,
+    coefficients.safetensors (the selected epoch's), summary.json, curves.png and coefficients.png to `out`.
+
+    resume=True continues from out/checkpoint.pt when there is one (same config required).
+    on_step(step) is called after every optimiser step. Returns the summary dict.
+    """
+    from tqdm.auto import tqdm
+    cfg.validate()
+    objective = get_objective(cfg.objective)
+    objective.check(tasks)
+    select = cfg.select or objective.select
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ckpt.CHECKPOINT)
+    coef = atlas.coefficients
+    device = coef.device
+    classify = make_classify(atlas, tasks, device, cfg.amp)
+    spe = cfg.steps_per_epoch or math.ceil(max(len(t.train) for t in tasks) / cfg.batch_size)
+    total = cfg.epochs * spe
+    opt = torch.optim.AdamW([coef], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, round(cfg.warmup * total)))
+    atlas.eval()
+
+    if resume and os.path.isfile(path):
+        state = ckpt.load(path)
+        if state["config"] != cfg.result_fields():
+            diff = [k for k in cfg.result_fields() if state["config"].get(k) != cfg.result_fields()[k]]
+            raise ValueError(f"{path}: written with other settings ({', '.join(diff)}); resume with the same "
+                             f"settings or use another output folder")
+        if state["coefficients"].shape != coef.shape:
+            raise ValueError(f"{path}: coefficients of shape {tuple(state['coefficients'].shape)}, "
+                             f"the model has {tuple(coef.shape)}")
+        with torch.no_grad():
+            coef.copy_(state["coefficients"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+    else:
+        with torch.no_grad():
+            coef.fill_(cfg.init)
+        evals = evaluate_tasks(classify, tasks, preprocess, cfg)
+        score = objective.score(evals, evals, tasks, cfg)
+        state = {"config": cfg.result_fields(), "step": 0, "epoch_loss": [0.0, 0], "epoch_stats": {},
+                 "history": [{"epoch": 0, "step": 0, "loss": None, "eval": evals, "score": score}],
+                 "best": {"epoch": 0, "score": score, "coefficients": coef.detach().cpu().clone()},
+                 "objective_state": objective.prepare(classify, tasks, cfg, {}, preprocess)}
+        _save(path, state, coef, opt, sched)
+
+    streams = objective.streams(tasks, cfg, preprocess, state["objective_state"])
+    step = state["step"]
+    bar = tqdm(total=total, initial=step, desc=f"adapt ({cfg.objective})", disable=not cfg.progress)
+    pin = device.type == "cuda"
+    started = time.time()
+    while step < total:
+        epoch = step // spe + 1
+        loaders = [stream_loader(data, bs, _mix(cfg.seed, 7, k), step, epoch * spe, cfg.workers, pin)
+                   for k, (data, bs) in enumerate(streams)]
+        for batches in zip(*loaders):
+            batches = [[t.to(device, non_blocking=True) for t in b] for b in batches]
+            loss, stats = objective.loss(classify, batches, cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the {cfg.objective} loss is {loss.item()}; "
+                                         f"lower lr={cfg.lr}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([coef], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            state["step"] = step
+            state["epoch_loss"][0] += loss.item()
+            state["epoch_loss"][1] += 1
+            for k, v in stats.items():
+                state["epoch_stats"][k] = state["epoch_stats"].get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
+                _save(path, state, coef, opt, sched)
+            if on_step is not None:
+                on_step(step)
+        evals = evaluate_tasks(classify, tasks, preprocess, cfg)
+        score = objective.score(evals, state["history"][0]["eval"], tasks, cfg)
+        n = max(state["epoch_loss"][1], 1)
+        state["history"].append({"epoch": epoch, "step": step, "loss": state["epoch_loss"][0] / n,
+                                 "eval": evals, "score": score, "lr": sched.get_last_lr()[0],
+                                 **{k: v / n for k, v in state["epoch_stats"].items()}})
+        state["epoch_loss"], state["epoch_stats"] = [0.0, 0], {}
+        best = state["best"]
+        if score is not None and (best["score"] is None or score > best["score"]):
+            state["best"] = {"epoch": epoch, "score": score, "coefficients": coef.detach().cpu().clone()}
+        _save(path, state, coef, opt, sched)
+        _write_log(out, state["history"])
+        bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}",
+                        acc=" ".join(f"{e['accuracy']:.3f}" for e in evals))
+    bar.close()
+    return _finish(atlas, tasks, cfg, out, state, select, time.time() - started)
+
+
+def _save(path, state, coef, opt, sched):
+    ckpt.save(path, {**state, "coefficients": coef.detach().cpu().clone(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict()})
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def _write_log(out, history):
+    write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _finish(atlas, tasks, cfg, out, state, select, seconds):
+    history = state["history"]
+    chosen = state["best"]["epoch"] if select == "best" else history[-1]["epoch"]
+    if select == "best":
+        with torch.no_grad():
+            atlas.coefficients.copy_(state["best"]["coefficients"])
+    atlas.save_coefficients(os.path.join(out, "coefficients.safetensors"))
+    names = [t.name for t in tasks]
+    entry = history[chosen]
+    summary = {"objective": cfg.objective, "select": select, "selected_epoch": chosen,
+               "tasks": names, "initial": history[0]["eval"], "selected": entry["eval"],
+               "last": history[-1]["eval"], "coefficients": coefficient_summary(atlas.coefficients),
+               "sources": list(atlas.sources), "config": asdict(cfg), "train_seconds_this_run": seconds}
+    write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
+    _write_log(out, history)
+    plot_curves(history, names, os.path.join(out, "curves.png"))
+    plot_coefficients(atlas.coefficients, atlas.block_names, atlas.sources, os.path.join(out, "coefficients.png"))
+    return summary
+
+
+__all__ = ["Task", "TrainConfig", "train", "evaluate", "predict", "make_classify"]
