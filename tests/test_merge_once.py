@@ -78,6 +78,14 @@ def _backend_run(backend, case, dy):
     return y, dx, dcw, dcb
 
 
+def _half_budget(case, act, y_ref):
+    """Twice plain PyTorch's error in `act` on the merged weight and bias, plus a floor."""
+    x, w, b, tw, tb, cw, cb = case
+    merged_w, merged_b = merge_ref(w, tw, cw, KEYS[0]).to(act), merge_ref(b, tb, cb, KEYS[1]).to(act)
+    y_plain = torch.nn.functional.linear(x, merged_w, merged_b)
+    return 2 * rel_err(y_plain, y_ref) + 1e-3
+
+
 def _check(got, ref, tol_out=TOL_OUT, tol_grad=TOL_GRAD):
     for what, g, r, tol in zip(("y", "dx", "dc_w", "dc_b"), got, ref, (tol_out, tol_grad, tol_grad, tol_grad)):
         assert (g is None) == (r is None), what
@@ -192,12 +200,10 @@ def test_triton_merge_once_half_activations(act):
     """bf16/fp16 activations: within ~2x plain PyTorch's own error on the merged weight in that dtype."""
     plan.set_strategy("merge_once")
     case = _case(37, 70, 45, 3, 3, True, torch.bfloat16, act)
-    x, w, b, tw, tb, cw, cb = case
     dy = torch.randn(37, 45, device=DEVICE).to(act)
     y, dx, dcw, dcb = _backend_run(get_backend("triton"), case, dy)
     ref = _reference(case, dy)
-    y_plain = torch.nn.functional.linear(x, merge_ref(w, tw, cw, KEYS[0]).to(act), merge_ref(b, tb, cb, KEYS[1]).to(act))
-    budget = 2 * rel_err(y_plain, ref[0]) + 1e-3
+    budget = _half_budget(case, act, ref[0])
     assert y.dtype == dx.dtype == act and dcw.dtype == torch.float32
     _check((y, dx, dcw, dcb), ref, budget, 10 * budget)
 
@@ -250,13 +256,11 @@ def test_cuda_backend_strategy_matches_reference(strategy, M, K, N, T, P, bank, 
 def test_cuda_backend_half_activations(act, strategy):
     plan.set_strategy(strategy)
     case = _case(517, 70, 45, 3, 3, True, torch.bfloat16, act, device="cuda")
-    x, w, b, tw, tb, cw, cb = case
     dy = torch.randn(517, 45, device="cuda").to(act)
     _poison_cuda_allocator()
     got = _backend_run(get_backend("cuda"), case, dy)
     ref = _reference(case, dy)
-    y_plain = torch.nn.functional.linear(x, merge_ref(w, tw, cw, KEYS[0]).to(act), merge_ref(b, tb, cb, KEYS[1]).to(act))
-    budget = 2 * rel_err(y_plain, ref[0]) + 1e-3
+    budget = _half_budget(case, act, ref[0])
     assert got[0].dtype == got[1].dtype == act
     _check(got, ref, budget, 10 * budget)
 

@@ -63,8 +63,12 @@ def test_exact_fp32_gemm_runs_on_cuda_cores():
     assert exact.forward_costs["fused"].tensor_core_flops == 0
     assert exact.forward_costs["fused"].cuda_core_flops == 409600 + 24576
     assert exact.forward_costs["merge_once"].cuda_core_flops == 409600 + 12288
+    # Exact: x 12800 + y 25600 + weight 20480 = 58880 B; (409600 + 24576) FLOPs at 1e9/s = 434.176 µs.
+    assert exact.forward_costs["fused"].seconds == pytest.approx(435.176e-6)
     tf32 = cost.plan(100, 64, 32, 3, 1, F32, BF16, F32, TOY, block_m=64, tf32=True)
     assert tf32.forward_costs["fused"].tensor_core_flops == 409600
+    # tf32 at 5e9/s: 81.92 µs, plus the 24.576 µs merge on CUDA cores, plus the launch.
+    assert tf32.forward_costs["fused"].seconds == pytest.approx(107.496e-6)
 
 
 @pytest.mark.parametrize("theta", [F32, BF16])

@@ -6,6 +6,10 @@ Shapes (T task vectors, K partitions, K = 1 without partitions):
 Outputs have x's dtype; merging and coefficient-gradient reductions accumulate in float32. Float64
 coefficients and banks (for gradcheck) need only be supported by the torch backend.
 A backend overrides what it accelerates; everything else falls back to the torch backend.
+How a backend computes a call is its own choice, made per call: the fused backends either rebuild the merged
+weight tile by tile inside their kernels or merge one layer into a transient buffer and call a stock GEMM, as
+the cost model of plan.py says; dc is the fused reduction either way. A merged buffer outlives its call only
+within plan.set_keep_budget (default 0), so by default no buffer larger than one layer exists.
 """
 
 

@@ -13,9 +13,9 @@ Lists of small blocks are merged, and their coefficient gradients reduced, in on
 backend='torch').
 
 The kernels are registered as torch.ops.atlas_fast.{atlas_linear_cuda_forward, atlas_linear_cuda_backward,
-atlas_linear_cuda_merge, merge_blocks_cuda, merge_blocks_cuda_backward} by a shared library: the ahead-of-time build atlas_fast._C
-(`ATLAS_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .`) when installed, otherwise compiled with ninja
-on first use into ~/.cache/atlas_fast/. Importing this module compiles nothing and touches no GPU.
+atlas_linear_cuda_merge, merge_blocks_cuda, merge_blocks_cuda_backward} by a shared library: the ahead-of-time
+build atlas_fast._C (`ATLAS_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .`) when installed, otherwise
+compiled with ninja on first use into ~/.cache/atlas_fast/. Importing this module compiles nothing and touches no GPU.
 """
 import importlib.util
 import os

@@ -114,24 +114,23 @@ def _dtype_bytes(dtype):
     return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[name]
 
 
-def _gemm_rates(spec, act_bytes, tf32):
-    """(tensor-core FLOP/s, CUDA-core FLOP/s) available to the GEMM of this activation width: half
-    precision and tf32 run on tensor cores, exact fp32 on CUDA cores."""
-    if act_bytes == 2:
-        return spec.tensor_core_flops, spec.cuda_core_flops
-    return (spec.tf32_flops if tf32 else 0.0), spec.cuda_core_flops
+def _tensor_rate(spec, act, tf32):
+    """FLOP/s of the tensor cores for a GEMM of this activation width: bf16/fp16, or fp32 as tf32 when torch
+    allows it; None when the GEMM runs on CUDA cores (exact fp32)."""
+    if act == 2:
+        return spec.tensor_core_flops
+    return spec.tf32_flops if tf32 else None
 
 
-def _seconds(spec, dram, l2, tensor, cuda, launches):
-    compute = (tensor / spec.tensor_core_flops if tensor else 0.0) + (cuda / spec.cuda_core_flops if cuda else 0.0)
+def _seconds(spec, dram, l2, tensor, cuda, launches, tensor_rate):
+    compute = (tensor / tensor_rate if tensor else 0.0) + cuda / spec.cuda_core_flops
     return max(dram / spec.dram_bandwidth, l2 / spec.l2_bandwidth, compute) + launches * spec.launch_seconds
 
 
 def _gemm_work(M, N, K, act, spec, tf32):
     """(tensor-core FLOPs, CUDA-core FLOPs) of the 2·M·N·K GEMM for this activation width."""
     flops = 2 * M * N * K
-    tensor_rate, _ = _gemm_rates(spec, act, tf32)
-    return (flops, 0) if tensor_rate else (0, flops)
+    return (flops, 0) if _tensor_rate(spec, act, tf32) else (0, flops)
 
 
 def fused_cost(M, N, K, T, act, bank, theta, spec, block_m=128, block_n=128, tf32=False):
@@ -147,7 +146,7 @@ def fused_cost(M, N, K, T, act, bank, theta, spec, block_m=128, block_n=128, tf3
         dram += (tiles_m - 1) * weight_bytes
     tensor, cuda = _gemm_work(M, N, K, act, spec, tf32)
     cuda += 2 * tiles_m * T * NK
-    return Cost(dram, l2, cuda, tensor, 1, _seconds(spec, dram, l2, tensor, cuda, 1))
+    return Cost(dram, l2, cuda, tensor, 1, _seconds(spec, dram, l2, tensor, cuda, 1, _tensor_rate(spec, act, tf32)))
 
 
 def merge_cost(N, K, T, act, bank, theta, spec):
@@ -155,14 +154,14 @@ def merge_cost(N, K, T, act, bank, theta, spec):
     NK = N * K
     dram = NK * theta + T * NK * bank + NK * act
     cuda = 2 * T * NK
-    return Cost(dram, 0, cuda, 0, 1, _seconds(spec, dram, 0, 0, cuda, 1), NK * act)
+    return Cost(dram, 0, cuda, 0, 1, _seconds(spec, dram, 0, 0, cuda, 1, None), NK * act)
 
 
 def gemm_cost(M, N, K, act, spec, tf32=False):
     """A stock GEMM on a merged weight in the activation dtype."""
     dram = M * K * act + N * K * act + M * N * act
     tensor, cuda = _gemm_work(M, N, K, act, spec, tf32)
-    return Cost(dram, 0, cuda, tensor, 1, _seconds(spec, dram, 0, tensor, cuda, 1))
+    return Cost(dram, 0, cuda, tensor, 1, _seconds(spec, dram, 0, tensor, cuda, 1, _tensor_rate(spec, act, tf32)))
 
 
 def _add(a, b):
@@ -183,7 +182,7 @@ def dc_cost(M, N, K, T, P, act, bank, spec, tf32=False):
     dram = M * N * act + M * K * act + T * NK * bank
     tensor, cuda = _gemm_work(M, N, K, act, spec, tf32)
     cuda += 2 * T * NK * P
-    return Cost(dram, 0, cuda, tensor, 1, _seconds(spec, dram, 0, tensor, cuda, 1))
+    return Cost(dram, 0, cuda, tensor, 1, _seconds(spec, dram, 0, tensor, cuda, 1, _tensor_rate(spec, act, tf32)))
 
 
 def set_strategy(strategy):
@@ -247,8 +246,8 @@ def _plan(M, N, K, T, P, act, bank, theta, spec, block_m, block_n, tf32, strateg
     if forward == "merge_once" and N * K * act <= budget:
         options.append("keep")
     dx = min(options, key=lambda s: (dx_costs[s].seconds, s != "fused"))
-    return Plan(forward, dx, MappingProxyType(forward_costs), MappingProxyType(dx_costs), dc_cost(M, N, K, T, P, act, bank, spec, tf32),
-                strategy is not None)
+    dc = dc_cost(M, N, K, T, P, act, bank, spec, tf32)
+    return Plan(forward, dx, MappingProxyType(forward_costs), MappingProxyType(dx_costs), dc, strategy is not None)
 
 
 def for_linear(M, weight, tau_w, coef_w, act_dtype, block_m):
