@@ -58,10 +58,189 @@ def _run_bench(args):
     return bench.run(s)
 
 
+def _user_errors():
+    """The error types that mean bad input (reported as one `atlas-fast CMD: error:` line, exit 2)."""
+    from .adapt import BankMismatchError, DataError, ModelSpecError
+    return (ValueError, DataError, ModelSpecError, BankMismatchError, FileNotFoundError, PermissionError)
+
+
+def _model_options(p, bank=True):
+    p.add_argument("--model", required=True, help="open_clip architecture name (e.g. ViT-B-32) or a model config .json")
+    p.add_argument("--pretrained", help="checkpoint of θ0 (any file open_clip.load_checkpoint reads); "
+                                        "default: the architecture's random initialisation")
+    if bank:
+        p.add_argument("--bank", required=True, help="task-vector bank (.safetensors from `atlas-fast bank`)")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help="atlas backend: auto, torch, triton or cuda")
+
+
+def _data_options(p):
+    p.add_argument("--data", nargs="+", required=True,
+                   help="image folder(s): <dir>/<class>/<image>, or <dir>/train and <dir>/val|test in that layout")
+    p.add_argument("--classnames", nargs="+",
+                   help="class-name file(s), one name per line in sorted folder order (default: folder names)")
+    p.add_argument("--templates", help="prompt-template file, one template with {} per line")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of each class held out for evaluation when a folder has no val/ or test/ (0.2)")
+
+
+def _add_bank(sub):
+    p = sub.add_parser("bank", help="build a task-vector bank from fine-tuned checkpoints",
+                       description="τ_t = finetuned_t − pretrained for every floating entry under --prefix, "
+                                   "saved as one safetensors bank.")
+    p.add_argument("--pretrained", required=True, help="checkpoint of θ0")
+    p.add_argument("--finetuned", nargs="+", required=True, help="fine-tuned checkpoints, one task vector each")
+    p.add_argument("--out", required=True, help="output bank file (.safetensors)")
+    p.add_argument("--prefix", default="visual.", help="keep entries under this prefix, stripped (default "
+                                                       "'visual.': the image tower of an open_clip CLIP; '' for all)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="storage dtype of the bank")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled-module checkpoints (runs code from the file: only for files you trust)")
+    p.set_defaults(run=_run_bank, parser=p)
+
+
+def _run_bank(args):
+    from .adapt import build_bank
+    try:
+        tv = build_bank(args.pretrained, args.finetuned, args.out, args.prefix, args.dtype, args.allow_pickle)
+    except _user_errors() as e:
+        args.parser.error(str(e))
+    print(f"wrote {args.out}: {tv}")
+    return 0
+
+
+def _add_adapt(sub):
+    import os
+    p = sub.add_parser("adapt", help="learn aTLAS coefficients on image folders (few-shot, task addition, "
+                                     "test-time adaptation, UFM, negation)",
+                       description="Learns the coefficients of a task-vector bank for an open_clip model on image "
+                                   "folders and writes to --out: coefficients.safetensors (the selected epoch), "
+                                   "checkpoint.pt (resumable), log.jsonl, summary.json, heads.pt, curves.png and "
+                                   "coefficients.png.")
+    _model_options(p)
+    _data_options(p)
+    p.add_argument("--objective", default="ce", choices=("ce", "entropy", "ufm", "negation"),
+                   help="ce: labelled cross-entropy, several --data for task addition; entropy: entropy "
+                        "minimisation on unlabelled data; ufm: unsupervised FixMatch; negation: forget the first "
+                        "--data, keep the second")
+    p.add_argument("--shots", type=int, help="labelled images per class for ce / negation (default: all)")
+    p.add_argument("--head", default="zeroshot", choices=("zeroshot", "linear"),
+                   help="zero-shot head from the text tower, or a linear probe fitted on θ0's features")
+    p.add_argument("--granularity", default="block", choices=("block", "task"))
+    p.add_argument("--partitions", type=int, default=1, help="random partitions per block, aTLAS ×K (default 1)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--steps-per-epoch", type=int, help="default: one pass over the largest training set")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=float, default=0.0, help="initial value of every coefficient (0: θ0)")
+    p.add_argument("--select", choices=("best", "last"), help="epoch kept (default: best for ce / negation, "
+                                                               "last for the unsupervised objectives)")
+    p.add_argument("--threshold", type=float, default=0.9, help="ufm: pseudo-label confidence threshold")
+    p.add_argument("--trusted-per-class", type=int, default=8, help="ufm: trusted examples per class")
+    p.add_argument("--keep", type=float, default=0.95, help="negation: share of the control accuracy to keep")
+    p.add_argument("--finetuned-acc", type=float, nargs="+",
+                   help="fine-tuned accuracy per --data, for selection by normalised accuracy")
+    p.add_argument("--augment", action="store_true", help="ce: train on weakly augmented views")
+    p.add_argument("--no-flip", action="store_true", help="augmentations never flip images horizontally")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--out", default="atlas_out", help="output folder (default ./atlas_out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_adapt, parser=p)
+
+
+def _run_adapt(args):
+    from .adapt import adapt
+    options = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "weight_decay", "seed",
+                                             "init", "select", "threshold", "trusted_per_class", "keep", "augment",
+                                             "amp", "workers", "checkpoint_every")}
+    try:
+        result = adapt(args.model, args.bank, args.data, objective=args.objective, out=args.out,
+                       pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
+                       shots=args.shots, head=args.head, granularity=args.granularity, partitions=args.partitions,
+                       backend=args.backend, device=args.device, val_fraction=args.val_fraction,
+                       finetuned_accuracy=args.finetuned_acc, resume=args.resume, flip=not args.no_flip,
+                       progress=not args.no_progress, **options)
+    except _user_errors() as e:
+        args.parser.error(str(e))
+    s = result.summary
+    print(f"selected epoch {s['selected_epoch']} ({s['select']}); validation accuracy, initial -> adapted:")
+    for name, a, b in zip(s["tasks"], s["initial"], s["selected"]):
+        print(f"  {name}: {100 * a['accuracy']:.2f}% -> {100 * b['accuracy']:.2f}%")
+    print(f"wrote {args.out}/coefficients.safetensors, summary.json, log.jsonl, curves.png, coefficients.png")
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="accuracy of θ0, of learned coefficients and of fine-tuned checkpoints",
+                       description="Accuracy on each --data folder's evaluation split of θ0, of θ0 composed with "
+                                   "each --coefficients file, and of each --finetuned checkpoint.")
+    _model_options(p, bank=False)
+    _data_options(p)
+    p.add_argument("--bank", help="the bank the coefficients were learned with")
+    p.add_argument("--coefficients", nargs="+", help="coefficient files from `atlas-fast adapt`")
+    p.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints (whole model or image tower)")
+    p.add_argument("--heads", help="heads.pt of an adapt run (default: zero-shot heads from the text tower)")
+    p.add_argument("--split", default="val", choices=("val", "train", "all"))
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled-module fine-tuned checkpoints")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=_run_eval, parser=p)
+
+
+def _run_eval(args):
+    import json
+
+    from .adapt import evaluate
+    try:
+        rows = evaluate(args.model, args.data, pretrained=args.pretrained, bank=args.bank,
+                        coefficients=args.coefficients, finetuned=args.finetuned, classnames=args.classnames,
+                        templates=args.templates, heads=args.heads, split=args.split,
+                        val_fraction=args.val_fraction, device=args.device, backend=args.backend,
+                        allow_pickle=args.allow_pickle)
+    except _user_errors() as e:
+        args.parser.error(str(e))
+    width = max(len(r["model"]) for r in rows)
+    for r in rows:
+        print(f"{r['model']:<{width}}  {r['data']}: {100 * r['accuracy']:.2f}% of {r['n']}")
+    if args.json:
+        from .adapt.loop import write_text
+        write_text(args.json, json.dumps(rows, indent=1))
+    return 0
+
+
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="write θ0 + Σ c·τ as a plain checkpoint open_clip loads",
+                       description="Merges learned coefficients into the image tower and writes the whole model's "
+                                   "state dict (.safetensors, or a torch file for any other suffix); "
+                                   "open_clip.load_checkpoint(model, OUT) reads it.")
+    _model_options(p)
+    p.add_argument("--coefficients", required=True, help="coefficient file from `atlas-fast adapt`")
+    p.add_argument("--out", required=True, help="output checkpoint")
+    p.set_defaults(run=_run_merge, parser=p)
+
+
+def _run_merge(args):
+    from .adapt import merge
+    try:
+        path = merge(args.model, args.bank, args.coefficients, args.out, pretrained=args.pretrained,
+                     backend=args.backend, device=args.device or "cpu")
+    except _user_errors() as e:
+        args.parser.error(str(e))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="atlas-fast", description="aTLAS task-vector composition, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    for add in (_add_bank, _add_adapt, _add_eval, _add_merge):
+        add(sub)
     args = parser.parse_args(argv)
     return args.run(args)
 
