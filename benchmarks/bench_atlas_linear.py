@@ -186,13 +186,15 @@ STRATEGY_ROWS = (6400, 128, 8, 1)
 
 
 def predicted_step(backend, M, K, N, T, ceilings, strategy):
-    """The cost model's forward + dx + dc seconds for this backend's tiles, on the device's table entry with
-    the measured matmul and copy rates in place of the data sheet's."""
-    spec = plan.device_spec(torch.device("cuda"), tensor_core_flops=ceilings[0], dram_bandwidth=ceilings[1])
+    """What the backend runs (its plan on the device's table entry) and the cost model's forward + dx + dc
+    seconds for it, with the measured matmul and copy rates in place of the data sheet's."""
+    table = plan.device_spec(torch.device("cuda"))
+    measured = plan.device_spec(torch.device("cuda"), tensor_core_flops=ceilings[0], dram_bandwidth=ceilings[1])
     block_m = importlib.import_module(f"atlas_fast.backends.{backend}_backend").BLOCK_M
-    p = plan.plan(M, N, K, T, 1, torch.bfloat16, torch.bfloat16, torch.float32, spec, block_m=block_m,
-                  strategy=strategy, budget=0)
-    return p, p.forward_costs[p.forward].seconds + p.dx_costs[p.dx].seconds + p.dc.seconds
+    shape = (M, N, K, T, 1, torch.bfloat16, torch.bfloat16, torch.float32)
+    runs = plan.plan(*shape, table, block_m=block_m, strategy=strategy, budget=0)
+    model = plan.plan(*shape, measured, block_m=block_m, strategy=strategy, budget=0)
+    return runs, model.forward_costs[runs.forward].seconds + model.dx_costs[runs.dx].seconds + model.dc.seconds
 
 
 def strategies(ceilings, rows=STRATEGY_ROWS, K=768, N=3072, T=21):

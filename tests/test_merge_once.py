@@ -188,7 +188,8 @@ def test_triton_automatic_choice_runs_both_ways(monkeypatch):
     ref = _reference(case, dy)
     _check(_backend_run(get_backend("triton"), case, dy), ref)
     assert merges.calls == 0
-    monkeypatch.setattr(plan, "DEFAULT_DEVICE", plan.device_spec("cpu", cuda_core_flops=1e6))
+    slow = plan.device_spec("H200", cuda_core_flops=1e6)
+    monkeypatch.setattr(plan, "device_spec", lambda device=None, **measured: slow)
     monkeypatch.setattr(triton_backend, "BLOCK_M", 8)
     assert plan.for_linear(37, case[1], case[3], case[5], torch.float32, 8).forward == "merge_once"
     _check(_backend_run(get_backend("triton"), case, dy), ref)
@@ -236,6 +237,20 @@ def test_triton_op_and_conv_through_autograd(strategy):
 
 # ---------------------------------------------------------------- the CUDA backend (GPU only)
 
+def _poison_cuda_allocator():
+    """Fill the caching allocator's free memory with NaN, so an element a kernel never writes is NaN."""
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in (1 << 16, 1 << 18, 1 << 24)]
+    del blocks
+
+
+def _cuda_backend():
+    """The cuda backend with its extension loaded (built on first use)."""
+    backend = get_backend("cuda")
+    reason = backend.unavailable_reason(torch.device("cuda"))
+    assert reason is None, reason
+    return backend
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", plan.STRATEGIES)
 @pytest.mark.parametrize("M,K,N", [(37, 70, 45), (517, 70, 45)])
@@ -247,7 +262,7 @@ def test_cuda_backend_strategy_matches_reference(strategy, M, K, N, T, P, bank, 
     case = _case(M, K, N, T, P, bias, bank, device="cuda")
     dy = torch.randn(M, N, device="cuda")
     _poison_cuda_allocator()
-    _check(_backend_run(get_backend("cuda"), case, dy), _reference(case, dy))
+    _check(_backend_run(_cuda_backend(), case, dy), _reference(case, dy))
 
 
 @pytest.mark.gpu
@@ -258,7 +273,7 @@ def test_cuda_backend_half_activations(act, strategy):
     case = _case(517, 70, 45, 3, 3, True, torch.bfloat16, act, device="cuda")
     dy = torch.randn(517, 45, device="cuda").to(act)
     _poison_cuda_allocator()
-    got = _backend_run(get_backend("cuda"), case, dy)
+    got = _backend_run(_cuda_backend(), case, dy)
     ref = _reference(case, dy)
     budget = _half_budget(case, act, ref[0])
     assert got[0].dtype == got[1].dtype == act
@@ -272,6 +287,7 @@ def test_cuda_merge_op_matches_reference(out_dtype, theta_dtype):
     w = torch.randn(97, 131, device="cuda").to(theta_dtype)
     tw = random_bank((97, 131), 3, torch.bfloat16, 1e-2, "cuda")
     cw = random_coef(3, 3, "cuda").detach()
+    _cuda_backend()
     _poison_cuda_allocator()
     merged = torch.ops.atlas_fast.atlas_linear_cuda_merge(w, tw, cw, KEYS[0], out_dtype)
     assert merged.dtype == out_dtype and merged.shape == w.shape
@@ -282,7 +298,7 @@ def test_cuda_merge_op_matches_reference(out_dtype, theta_dtype):
 def test_cuda_keeps_the_merged_weight_for_dx():
     plan.set_strategy("merge_once")
     plan.set_keep_budget(1 << 20)
-    backend = get_backend("cuda")
+    backend = _cuda_backend()
     case = _case(517, 70, 45, 3, 3, True, torch.bfloat16, device="cuda")
     dy = torch.randn(517, 45, device="cuda")
     x, w, b, tw, tb, cw, cb = case
@@ -291,9 +307,3 @@ def test_cuda_keeps_the_merged_weight_for_dx():
     dx, dcw, dcb = backend.atlas_linear_backward(dy, x, w, tw, tb, cw, *KEYS, True)
     assert backend.kept.nbytes() == 0
     _check((backend.atlas_linear(x, w, b, tw, tb, cw, cb, *KEYS), dx, dcw, dcb), _reference(case, dy))
-
-
-def _poison_cuda_allocator():
-    """Fill the caching allocator's free memory with NaN, so an element a kernel never writes is NaN."""
-    blocks = [torch.full((n,), float("nan"), device="cuda") for n in (1 << 16, 1 << 18, 1 << 24)]
-    del blocks
