@@ -1,4 +1,5 @@
-"""The swapped-in modules behave as the modules they replace, on the merged weights."""
+"""The swapped-in modules behave as the modules they replace, against a float64 reference built without
+compose(): the plain module in float64 on θ0 + Σ c τ from reference.merge_ref (outputs and coefficient gradients)."""
 import copy
 
 import pytest
@@ -8,7 +9,10 @@ import torch.nn as nn
 import atlas_fast
 from atlas_fast.modules import AtlasConv2d, AtlasLinear, AtlasMultiheadAttention
 
-from helpers import assert_rel
+from helpers import (TOL, assert_coef_grad, assert_rel, composed_block_names, merged_reference, reference_call,
+                     reference_outputs_and_grad)
+
+SEED = 7
 
 
 class Holder(nn.Module):
@@ -22,63 +26,79 @@ class Holder(nn.Module):
         return self.inner(*args, **kwargs)
 
 
-def _composed(module, T=3, K=1):
-    holder = Holder(module)
-    bank = atlas_fast.synthetic_task_vectors(holder, T, rel_scale=5e-2, seed=3)
-    atlas = atlas_fast.compose(copy.deepcopy(holder), bank, partitions=K, backend="torch")
-    with torch.no_grad():
-        atlas.coefficients.uniform_(-1, 1)
-    return atlas, atlas.merge()
+class Composed:
+    """A composed copy of a module, with what the reference needs: the plain module, the bank, the layout."""
 
+    def __init__(self, module, T=3, K=1):
+        self.plain = Holder(module)
+        with torch.no_grad():
+            for p in self.plain.parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # zero-initialised biases off zero
+        self.bank = atlas_fast.synthetic_task_vectors(self.plain, T, rel_scale=5e-2, seed=3)
+        self.K = K
+        self.atlas = atlas_fast.compose(copy.deepcopy(self.plain), self.bank, partitions=K, backend="torch",
+                                        seed=SEED)
+        assert self.atlas.block_names == composed_block_names(self.plain, self.bank)
+        with torch.no_grad():
+            self.atlas.coefficients.uniform_(-1, 1)
 
-def _check(atlas, plain, *args, **kwargs):
-    out = atlas(*args, **kwargs)
-    with torch.no_grad():
-        ref = plain(*args, **kwargs)
-    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
-    for o, r in zip(outs, refs):
-        if r is None:
-            assert o is None
-        else:
-            assert_rel(o.detach(), r, 1e-5)
-    outs[0].sum().backward()
-    assert atlas.coefficients.grad.abs().sum() > 0
+    def reference(self, args, kwargs=None, grad_out=None):
+        return reference_outputs_and_grad(self.plain, self.bank, self.atlas.coefficients, args, kwargs, grad_out,
+                                          partitions=self.K, seed=SEED)
+
+    def check(self, *args, **kwargs):
+        """Every output and the coefficient gradient of the first one against the float64 reference."""
+        out = self.atlas(*args, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        g = torch.randn_like(outs[0])
+        grad, = torch.autograd.grad(outs[0], self.atlas.coefficients, g)
+        ref, ref_grad = self.reference(args, kwargs, g)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        tol_out, tol_grad = TOL[torch.float32]
+        assert len(outs) == len(refs)
+        for i, (o, r) in enumerate(zip(outs, refs)):
+            if r is None:
+                assert o is None
+            else:
+                assert_rel(o.detach(), r, tol_out, f"output {i}")
+        assert_coef_grad(grad, ref_grad, self.atlas.block_names, tol_grad, partitions=self.K)
 
 
 @pytest.mark.parametrize("K", [1, 3])
 def test_linear(K):
-    atlas, plain = _composed(nn.Linear(13, 9), K=K)
-    assert isinstance(atlas.model.inner, AtlasLinear)
-    _check(atlas, plain, torch.randn(4, 5, 13))
+    c = Composed(nn.Linear(13, 9), K=K)
+    assert isinstance(c.atlas.model.inner, AtlasLinear)
+    c.check(torch.randn(4, 5, 13))
 
 
 @pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(groups=2),
                                     dict(bias=False, stride=(1, 2))])
-def test_conv2d(kwargs):
-    atlas, plain = _composed(nn.Conv2d(4, 6, 3, **kwargs))
-    assert isinstance(atlas.model.inner, AtlasConv2d)
-    _check(atlas, plain, torch.randn(2, 4, 11, 9))
+@pytest.mark.parametrize("K", [1, 3])
+def test_conv2d(kwargs, K):
+    c = Composed(nn.Conv2d(4, 6, 3, **kwargs), K=K)
+    assert isinstance(c.atlas.model.inner, AtlasConv2d)
+    c.check(torch.randn(2, 4, 11, 9))
 
 
 def test_conv2d_reflect_padding_takes_the_generic_merge():
-    atlas, plain = _composed(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"))
-    assert isinstance(atlas.model.inner, nn.Conv2d)
-    assert set(atlas.report.generic) == {"inner.weight", "inner.bias"}
-    _check(atlas, plain, torch.randn(2, 3, 8, 8))
+    c = Composed(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), K=3)
+    assert isinstance(c.atlas.model.inner, nn.Conv2d)
+    assert set(c.atlas.report.generic) == {"inner.weight", "inner.bias"}
+    c.check(torch.randn(2, 3, 8, 8))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
 def test_self_attention(batch_first, need_weights, average):
-    atlas, plain = _composed(nn.MultiheadAttention(24, 4, batch_first=batch_first).eval())
-    assert isinstance(atlas.model.inner, AtlasMultiheadAttention)
+    c = Composed(nn.MultiheadAttention(24, 4, batch_first=batch_first).eval())
+    assert isinstance(c.atlas.model.inner, AtlasMultiheadAttention)
     x = torch.randn(3, 7, 24)
-    _check(atlas, plain, x, x, x, need_weights=need_weights, average_attn_weights=average)
+    c.check(x, x, x, need_weights=need_weights, average_attn_weights=average)
 
 
 @pytest.mark.parametrize("mask", ["bool", "float", "padding", "causal"])
 def test_attention_masks(mask):
-    atlas, plain = _composed(nn.MultiheadAttention(16, 2, batch_first=True).eval())
+    c = Composed(nn.MultiheadAttention(16, 2, batch_first=True).eval(), K=3)
     x = torch.randn(2, 5, 16)
     kwargs = {"need_weights": False}
     if mask == "bool":
@@ -91,48 +111,60 @@ def test_attention_masks(mask):
     else:
         kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(5)
         kwargs["is_causal"] = True
-    _check(atlas, plain, x, x, x, **kwargs)
+    c.check(x, x, x, **kwargs)
 
 
 def test_cross_attention():
-    atlas, plain = _composed(nn.MultiheadAttention(16, 4, batch_first=True).eval())
+    c = Composed(nn.MultiheadAttention(16, 4, batch_first=True).eval())
     q, kv = torch.randn(2, 3, 16), torch.randn(2, 6, 16)
-    _check(atlas, plain, q, kv, kv, need_weights=False)
+    c.check(q, kv, kv, need_weights=False)
 
 
 def test_unsupported_attention_takes_the_generic_merge():
-    atlas, plain = _composed(nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True).eval())
-    assert isinstance(atlas.model.inner, nn.MultiheadAttention)
+    c = Composed(nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True).eval())
+    assert isinstance(c.atlas.model.inner, nn.MultiheadAttention)
     q, k, v = torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.randn(2, 4, 8)
     # called on its own first, outside the composed model, it must merge all its blocks (out_proj's too)
     with torch.no_grad():
-        alone = atlas.model.inner(q, k, v, need_weights=False)[0]
-        assert_rel(alone, plain.inner(q, k, v, need_weights=False)[0], 1e-5)
-    _check(atlas, plain, q, k, v, need_weights=False)
+        alone = c.atlas.model.inner(q, k, v, need_weights=False)[0]
+        merged = merged_reference(c.plain, c.bank, c.atlas.coefficients.double(), partitions=c.K, seed=SEED)
+        ref = reference_call(c.plain.inner, {n[len("inner."):]: t for n, t in merged.items()}, q, k, v,
+                             need_weights=False)[0]
+    assert_rel(alone, ref, TOL[torch.float32][0])
+    c.check(q, k, v, need_weights=False)
 
 
 def test_torch_compile_fullgraph():
     from open_clip.transformer import VisionTransformer
     vit = VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0,
                             output_dim=24).eval()
-    atlas = atlas_fast.compose(vit, atlas_fast.synthetic_task_vectors(vit, 2), partitions=2, backend="torch")
+    plain = copy.deepcopy(vit)
+    bank = atlas_fast.synthetic_task_vectors(vit, 2)
+    atlas = atlas_fast.compose(vit, bank, partitions=2, backend="torch", seed=SEED)
     with torch.no_grad():
         atlas.coefficients.uniform_(-0.5, 0.5)
     x = torch.randn(2, 3, 32, 32)
     eager = atlas(x)
-    grad = torch.autograd.grad(eager.sum(), atlas.coefficients)[0]
+    g = torch.randn_like(eager)
+    grad = torch.autograd.grad(eager, atlas.coefficients, g)[0]
+    ref, ref_grad = reference_outputs_and_grad(plain, bank, atlas.coefficients, (x,), grad_out=g, partitions=2,
+                                               seed=SEED)
+    assert_rel(eager.detach(), ref, TOL[torch.float32][0])
+    assert_rel(grad, ref_grad, TOL[torch.float32][1], "coefficient gradient")
     compiled = torch.compile(atlas, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     assert_rel(out.detach(), eager.detach(), 1e-6)
-    assert_rel(torch.autograd.grad(out.sum(), atlas.coefficients)[0], grad, 1e-6)
+    assert_rel(torch.autograd.grad(out, atlas.coefficients, g)[0], grad, 1e-6)
 
 
 def test_merge_after_to():
     """After .to(), merge() gives a plain copy in the new dtype with the composed model's outputs."""
-    atlas, _ = _composed(nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)))
-    atlas.to(torch.float64)
+    c = Composed(nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)), K=3)
+    c.atlas.to(torch.float64)
     x = torch.randn(3, 6, dtype=torch.float64)
-    plain = atlas.merge()
-    assert plain.inner[0].weight.dtype == torch.float64
+    merged = c.atlas.merge()
+    assert merged.inner[0].weight.dtype == torch.float64
     with torch.no_grad():
-        assert_rel(plain(x), atlas(x), 1e-12)
+        ref, _ = c.reference((x,))
+        assert_rel(merged(x), ref, TOL[torch.float64][0], "merged model")
+        assert_rel(c.atlas(x), ref, TOL[torch.float64][0], "composed model")
