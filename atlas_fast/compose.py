@@ -3,25 +3,38 @@
 Parameters of swapped modules (nn.Linear, nn.Conv2d, nn.MultiheadAttention) go through the fused atlas
 ops. Every other composed parameter (LayerNorm scales, embeddings, projections, biases of other modules)
 takes the generic on-the-fly merge: a forward pre-hook on the composed model merges all of them in one
-merge_blocks call and sets them on their owners; an owner called on its own (say clip.encode_image on a
-composed clip) merges its own blocks in its own pre-hook. An nn.MultiheadAttention that cannot be swapped
-reads its out_proj's parameters itself, so its pre-hook merges those too.
+merge_blocks call and puts the merged tensors on their owners for the duration of the forward; a forward
+hook puts θ0 back, also when the forward raises. An owner called on its own (say clip.encode_image on a
+composed clip) merges and restores its own blocks in its own hooks. An nn.MultiheadAttention that cannot be
+swapped reads its out_proj's parameters itself, so its hooks merge those too.
+
+Outside a forward the model holds exactly what it held before compose, under the same names (θ0, now
+frozen), plus one parameter, the coefficients, registered on the composed module as "atlas_coefficients":
+its state_dict is the original's plus that key, and it deep-copies like any module. Its class becomes a
+subclass of its own (as torch.nn.utils.parametrize does) that keeps the coefficients float32 through
+.half()/.bfloat16() and moves the generic blocks' task vectors with it; unwrap() restores the class.
 """
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .backends import BACKENDS
+from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
-from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients
+from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients, _AtlasBlocks
 from .ops import merge_blocks
 from .task_vectors import atomic_write
 
-COEF_FORMAT = "atlas_fast.coefficients/1"
+COEF_FORMAT = "atlas_fast.coefficients/2"
+_COEF_FORMATS = ("atlas_fast.coefficients/1", COEF_FORMAT)   # /1 files carry no bank fingerprint
+COEF_KEY = "atlas_coefficients"
+# Fingerprints of the same bank agree to rounding (a bank stored in another dtype); different or reordered
+# task vectors differ by about their norm.
+FINGERPRINT_RTOL = 1e-2
 
 
 @dataclass
@@ -55,81 +68,163 @@ def _swap_entry(module):
 
 
 class GenericBlocks(nn.Module):
-    """θ0 and τ of the blocks merged on the fly, and the hooks that set the merged tensors on their owners."""
+    """The task vectors of the blocks merged on the fly, and the hooks that lend the merged tensors to their
+    owners for one forward. θ0 stays registered on its owner; it is read from there at every merge."""
 
-    def __init__(self, root, entries, coefs, bank):
-        """entries: (name, owner module, attribute, block index, trigger module) per block."""
+    def __init__(self, root, entries, bank):
+        """entries: (bank name, owner module, attribute, block index, trigger module) per block."""
         super().__init__()
-        object.__setattr__(self, "atlas", coefs)
-        object.__setattr__(self, "root", root)
         self.entries = [(owner, attr, b) for _, owner, attr, b, _ in entries]
-        self.theta0 = nn.ParameterList([owner._parameters[attr] for _, owner, attr, _, _ in entries])
         for i, (name, *_) in enumerate(entries):
             self.register_buffer(f"tau_{i}", bank[name], persistent=False)
-        # Each block is merged by its trigger's pre-hook when the trigger runs outside the composed model.
-        self.triggers, self.by_trigger = {}, {}
+        # Each block is merged by its trigger's hooks when the trigger runs outside the composed model.
+        self.triggers = []                                   # [(trigger module, block indices)]
         for i, (*_, trigger) in enumerate(entries):
-            self.triggers[id(trigger)] = trigger
-            self.by_trigger.setdefault(id(trigger), []).append(i)
-        self._active = False
+            found = [ix for t, ix in self.triggers if t is trigger]
+            if found:
+                found[0].append(i)
+            else:
+                self.triggers.append((trigger, [i]))
+        self.root = [root]                                   # a list: not registered as a child
+        self._lent = {}                                      # trigger slot (-1: root) -> [(owner, attr, θ0)]
         self._handles = []
-        self.install()
 
-    def merge(self, indices):
-        coef = self.atlas.blocks([self.entries[i][2] for i in indices])
-        merged = merge_blocks([self.theta0[i] for i in indices], [getattr(self, f"tau_{i}") for i in indices],
-                              coef, [self.atlas.keys[self.entries[i][2]] for i in indices], self.atlas.backend)
+    def lend(self, slot, indices):
+        """Put θ0 + Σ c τ on the owners of these blocks, remembering θ0 to put back."""
+        atlas = self.atlas_coefficients()
+        theta0 = [self.entries[i][0]._parameters[self.entries[i][1]] for i in indices]
+        merged = merge_blocks(theta0, [getattr(self, f"tau_{i}") for i in indices],
+                              atlas.blocks([self.entries[i][2] for i in indices]),
+                              [atlas.keys[self.entries[i][2]] for i in indices], atlas.backend)
+        self._lent[slot] = [(self.entries[i][0], self.entries[i][1], p0) for i, p0 in zip(indices, theta0)]
         for i, m in zip(indices, merged):
             owner, attr, _ = self.entries[i]
-            setattr(owner, attr, m)
+            owner._parameters[attr] = m
+
+    def give_back(self, slot):
+        for owner, attr, p0 in self._lent.pop(slot, ()):
+            owner._parameters[attr] = p0
+
+    def atlas_coefficients(self):
+        return self.root[0].__dict__["_atlas"]
 
     def _root_pre(self, module, args):
-        self._active = True
-        self.merge(range(len(self.entries)))
+        self.atlas_coefficients().check_finite_values()
+        if self.entries:
+            self.lend(-1, range(len(self.entries)))
 
     def _root_post(self, module, args, output):
-        self._active = False
+        self.give_back(-1)
 
-    def _trigger_pre(self, module, args):
-        if not self._active:
-            self.merge(self.by_trigger[id(module)])
+    def _trigger_pre(self, slot, module, args):
+        if -1 not in self._lent and slot not in self._lent:
+            self.lend(slot, self.triggers[slot][1])
+
+    def _trigger_post(self, slot, module, args, output):
+        self.give_back(slot)
 
     def install(self):
-        """Take the composed parameters off their owners (θ0 stays here) and hook the merge in."""
-        for i, (owner, attr, _) in enumerate(self.entries):
-            del owner._parameters[attr]
-            setattr(owner, attr, self.theta0[i].detach())
-        if not self.entries:
-            return
-        self._handles = [self.root.register_forward_pre_hook(self._root_pre),
-                         self.root.register_forward_hook(self._root_post, always_call=True)]
-        self._handles += [t.register_forward_pre_hook(self._trigger_pre) for t in self.triggers.values()
-                          if t is not self.root]
+        root = self.root[0]
+        self._handles = [root.register_forward_pre_hook(self._root_pre),
+                         root.register_forward_hook(self._root_post, always_call=True)]
+        for slot, (trigger, _) in enumerate(self.triggers):
+            if trigger is not root:
+                self._handles += [trigger.register_forward_pre_hook(_SlotHook(self._trigger_pre, slot)),
+                                  trigger.register_forward_hook(_SlotHook(self._trigger_post, slot),
+                                                                always_call=True)]
 
     def uninstall(self):
-        """Put θ0 back on the owners as parameters and remove the hooks."""
+        for slot in list(self._lent):
+            self.give_back(slot)
         for h in self._handles:
             h.remove()
         self._handles = []
-        for i, (owner, attr, _) in enumerate(self.entries):
-            owner.__dict__.pop(attr, None)
-            owner._parameters[attr] = self.theta0[i]
+
+
+class _SlotHook:
+    """A hook bound to one trigger slot; deep-copies with its GenericBlocks (a closure would not)."""
+
+    def __init__(self, method, slot):
+        self.method, self.slot = method, slot
+
+    def __call__(self, *args):
+        return self.method(self.slot, *args)
+
+
+class _ComposedRoot:
+    """Mixed into the composed module's class: the coefficients stay float32 through dtype moves, the generic
+    blocks' task vectors (held by the AtlasCoefficients in `_atlas`, not a child, so that containers that run
+    every child, like nn.Sequential, are unaffected) follow .to(), and a state dict without the coefficients
+    (the original model's checkpoint) loads strictly."""
+
+    def _apply(self, fn, recurse=True):
+        atlas = self.__dict__["_atlas"]
+        c = self._parameters[COEF_KEY]
+        before = (c.data, None if c.grad is None else c.grad.data)
+        super()._apply(fn, recurse)
+        atlas.generic._apply(fn)
+        c = self._parameters[COEF_KEY]
+        if c.dtype in (torch.float16, torch.bfloat16):
+            c.data = before[0].to(c.device)
+            if c.grad is not None:
+                c.grad.data = before[1].to(c.device)
+        atlas.coefficients = c
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + COEF_KEY not in state_dict and prefix + COEF_KEY in missing_keys:
+            missing_keys.remove(prefix + COEF_KEY)
+
+    def __reduce_ex__(self, protocol):
+        # Pickles and deep-copies as "the original class, composed", without naming the generated class.
+        return _new_composed, (type(self).__mro__[2],), self.__getstate__()
+
+
+_COMPOSED_CLASSES = {}
+
+
+def _composed_class(base):
+    if base not in _COMPOSED_CLASSES:
+        _COMPOSED_CLASSES[base] = type(f"Atlas{base.__name__}", (_ComposedRoot, base), {"__module__": base.__module__})
+    return _COMPOSED_CLASSES[base]
+
+
+def _new_composed(base):
+    cls = _composed_class(base)
+    return cls.__new__(cls)
 
 
 class AtlasModel(nn.Module):
-    """A model running θ0 + Σ c·τ. `coefficients` is its only trainable parameter."""
+    """A model running θ0 + Σ c·τ. `coefficients` is its only trainable parameter.
 
-    def __init__(self, model, coefs, generic, swaps, blocks, report, sources):
+    Its state_dict is the wrapped model's: the original keys (θ0) plus "atlas_coefficients". `unwrap()` gives
+    the original model back as it was before compose.
+    """
+
+    def __init__(self, model, swaps, tau_paths, requires_grad, report, sources):
         super().__init__()
-        self.model, self.atlas, self.generic = model, coefs, generic
+        self.model = model
         self.report, self.sources = report, list(sources)
-        object.__setattr__(self, "_swaps", swaps)      # (parent, attr, original module, atlas module)
-        # (name, θ0 parameter, module holding τ, its buffer name) in block order: τ is looked up when used,
-        # so it follows the module through .to().
-        object.__setattr__(self, "_blocks", blocks)
+        # (parent path, attribute, original module): the modules compose() replaced, for unwrap() and merge().
+        self._swaps = swaps
+        # block name -> (held by the generic blocks?, path of its task-vector buffer there or in the model):
+        # names and paths, not tensors, so they stay right through .to(), load_state_dict() and deepcopy.
+        self._tau_paths = tau_paths
+        self._requires_grad = requires_grad          # parameter name -> requires_grad before compose
+        self._unwrapped = False
 
     def forward(self, *args, **kwargs):
+        self._check_composed()
         return self.model(*args, **kwargs)
+
+    @property
+    def atlas(self):
+        """The AtlasCoefficients: coefficients, granularity, partitions, seed, backend, block keys."""
+        self._check_composed()
+        return self.model.__dict__["_atlas"]
 
     @property
     def coefficients(self):
@@ -145,42 +240,112 @@ class AtlasModel(nn.Module):
 
     @backend.setter
     def backend(self, name):
-        _check_backend(name)
+        _check_backend(name, self.coefficients.device)
         self.atlas.backend = name
+
+    @property
+    def check_finite(self):
+        """Whether each forward first checks that the coefficients are finite (one tiny device sync)."""
+        return self.atlas.check_finite
+
+    @check_finite.setter
+    def check_finite(self, flag):
+        self.atlas.check_finite = bool(flag)
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Loads the original model's keys into θ0 and, when present, "atlas_coefficients"."""
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_composed(self):
+        if self._unwrapped:
+            raise RuntimeError("this AtlasModel was unwrapped: its model is plain again; compose it anew")
+
+    def _theta0_and_tau(self):
+        """(name, θ0, τ) per block, in block order."""
+        generic = self.atlas.generic
+        return [(name, self.model.get_parameter(name),
+                 (generic if in_generic else self.model).get_buffer(path))
+                for name, (in_generic, path) in ((n, self._tau_paths[n]) for n in self.block_names)]
 
     @torch.no_grad()
     def merged_parameters(self):
         """{block name: θ0 + Σ c τ} in θ0's dtype, one block at a time (torch backend)."""
-        return {name: merge_block(p0, getattr(holder, tau), self.atlas.block(b), self.atlas.keys[b]).to(p0.dtype)
-                for b, (name, p0, holder, tau) in enumerate(self._blocks)}
+        atlas = self.atlas
+        return {name: merge_block(p0, tau, atlas.block(b), atlas.keys[b]).to(p0.dtype)
+                for b, (name, p0, tau) in enumerate(self._theta0_and_tau())}
+
+    def _restore_originals(self):
+        """Take the atlas machinery out of the model: original modules and class back, hooks and coefficients
+        removed. Returns what _reinstall needs."""
+        atlas = self.atlas
+        swapped = [(self.model.get_submodule(parent_path), attr) for parent_path, attr, _ in self._swaps]
+        swapped = [(parent, attr, getattr(parent, attr)) for parent, attr in swapped]
+        _uninstall(self.model)
+        for (parent, attr, _), (_, _, original) in zip(swapped, self._swaps):
+            setattr(parent, attr, original)
+        return atlas, swapped
+
+    def _reinstall(self, atlas, swapped):
+        for parent, attr, atlas_module in swapped:
+            setattr(parent, attr, atlas_module)
+        _install(self.model, atlas)
+
+    def _restore_requires_grad(self, model):
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
 
     @torch.no_grad()
     def merge(self):
-        """A plain copy of the original model (same classes, no atlas modules) holding the merged weights."""
+        """A plain copy of the original model (same classes, no atlas modules) holding the merged weights,
+        each parameter with the requires_grad it had before compose."""
         merged = self.merged_parameters()
-        memo = {id(p0): nn.Parameter(merged[name]) for name, p0, _, _ in self._blocks}
-        self.generic.uninstall()
-        for parent, attr, original, _ in self._swaps:
-            setattr(parent, attr, original)
+        memo = {id(p0): nn.Parameter(merged[name], requires_grad=False) for name, p0, _ in self._theta0_and_tau()}
+        state = self._restore_originals()
         try:
             plain = copy.deepcopy(self.model, memo)
         finally:
-            for parent, attr, _, atlas_module in self._swaps:
-                setattr(parent, attr, atlas_module)
-            self.generic.install()
-        for p in plain.parameters():
-            p.requires_grad_(True)
+            self._reinstall(*state)
+        self._restore_requires_grad(plain)
         return plain
+
+    def unwrap(self):
+        """Undo compose(): the original modules and parameters (the same tensors, holding θ0, with the
+        requires_grad they had before) back in the model, hooks and coefficients removed. Returns the model;
+        this AtlasModel is unusable afterwards."""
+        self._restore_originals()
+        self._restore_requires_grad(self.model)
+        self._unwrapped = True
+        return self.model
+
+    # -- coefficient files
+
+    @torch.no_grad()
+    def bank_fingerprint(self):
+        """Per task vector [‖τ_t‖, Σ τ_t] over the composed blocks (float64): tells different or reordered
+        task vectors apart at the cost of one read of the bank."""
+        T = len(self.sources)
+        sq = torch.zeros(T, dtype=torch.float64)
+        total = torch.zeros(T, dtype=torch.float64)
+        for _, _, tau in self._theta0_and_tau():
+            flat = tau.reshape(T, -1)
+            sq += flat.double().pow(2).sum(1).cpu()
+            total += flat.double().sum(1).cpu()
+        return [[float(n), float(s)] for n, s in zip(sq.sqrt(), total)]
 
     def save_coefficients(self, path):
         """Write the coefficients and what they refer to as safetensors (atomic)."""
         from safetensors.torch import save_file
-        meta = {"format": COEF_FORMAT, **self._coef_meta()}
+        meta = {"format": COEF_FORMAT, **self._coef_meta(), "fingerprint": json.dumps(self.bank_fingerprint())}
         tensors = {"coefficients": self.coefficients.detach().cpu().contiguous()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
-    def load_coefficients(self, path):
-        """Load coefficients saved by save_coefficients for the same blocks, bank size and layout."""
+    def load_coefficients(self, path, allow_bank_mismatch=False):
+        """Load coefficients saved by save_coefficients for the same blocks, layout and bank. A file saved
+        for other or reordered task vectors (its sources or the bank's fingerprint differ) is refused unless
+        allow_bank_mismatch=True."""
         from safetensors import safe_open
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -190,7 +355,7 @@ class AtlasModel(nn.Module):
                 meta, coef = f.metadata() or {}, f.get_tensor("coefficients")
         except Exception as e:
             raise ValueError(f"{path}: unreadable or truncated coefficient file ({e})") from e
-        if meta.get("format") != COEF_FORMAT:
+        if meta.get("format") not in _COEF_FORMATS:
             raise ValueError(f"{path}: not an atlas_fast coefficient file")
         for key, value in self._coef_meta().items():
             if key != "sources" and meta.get(key) != value:
@@ -198,8 +363,29 @@ class AtlasModel(nn.Module):
         if coef.shape != self.coefficients.shape:
             raise ValueError(f"{path}: coefficients of shape {tuple(coef.shape)}, expected "
                              f"{tuple(self.coefficients.shape)}")
+        if not allow_bank_mismatch:
+            self._check_same_bank(path, meta)
+        if not torch.isfinite(coef).all():
+            raise ValueError(f"{path}: the coefficients hold non-finite values")
         with torch.no_grad():
             self.coefficients.copy_(coef)
+
+    def _check_same_bank(self, path, meta):
+        saved = json.loads(meta["sources"])
+        differ = [f"task vector {t}: file {a!r}, model {b!r}" for t, (a, b) in enumerate(zip(saved, self.sources))
+                  if a != b]
+        if differ:
+            raise ValueError(f"{path}: saved for other task vectors ({'; '.join(differ[:4])}); pass "
+                             f"allow_bank_mismatch=True to load it anyway")
+        if "fingerprint" not in meta:
+            return
+        ours = self.bank_fingerprint()
+        for t, ((n0, s0), (n1, s1)) in enumerate(zip(json.loads(meta["fingerprint"]), ours)):
+            scale = max(n0, n1, 1e-30)
+            if abs(n0 - n1) > FINGERPRINT_RTOL * scale or abs(s0 - s1) > FINGERPRINT_RTOL * scale:
+                raise ValueError(f"{path}: task vector {t} ({self.sources[t]!r}) holds other values than when the "
+                                 f"coefficients were saved (norm {n0:.6g} then, {n1:.6g} now; sum {s0:.6g} then, "
+                                 f"{s1:.6g} now); pass allow_bank_mismatch=True to load it anyway")
 
     def _coef_meta(self):
         a = self.atlas
@@ -208,63 +394,135 @@ class AtlasModel(nn.Module):
                 "sources": json.dumps(self.sources)}
 
 
-def _check_backend(backend):
+def _install(root, atlas):
+    root.__class__ = _composed_class(type(root))
+    root.__dict__["_atlas"] = atlas
+    root.register_parameter(COEF_KEY, atlas.coefficients)
+    atlas.generic.install()
+
+
+def _uninstall(root):
+    root.__dict__["_atlas"].generic.uninstall()
+    del root._parameters[COEF_KEY]
+    del root.__dict__["_atlas"]
+    root.__class__ = type(root).__mro__[2]
+
+
+def _check_backend(backend, device):
+    """Raise now, not at the first forward, if `backend` cannot run on `device`."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS + ('auto',)}")
+    resolve(backend, device, torch.float32)
 
 
-def compose(model, task_vectors, granularity="block", partitions=1, backend="auto", seed=0, strict=True):
+def _check_not_composed(model):
+    if isinstance(model, AtlasModel) or any(isinstance(m, (_AtlasBlocks, _ComposedRoot)) for m in model.modules()):
+        raise ValueError("compose: the model is already composed (it holds atlas modules); unwrap() it first, or "
+                         "compose the original model")
+    if hasattr(model, COEF_KEY):
+        raise ValueError(f"compose: the model already has an attribute {COEF_KEY!r}, where compose() puts the "
+                         f"coefficients")
+
+
+def _shared_prefix(longer, shorter):
+    """The prefix p with p + s in `longer` for every s in `shorter`, if there is one."""
+    first = next(iter(shorter))
+    for name in longer:
+        if name.endswith("." + first):
+            p = name[:-len(first)]
+            if all(p + s in longer for s in shorter):
+                return p
+    return None
+
+
+def _prefix_hint(model_names, bank_names):
+    """A suggestion when every name of one side is a name of the other behind one prefix, else ''."""
+    model_names, bank_names = set(model_names), set(bank_names)
+    if not model_names or not bank_names:
+        return ""
+    p = _shared_prefix(bank_names, model_names)
+    if p is not None:
+        return f" The bank's names are the model's behind {p!r}: pass prefix={p!r} to compose."
+    p = _shared_prefix(model_names, bank_names)
+    if p is not None:
+        return f" The model's names are the bank's behind {p!r}: compose the submodule, compose(model.{p[:-1]}, ...)."
+    return ""
+
+
+def compose(model, task_vectors, granularity="block", partitions=1, backend="auto", seed=0, strict=True,
+            prefix=None, check_finite=True):
     """Compose `model` (modified in place, θ0 shared, not copied) with a TaskVectors bank.
 
     granularity "block": one coefficient per task vector and parameter block, (T, B); "task": one per task
     vector, (T,); partitions=K splits every block into K hash-defined parts, (T, B, K). strict=True raises on
     a model parameter the bank lacks or a bank entry naming nothing in the model; strict=False composes the
-    intersection and says what it left out in `AtlasModel.report`.
+    intersection and says what it left out in `AtlasModel.report`. prefix: the bank's names are prefix + the
+    model's (compose(clip.visual, bank_of_clip, prefix="visual.")); bank entries outside it are ignored.
+    check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
+    Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
     """
-    _check_backend(backend)
-    if isinstance(model, AtlasModel):
-        raise ValueError("model is already composed")
+    _check_not_composed(model)
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    _check_backend(backend, device)
     buffers = dict(model.named_buffers())
-    names = [n for n in params if n in task_vectors]
-    missing = [n for n in params if n not in task_vectors]
-    extra = [n for n in task_vectors.names if n not in params]
+    bank_names = task_vectors.names
+    if prefix:
+        bank_names = [n[len(prefix):] for n in bank_names if n.startswith(prefix)]
+        if not bank_names:
+            raise ValueError(f"compose: no bank entry starts with prefix={prefix!r}")
+    bank_set = set(bank_names)
+    names = [n for n in params if n in bank_set]
+    missing = [n for n in params if n not in bank_set]
+    extra = [n for n in bank_names if n not in params]
     unknown = [n for n in extra if n not in buffers]
+    hint = _prefix_hint(list(params), bank_names) if (not names or (strict and missing and unknown)) else ""
+    if not names:
+        raise ValueError("compose: no parameter of the model has a task vector in the bank." + hint)
     if strict and (missing or unknown):
         parts = [f"{len(missing)} model parameters have no task vector ({', '.join(missing[:5])})"] if missing else []
         parts += [f"{len(unknown)} bank entries name nothing in the model ({', '.join(unknown[:5])})"] if unknown else []
         raise ValueError("compose(strict=True): " + "; ".join(parts) + ". Pass strict=False to compose the "
-                         "intersection, or a prefix when building the bank")
-    if not names:
-        raise ValueError("compose: no parameter of the model has a task vector in the bank")
+                         "intersection." + hint)
+    bank = {n: task_vectors[(prefix or "") + n] for n in names}
     for n in names:
-        p, tau = params[n], task_vectors[n]
+        p, tau = params[n], bank[n]
         if tuple(tau.shape[1:]) != tuple(p.shape):
             raise ValueError(f"compose: parameter {n!r} has shape {tuple(p.shape)}, its task vectors "
                              f"{tuple(tau.shape[1:])}")
         if tau.device != p.device:
             raise ValueError(f"compose: parameter {n!r} is on {p.device}, its task vectors on {tau.device}; "
                              f"use task_vectors.to(device)")
+    buffers_in_bank = [n for n in extra if n in buffers]
+    if buffers_in_bank:
+        warnings.warn(f"compose: {len(buffers_in_bank)} bank entries name buffers ({', '.join(buffers_in_bank[:3])}"
+                      f"{', ...' if len(buffers_in_bank) > 3 else ''}); buffers are not composed, the model keeps "
+                      f"its own (see AtlasModel.report)", stacklevel=2)
+
     index = {n: b for b, n in enumerate(names)}
     coefs = AtlasCoefficients(len(task_vectors), len(names), granularity, partitions, seed, backend)
-    coefs.to(params[names[0]].device)
-    for p in model.parameters():
+    coefs.to(device)
+    coefs.check_finite = bool(check_finite)
+    coefs.block_names = list(names)
+    requires_grad = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
         p.requires_grad_(False)
 
-    swaps, fused, triggers = [], {}, {}
+    swaps, fused, triggers, tau_paths = [], {}, {}, {}
 
-    def visit(module, prefix):
+    def visit(module, path):
         for attr, child in list(module.named_children()):
-            full = prefix + attr
+            full = path + attr
             entry = _swap_entry(child)
             if entry is not None:
                 cls, pmap = entry
                 blocks = {a: (index[f"{full}.{p}"], f"{full}.{p}") for p, a in pmap.items() if f"{full}.{p}" in index}
                 if f"{full}.{next(iter(pmap))}" in index:
-                    new = cls(child, coefs, task_vectors, blocks)
+                    new = cls(child, coefs, bank, blocks)
                     setattr(module, attr, new)
-                    swaps.append((module, attr, child, new))
+                    swaps.append((path.rstrip("."), attr, child))
                     fused.update({name: type(child).__name__ for _, name in blocks.values()})
+                    tau_paths.update({name: (False, f"{full}.tau_{a}") for a, (_, name) in blocks.items()})
                     continue
             if isinstance(child, nn.MultiheadAttention):
                 # It reads out_proj's parameters directly, never calling out_proj: leave out_proj unswapped
@@ -280,11 +538,10 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
             owner_name, _, attr = n.rpartition(".")
             owner = model.get_submodule(owner_name)
             generic_entries.append((n, owner, attr, index[n], triggers.get(n, owner)))
-    generic = GenericBlocks(model, generic_entries, coefs, task_vectors)
+            tau_paths[n] = (True, f"tau_{len(generic_entries) - 1}")
+    coefs.generic = GenericBlocks(model, generic_entries, bank)
+    _install(model, coefs)
     report = CompositionReport(composed=names, fused=fused, generic=[e[0] for e in generic_entries],
                                missing_from_bank=missing, unused_bank_entries=unknown,
-                               buffers_not_composed=[n for n in extra if n in buffers])
-    holders = {name: (new, f"tau_{attr}") for _, _, _, new in swaps for attr, (_, name) in new.blocks.items()}
-    holders.update({e[0]: (generic, f"tau_{i}") for i, e in enumerate(generic_entries)})
-    blocks = [(n, params[n], *holders[n]) for n in names]
-    return AtlasModel(model, coefs, generic, swaps, blocks, report, task_vectors.sources)
+                               buffers_not_composed=buffers_in_bank)
+    return AtlasModel(model, swaps, tau_paths, requires_grad, report, task_vectors.sources)

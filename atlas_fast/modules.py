@@ -14,7 +14,13 @@ GRANULARITIES = ("block", "task")
 
 
 class AtlasCoefficients(nn.Module):
-    """The single trainable tensor c: (T, B) for "block", (T,) for "task", (T, B, K) for partitions=K."""
+    """The single trainable tensor c: (T, B) for "block", (T,) for "task", (T, B, K) for partitions=K.
+
+    compose() registers it on the composed model as the submodule `atlas`, so the model's state_dict holds
+    the coefficients under the one key "atlas.coefficients" beside its own keys. They stay float32 when the
+    model moves to float16 or bfloat16 (the master copy, as under autocast); a state dict without that key
+    loads without touching them.
+    """
 
     def __init__(self, num_tasks, num_blocks, granularity="block", partitions=1, seed=0, backend="auto"):
         super().__init__()
@@ -33,6 +39,22 @@ class AtlasCoefficients(nn.Module):
         self.coefficients = nn.Parameter(torch.zeros(shape))
         self.granularity, self.partitions, self.seed, self.backend = granularity, partitions, seed, backend
         self.keys = [block_key(seed, b) for b in range(num_blocks)]
+        self.block_names = [f"block {b}" for b in range(num_blocks)]
+        self.check_finite = True
+
+    def check_finite_values(self):
+        """Raise if an optimizer step left NaN or Inf in c: one sync on this small tensor, skipped while
+        torch.compile traces and when check_finite is False."""
+        if not self.check_finite or torch.compiler.is_compiling():
+            return
+        c = self.coefficients.detach()
+        if not torch.isfinite(c).all():
+            bad = [tuple(i) for i in torch.nonzero(~torch.isfinite(c)).tolist()[:3]]
+            where = ", ".join(f"task {i[0]}" + (f" block {self.block_names[i[1]]!r}" if len(i) > 1 else "")
+                              for i in bad)
+            raise ValueError(f"the coefficients hold non-finite values ({where}): the last optimizer step "
+                             f"diverged; lower the learning rate or clip gradients (check_finite=False turns "
+                             f"this check off)")
 
     def block(self, b):
         """The (T, K) coefficients of block b."""
@@ -48,6 +70,25 @@ class AtlasCoefficients(nn.Module):
             return c[:, None, None].expand(-1, len(indices), 1)
         idx = torch.as_tensor(indices, device=c.device)
         return c[:, idx].unsqueeze(-1) if self.partitions == 1 else c[:, idx]
+
+    def _apply(self, fn, recurse=True):
+        # Coefficients never drop below float32: keep the float32 values through .half() / .bfloat16().
+        c = self.coefficients
+        before = (c.data, None if c.grad is None else c.grad.data)
+        super()._apply(fn, recurse)
+        c = self.coefficients
+        if c.dtype in (torch.float16, torch.bfloat16):
+            c.data = before[0].to(c.device)
+            if c.grad is not None:
+                c.grad.data = before[1].to(c.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The original model's own checkpoints lack the key: loading one updates θ0 and keeps c.
+        if prefix + "coefficients" in state_dict:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
 
 
 class _AtlasBlocks(nn.Module):
@@ -69,6 +110,13 @@ class _AtlasBlocks(nn.Module):
         return getattr(self, f"tau_{attr}"), self.atlas.block(b), self.atlas.keys[b]
 
 
+def _refuse_mixed_dtypes(x, weight, plain_call):
+    """Outside autocast nn.Linear and nn.Conv2d refuse an input whose dtype differs from their weight's, where
+    the atlas op would cast: run the plain op on θ0 then, so that torch raises its own error."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        plain_call()
+
+
 class AtlasLinear(_AtlasBlocks):
     def __init__(self, linear, coefs, bank, blocks):
         super().__init__()
@@ -77,6 +125,7 @@ class AtlasLinear(_AtlasBlocks):
         self._attach(coefs, bank, blocks)
 
     def forward(self, x):
+        _refuse_mixed_dtypes(x, self.weight, lambda: F.linear(x, self.weight, self.bias))
         tw, cw, kw = self._block_args("weight")
         tb, cb, kb = self._block_args("bias")
         return atlas_linear(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
@@ -91,6 +140,8 @@ class AtlasConv2d(_AtlasBlocks):
         self._attach(coefs, bank, blocks)
 
     def forward(self, x):
+        _refuse_mixed_dtypes(x, self.weight, lambda: F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                                                              self.dilation, self.groups))
         tw, cw, kw = self._block_args("weight")
         tb, cb, kb = self._block_args("bias")
         return atlas_conv2d(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, self.stride, self.padding,
@@ -121,14 +172,17 @@ class AtlasMultiheadAttention(_AtlasBlocks):
         self.embed_dim, self.num_heads, self.dropout = mha.embed_dim, mha.num_heads, mha.dropout
         self.batch_first, self.head_dim = mha.batch_first, mha.head_dim
         self.in_proj_weight, self.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
-        self.out_proj_weight, self.out_proj_bias = mha.out_proj.weight, mha.out_proj.bias
+        # Kept as a child, never called, so the state_dict keeps nn.MultiheadAttention's key names.
+        self.out_proj = mha.out_proj
         self._attach(coefs, bank, blocks)
 
     def _project(self, x, which):
+        owner, prefix = (self, "in_proj_") if which == "in_proj" else (self.out_proj, "")
+        w, b = getattr(owner, f"{prefix}weight"), getattr(owner, f"{prefix}bias")
+        _refuse_mixed_dtypes(x, w, lambda: F.linear(x, w, b))
         tw, cw, kw = self._block_args(f"{which}_weight")
         tb, cb, kb = self._block_args(f"{which}_bias")
-        return atlas_linear(x, getattr(self, f"{which}_weight"), getattr(self, f"{which}_bias"), tw, tb, cw, cb,
-                            kw, kb, backend=self.atlas.backend)
+        return atlas_linear(x, w, b, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -140,7 +194,7 @@ class AtlasMultiheadAttention(_AtlasBlocks):
             # Distinct inputs: project each through the packed weight and keep its third.
             q, k, v = (self._project(t, "in_proj").chunk(3, dim=-1)[i] for i, t in enumerate((query, key, value)))
         B, L, S, H = q.shape[0], q.shape[1], k.shape[1], self.num_heads
-        q, k, v = (t.reshape(B, -1, H, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(B, n, H, self.head_dim).transpose(1, 2) for t, n in ((q, L), (k, S), (v, S)))
         mask = _attention_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
         p = self.dropout if self.training else 0.0
         causal = is_causal and mask is None
@@ -180,7 +234,8 @@ def _attention_mask(attn_mask, key_padding_mask, B, H, L, S, dtype):
 
 
 # compose() swaps modules by this table: module type -> (Atlas module, {original parameter: its attribute
-# there}); the first parameter listed is the weight that must be composed for the swap to happen.
+# there}); the first parameter listed is the weight that must be composed for the swap to happen. Every Atlas
+# module keeps the original's parameter names, so a composed model's state_dict has the original keys.
 SWAP_TABLE = {
     nn.Linear: (AtlasLinear, {"weight": "weight", "bias": "bias"}),
     nn.Conv2d: (AtlasConv2d, {"weight": "weight", "bias": "bias"}),

@@ -1,7 +1,12 @@
 """TaskVectors: the bank of task vectors τ_t = θ_t − θ0, matched to parameters by name.
 
 One stacked tensor (T, *param_shape) per block, in float32, bfloat16 or float16. Differences are taken in
-float32 and stored in the bank's dtype. Saved and loaded as safetensors; every write is atomic.
+float32 and stored in the bank's dtype. Saved and loaded as safetensors; every write is atomic. Every bank,
+however it is made or read, holds finite values only.
+
+Buffers are not task vectors: aTLAS composes parameters, and compose() never composes a buffer. from_models
+takes parameters only, and state dicts lose their BatchNorm statistics (running_mean, running_var), unless
+include_buffers=True asks for them.
 """
 import json
 import os
@@ -12,6 +17,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT = "atlas_fast.task_vectors/1"
+# Entry names that are BatchNorm statistics (buffers) in any torch state dict.
+BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _dtype_name(dtype):
@@ -76,7 +83,9 @@ def read_state_dict(path, allow_pickle=False):
 class TaskVectors:
     """A bank of T task vectors: `tv[name]` is the stacked (T, *shape) tensor of block `name`."""
 
-    def __init__(self, vectors, sources=None, skipped=None):
+    def __init__(self, vectors, sources=None, skipped=None, check_finite=True):
+        """vectors: {name: (T, *shape) tensor}. check_finite=False skips the scan for NaN/Inf, for callers that
+        checked every value already."""
         if not vectors:
             raise ValueError("TaskVectors: no blocks")
         T = {v.shape[0] for v in vectors.values()}
@@ -92,17 +101,25 @@ class TaskVectors:
         if len(self.sources) != self.num_tasks:
             raise ValueError(f"TaskVectors: {len(self.sources)} source names for {self.num_tasks} task vectors")
         self.skipped = dict(skipped or {})
+        if check_finite:
+            for name, v in self.vectors.items():
+                _check_finite(v, name, self.sources)
 
     # -- construction
 
     @classmethod
-    def from_state_dicts(cls, pretrained_sd, finetuned_sds, dtype=torch.float32, prefix=None, sources=None):
-        """τ_t = finetuned_sds[t] − pretrained_sd for every floating entry. The fine-tuned state dicts may be
-        an iterator (e.g. loading one checkpoint at a time): each is read once, into its slot of the bank."""
+    def from_state_dicts(cls, pretrained_sd, finetuned_sds, dtype=torch.float32, prefix=None, sources=None,
+                         include_buffers=False):
+        """τ_t = finetuned_sds[t] − pretrained_sd for every floating entry except BatchNorm statistics
+        (unless include_buffers=True). The fine-tuned state dicts may be an iterator (e.g. loading one
+        checkpoint at a time): each is read once, into its slot of the bank."""
         _dtype_name(dtype)
         base = _select(pretrained_sd, prefix, "pretrained")
-        floats = {k: v for k, v in base.items() if v.is_floating_point()}
         skipped = {k: f"not floating ({v.dtype})" for k, v in base.items() if not v.is_floating_point()}
+        if not include_buffers:
+            skipped.update({k: "BatchNorm statistic: a buffer, not composed (include_buffers=True keeps it)"
+                            for k, v in base.items() if k not in skipped and k.rpartition(".")[2] in BATCHNORM_STATS})
+        floats = {k: v for k, v in base.items() if k not in skipped}
         bank, names = {k: [] for k in floats}, []
         for t, sd in enumerate(finetuned_sds):
             source = sources[t] if sources is not None and t < len(sources) else f"finetuned[{t}]"
@@ -125,24 +142,31 @@ class TaskVectors:
         if not names:
             raise ValueError("TaskVectors: the list of fine-tuned models is empty")
         vectors = {k: torch.stack(v) for k, v in bank.items()}
-        return cls(vectors, sources=names, skipped=skipped)
+        return cls(vectors, sources=names, skipped=skipped, check_finite=dtype != torch.float32)
 
     @classmethod
-    def from_models(cls, pretrained, finetuned, dtype=torch.float32, prefix=None):
-        """From modules of one architecture (parameters and floating buffers, matched by name)."""
+    def from_models(cls, pretrained, finetuned, dtype=torch.float32, prefix=None, include_buffers=False):
+        """From modules of one architecture: their parameters, matched by name (and their floating buffers
+        with include_buffers=True)."""
+        def entries(m):
+            out = {k: p.detach() for k, p in m.named_parameters()}
+            if include_buffers:
+                out.update({k: b for k, b in m.state_dict().items() if k not in out})
+            return out
         finetuned = list(finetuned)
-        return cls.from_state_dicts(pretrained.state_dict(), (m.state_dict() for m in finetuned), dtype, prefix,
-                                    sources=[f"model[{t}]" for t in range(len(finetuned))])
+        return cls.from_state_dicts(entries(pretrained), (entries(m) for m in finetuned), dtype, prefix,
+                                    sources=[f"model[{t}]" for t in range(len(finetuned))],
+                                    include_buffers=include_buffers)
 
     @classmethod
     def from_checkpoints(cls, pretrained_path, finetuned_paths, dtype=torch.float32, prefix=None,
-                         allow_pickle=False):
+                         allow_pickle=False, include_buffers=False):
         """From checkpoint files, read one at a time: safetensors, torch state dicts, or (allow_pickle=True)
         pickled modules as the public aTLAS / task-vector checkpoints are."""
         paths = [os.fspath(p) for p in finetuned_paths]
         base = read_state_dict(pretrained_path, allow_pickle)
         return cls.from_state_dicts(base, (read_state_dict(p, allow_pickle) for p in paths), dtype, prefix,
-                                    sources=paths)
+                                    sources=paths, include_buffers=include_buffers)
 
     # -- access
 
@@ -171,8 +195,10 @@ class TaskVectors:
         """A bank on another device or in another storage dtype (float32, bfloat16, float16)."""
         if dtype is not None:
             _dtype_name(dtype)
+        # A narrower dtype can overflow to Inf (float16 above 65504): scan again only then.
+        narrower = dtype is not None and torch.finfo(dtype).max < torch.finfo(self.dtype).max
         return TaskVectors({k: v.to(device=device, dtype=dtype) for k, v in self.vectors.items()},
-                           self.sources, self.skipped)
+                           self.sources, self.skipped, check_finite=narrower)
 
     def __repr__(self):
         return (f"TaskVectors(T={self.num_tasks}, blocks={len(self.vectors)}, dtype={self.dtype}, "
@@ -210,6 +236,13 @@ class TaskVectors:
         if tv.num_tasks != int(meta["num_tasks"]) or _dtype_name(tv.dtype) != meta["dtype"]:
             raise ValueError(f"{path}: contents disagree with its metadata (T, dtype)")
         return tv
+
+
+def _check_finite(v, name, sources):
+    bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+    if bad.any():
+        t = int(torch.nonzero(bad)[0])
+        raise ValueError(f"TaskVectors: block {name!r} of task vector {t} ({sources[t]!r}) has non-finite values")
 
 
 def synthetic_task_vectors(model, num_tasks, rel_scale=1e-2, dtype=torch.float32, seed=0):

@@ -1,9 +1,11 @@
-"""compose() on open_clip ViT-B-32's visual tower against the naive paper-style baseline."""
+"""compose() on an open_clip ViT's visual tower against the naive paper-style baseline: a tiny ViT in the
+default run, the full ViT-B-32 (about 11 GB of peak RSS) under the `slow` marker."""
 import copy
 
 import open_clip
 import pytest
 import torch
+from open_clip.transformer import VisionTransformer
 
 import atlas_fast
 from atlas_fast.baselines.naive import NaiveAtlas
@@ -11,12 +13,25 @@ from atlas_fast.baselines.naive import NaiveAtlas
 from helpers import assert_rel
 
 T = 3
+SIZES = {"tiny": 32, "ViT-B-32": 224}
+
+
+def _build(which):
+    torch.manual_seed(0)
+    if which == "tiny":
+        return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0,
+                                 output_dim=24).eval()
+    return open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+
+
+@pytest.fixture(scope="module", params=["tiny", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
+def which(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def vit():
-    torch.manual_seed(0)
-    return open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+def vit(which):
+    return _build(which)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +40,8 @@ def bank(vit):
 
 
 @pytest.fixture(scope="module")
-def images():
-    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+def images(which):
+    return torch.randn(2, 3, SIZES[which], SIZES[which], generator=torch.Generator().manual_seed(1))
 
 
 def _pair(vit, granularity, partitions, bank_dtype=torch.float32):
@@ -55,7 +70,6 @@ def test_matches_naive(vit, images, granularity, partitions):
     y_ref, g_ref = _out_and_grad(naive, images, weight)
     assert_rel(y, y_ref, 1e-5, "output")
     assert_rel(g, g_ref, 1e-4, "coefficient gradient")
-    assert g.abs().sum() > 0
 
 
 def test_bf16_bank_against_naive_on_upcast_bank(vit, images):
@@ -89,30 +103,19 @@ def test_zero_coefficients_run_the_pretrained_model(vit, bank, images):
         assert_rel(atlas(images), y0, 1e-6)
 
 
-def test_merge_reproduces_composed_outputs(vit, images):
-    atlas, _ = _pair(vit, "block", 4)
+def test_merge_gives_the_naive_models_outputs(vit, images):
+    atlas, naive = _pair(vit, "block", 4)
     plain = atlas.merge()
     assert type(plain) is type(vit)
     assert not any("Atlas" in type(m).__name__ for m in plain.modules())
     with torch.no_grad():
-        assert_rel(plain(images), atlas(images), 1e-5)
-    # the composed model still works after merge()
-    y, g = _out_and_grad(atlas, images, torch.randn(2, vit.output_dim))
-    assert g.abs().sum() > 0
-
-
-def test_compose_in_place_keeps_clip_working(images):
-    torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32", pretrained=None).eval()
-    bank = atlas_fast.synthetic_task_vectors(clip.visual, T, rel_scale=5e-2)
-    with torch.no_grad():
-        before = clip.encode_image(images)
-        atlas = atlas_fast.compose(clip.visual, bank)
-        atlas.coefficients.fill_(1.0)
-        after = clip.encode_image(images)
-        direct = atlas(images)
-    assert_rel(after, direct, 1e-6)
-    assert (after - before).abs().max() > 1e-3, "encode_image must run the composed tower"
+        assert_rel(plain(images), naive(images), 1e-5)
+    # the composed model still runs its composition after merge()
+    weight = torch.randn(2, vit.output_dim)
+    y, g = _out_and_grad(atlas, images, weight)
+    y_ref, g_ref = _out_and_grad(naive, images, weight)
+    assert_rel(y, y_ref, 1e-5, "output after merge()")
+    assert_rel(g, g_ref, 1e-4, "coefficient gradient after merge()")
 
 
 def test_strict_and_report(vit, bank):
@@ -131,7 +134,8 @@ def test_buffers_are_reported_not_composed():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 6 * 6, 5))
     state = {k: torch.randn(2, *v.shape) * 1e-2 for k, v in model.state_dict().items() if v.is_floating_point()}
-    atlas = atlas_fast.compose(model, atlas_fast.TaskVectors(state))
+    with pytest.warns(UserWarning, match="buffers are not composed"):
+        atlas = atlas_fast.compose(model, atlas_fast.TaskVectors(state))
     assert set(atlas.report.buffers_not_composed) == {"1.running_mean", "1.running_var"}
     assert "1.running_mean" in str(atlas.report)
     atlas(torch.randn(2, 3, 8, 8)).sum().backward()
@@ -158,3 +162,4 @@ def test_bad_arguments(vit, bank):
         with pytest.raises(ValueError, match=msg):
             atlas_fast.compose(vit, bank, **kwargs)
     assert not any("Atlas" in type(m).__name__ for m in vit.modules()), "a failed compose must not touch the model"
+    assert all(p.requires_grad for p in vit.parameters())

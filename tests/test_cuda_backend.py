@@ -53,13 +53,14 @@ def test_cpu_tensors_raise_backend_unavailable():
                                 backend="cuda")
 
 
-def test_compose_with_cuda_backend_on_cpu_fails_at_forward_with_the_reason():
+def test_cuda_backend_on_cpu_fails_at_compose_with_the_reason():
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.GELU(), torch.nn.Linear(6, 3))
-    atlas = atlas_fast.compose(model, atlas_fast.synthetic_task_vectors(model, 2), backend="cuda")
     with pytest.raises(BackendUnavailable, match="CUDA tensors"):
-        atlas(torch.randn(4, 8))
-    atlas.backend = "torch"
-    assert atlas(torch.randn(4, 8)).shape == (4, 3)
+        atlas_fast.compose(model, atlas_fast.synthetic_task_vectors(model, 2), backend="cuda")
+    atlas = atlas_fast.compose(model, atlas_fast.synthetic_task_vectors(model, 2), backend="torch")
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+        atlas.backend = "cuda"
+    assert atlas.backend == "torch" and atlas(torch.randn(4, 8)).shape == (4, 3)
 
 
 def test_float64_is_refused_with_the_way_out():
