@@ -10,10 +10,11 @@ include_buffers=True asks for them.
 """
 import json
 import os
-import pickle
 import tempfile
 
 import torch
+
+from .checkpoints import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT = "atlas_fast.task_vectors/1"
@@ -50,34 +51,6 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def read_state_dict(path, allow_pickle=False):
-    """A checkpoint's state dict: safetensors, a torch file holding a state dict (or {'state_dict': ...}),
-    or, only with allow_pickle=True, a pickled module."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise ValueError(f"{path}: unreadable or truncated safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: holds pickled objects (e.g. a whole module); unpickling runs code, so it is "
-                         f"read only with allow_pickle=True, for files you trust") from e
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
-    return obj
 
 
 class TaskVectors:
@@ -162,7 +135,8 @@ class TaskVectors:
     def from_checkpoints(cls, pretrained_path, finetuned_paths, dtype=torch.float32, prefix=None,
                          allow_pickle=False, include_buffers=False):
         """From checkpoint files, read one at a time: safetensors, torch state dicts, or (allow_pickle=True)
-        pickled modules as the public aTLAS / task-vector checkpoints are."""
+        pickled modules as the public aTLAS / task-vector checkpoints are, read without their code (a
+        wrapper around one model, like their ImageEncoder, gives the wrapped model's names)."""
         paths = [os.fspath(p) for p in finetuned_paths]
         base = read_state_dict(pretrained_path, allow_pickle)
         return cls.from_state_dicts(base, (read_state_dict(p, allow_pickle) for p in paths), dtype, prefix,
