@@ -3,6 +3,7 @@ package) as ImageFolder folders, a tiny open_clip CLIP built offline, and task v
 fine-tuning of its image tower on two source tasks (upright digits, digits rotated by 90°) with the
 zero-shot head frozen, as aTLAS's task vectors are made."""
 import json
+import math
 import os
 
 import numpy as np
@@ -61,7 +62,7 @@ def finetune_visual(clip, preprocess, head, images, labels, steps=150, lr=2e-3, 
     return visual.eval()
 
 
-def build_world(root, steps=150):
+def build_world(root, steps=100, pretrain_steps=200):
     """Folders, config, θ0 checkpoint, two fine-tuned checkpoints and their bank under `root`.
     Returns a dict of paths."""
     from atlas_fast.adapt import build_bank
@@ -71,9 +72,16 @@ def build_world(root, steps=150):
     config = write_config(root)
     torch.manual_seed(0)
     clip, preprocess, tok = load_clip(config)
+    with torch.no_grad():   # a trained CLIP's temperature (scale 100), not the initial 1/0.07
+        clip.logit_scale.fill_(math.log(100.0))
+    head = zero_shot_head(clip, tok, CLASSNAMES, ["a photo of the number {}."], progress=False)
+    # θ0: the image tower pre-trained on digits rotated by 180° and 270°, so that it has some "zero-shot"
+    # skill on the other orientations, as a pre-trained CLIP has on a new task
+    pre = [digits(r) for r in (2, 3)]
+    clip.visual = finetune_visual(clip, preprocess, head, np.concatenate([p[0] for p in pre]),
+                                  np.concatenate([p[1] for p in pre]), steps=pretrain_steps, seed=7)
     theta0 = os.path.join(root, "theta0.pt")
     torch.save(clip.state_dict(), theta0)
-    head = zero_shot_head(clip, tok, CLASSNAMES, ["a photo of the number {}."], progress=False)
     paths = {"config": config, "theta0": theta0, "root": root}
     classnames = os.path.join(root, "classnames.txt")
     with open(classnames, "w") as f:
@@ -92,9 +100,40 @@ def build_world(root, steps=150):
         torch.save(state, ckpt)
         finetuned.append(ckpt)
     paths["finetuned"] = finetuned
+    # θ0 + 0.7 (τ_upright + τ_rot90): a model that knows some of both tasks, where the negation tests start
+    base = torch.load(theta0, weights_only=True)
+    tuned = [torch.load(c, weights_only=True) for c in finetuned]
+    paths["multi"] = os.path.join(root, "multi.pt")
+    torch.save({k: v + 0.7 * sum(t[k] - v for t in tuned) if k.startswith("visual.") else v for k, v in base.items()},
+               paths["multi"])
     paths["bank"] = os.path.join(root, "bank.safetensors")
     build_bank(theta0, finetuned, paths["bank"])
     paths["templates"] = os.path.join(root, "templates.txt")
     with open(paths["templates"], "w") as f:
         f.write("a photo of the number {}.\n")
     return paths
+
+
+def get_world(tmp_path_factory):
+    """The world, built once per test session under pytest's base temporary folder."""
+    root = os.path.join(str(tmp_path_factory.getbasetemp()), "adapt_world")
+    done = os.path.join(root, "paths.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
+    with single_thread():
+        paths = build_world(root)
+    with open(done, "w") as f:
+        json.dump(paths, f)
+    return paths
+
+
+class single_thread:
+    """One intra-op thread: on a small shared machine tiny models run several times faster so."""
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)

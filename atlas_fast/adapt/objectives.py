@@ -119,7 +119,7 @@ class UFM(Objective):
         n = strong.shape[0]
         unsup = (F.cross_entropy(logits[:n], pseudo, reduction="none") * mask).mean()
         sup = F.cross_entropy(logits[n:], t_label)
-        return unsup + sup, {"mask_rate": mask.mean().item()}
+        return unsup + sup, {"mask_rate": mask.mean().item(), "trusted_ce": sup.item(), "pseudo_ce": unsup.item()}
 
 
 class Negation(Objective):
