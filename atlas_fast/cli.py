@@ -64,6 +64,16 @@ def _user_errors():
     return (ValueError, DataError, ModelSpecError, BankMismatchError, FileNotFoundError, PermissionError)
 
 
+def _fail(args, error):
+    """Exit through argparse with one line: a data-loader worker's error arrives wrapped in its traceback."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    message = lines[0]
+    if len(lines) > 1 and "Traceback" in str(error):
+        name, _, rest = lines[-1].partition(": ")
+        message = rest if rest and " " not in name else lines[-1]
+    args.parser.error(message)
+
+
 def _model_options(p, bank=True):
     p.add_argument("--model", required=True, help="open_clip architecture name (e.g. ViT-B-32) or a model config .json")
     p.add_argument("--pretrained", help="checkpoint of θ0 (any file open_clip.load_checkpoint reads); "
@@ -105,7 +115,7 @@ def _run_bank(args):
     try:
         tv = build_bank(args.pretrained, args.finetuned, args.out, args.prefix, args.dtype, args.allow_pickle)
     except _user_errors() as e:
-        args.parser.error(str(e))
+        _fail(args, e)
     print(f"wrote {args.out}: {tv}")
     return 0
 
@@ -167,7 +177,7 @@ def _run_adapt(args):
                        finetuned_accuracy=args.finetuned_acc, resume=args.resume, flip=not args.no_flip,
                        progress=not args.no_progress, **options)
     except _user_errors() as e:
-        args.parser.error(str(e))
+        _fail(args, e)
     s = result.summary
     print(f"selected epoch {s['selected_epoch']} ({s['select']}); validation accuracy, initial -> adapted:")
     for name, a, b in zip(s["tasks"], s["initial"], s["selected"]):
@@ -203,7 +213,7 @@ def _run_eval(args):
                         val_fraction=args.val_fraction, device=args.device, backend=args.backend,
                         allow_pickle=args.allow_pickle)
     except _user_errors() as e:
-        args.parser.error(str(e))
+        _fail(args, e)
     width = max(len(r["model"]) for r in rows)
     for r in rows:
         print(f"{r['model']:<{width}}  {r['data']}: {100 * r['accuracy']:.2f}% of {r['n']}")
@@ -230,7 +240,7 @@ def _run_merge(args):
         path = merge(args.model, args.bank, args.coefficients, args.out, pretrained=args.pretrained,
                      backend=args.backend, device=args.device or "cpu")
     except _user_errors() as e:
-        args.parser.error(str(e))
+        _fail(args, e)
     print(f"wrote {path}")
     return 0
 

@@ -241,9 +241,9 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
                   if labelled else s.train for s in specs]
     if shots is not None and not labelled:
         raise ValueError(f"shots={shots}: objective {objective!r} uses no labels")
-    loaded = load_model(model, pretrained, preprocess, device)
     bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
     bank = _load_bank(bank, device)
+    loaded = load_model(model, pretrained, preprocess, device)
     head_list = load_heads(heads) if heads is not None else _heads(
         loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
         train_sets if labelled else [None] * len(specs), device)

@@ -1,0 +1,130 @@
+"""The command line from --help to an adapted, evaluated and exported model, and its one-line errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adapt_world
+from atlas_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return adapt_world.get_world(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with adapt_world.single_thread():
+        yield
+
+
+def test_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "atlas_fast", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("bank", "adapt", "eval", "merge"):
+        assert cmd in out.stdout
+
+
+def test_bank_adapt_eval_merge(world, tmp_path, capsys):
+    from safetensors import safe_open
+
+    import open_clip
+    w = world
+    bank = str(tmp_path / "bank.safetensors")
+    assert main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", bank]) == 0
+    run = tmp_path / "run"
+    assert main(["adapt", "--model", w["config"], "--pretrained", w["theta0"], "--bank", bank,
+                 "--data", w["upright"], "--classnames", w["classnames"], "--templates", w["templates"],
+                 "--shots", "5", "--epochs", "3", "--steps-per-epoch", "4", "--batch-size", "50", "--lr", "0.2",
+                 "--workers", "0", "--out", str(run), "--no-progress"]) == 0
+    assert "upright:" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    coef_file = str(run / "coefficients.safetensors")
+
+    rows_file = tmp_path / "rows.json"
+    assert main(["eval", "--model", w["config"], "--pretrained", w["theta0"], "--data", w["upright"],
+                 "--classnames", w["classnames"], "--templates", w["templates"], "--bank", bank,
+                 "--coefficients", coef_file, "--finetuned", w["finetuned"][0], "--json", str(rows_file)]) == 0
+    rows = {r["model"]: r["accuracy"] for r in json.loads(rows_file.read_text())}
+    assert rows["pretrained"] == pytest.approx(summary["initial"][0]["accuracy"])
+    assert rows[coef_file] == pytest.approx(summary["selected"][0]["accuracy"])
+    assert rows[coef_file] > rows["pretrained"] + 0.3
+
+    merged = str(tmp_path / "merged.pt")
+    assert main(["merge", "--model", w["config"], "--pretrained", w["theta0"], "--bank", bank,
+                 "--coefficients", coef_file, "--out", merged]) == 0
+    clip, _, _ = adapt_world_clip(w)
+    open_clip.load_checkpoint(clip, merged)
+    # θ0 + Σ_t c[t, b] τ_t,b by hand, from the files alone
+    theta0 = torch.load(w["theta0"], weights_only=True)
+    with safe_open(coef_file, framework="pt") as f:
+        c, names = f.get_tensor("coefficients"), json.loads(f.metadata()["block_names"])
+    with safe_open(bank, framework="pt") as f:
+        for b, name in enumerate(names):
+            want = theta0["visual." + name] + torch.einsum("t,t...->...", c[:, b], f.get_tensor(name))
+            torch.testing.assert_close(clip.state_dict()["visual." + name], want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(clip.state_dict()["text_projection"], theta0["text_projection"])
+
+    assert main(["eval", "--model", w["config"], "--pretrained", merged, "--data", w["upright"],
+                 "--classnames", w["classnames"], "--templates", w["templates"], "--json", str(rows_file)]) == 0
+    assert json.loads(rows_file.read_text())[0]["accuracy"] == pytest.approx(rows[coef_file], abs=1e-9)
+
+
+def adapt_world_clip(w):
+    from atlas_fast.adapt.models import load_clip
+    return load_clip(w["config"])
+
+
+def _adapt_error(world, capsys, *extra, data=None, bank=None, classnames=None):
+    args = ["adapt", "--model", world["config"], "--pretrained", world["theta0"],
+            "--bank", bank or world["bank"], "--data", data or world["upright"],
+            "--classnames", classnames or world["classnames"], "--templates", world["templates"],
+            "--epochs", "1", "--workers", "2", "--no-progress", *extra]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("atlas-fast adapt: error: ")
+    return err[-1]
+
+
+def test_missing_files(world, tmp_path, capsys):
+    assert "nope.safetensors: no such task-vector file" in _adapt_error(
+        world, capsys, bank=str(tmp_path / "nope.safetensors"))
+    assert "missing: no such data folder" in _adapt_error(world, capsys, data=str(tmp_path / "missing"))
+    line = _adapt_error(world, capsys, "--pretrained", str(tmp_path / "gone.pt"))
+    assert "gone.pt: no such checkpoint file" in line
+
+
+def test_bank_of_another_architecture(world, tmp_path, capsys):
+    from atlas_fast import synthetic_task_vectors
+    from open_clip.transformer import VisionTransformer
+    other = VisionTransformer(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=2.0,
+                              output_dim=32)
+    path = str(tmp_path / "other.safetensors")
+    synthetic_task_vectors(other, 2).save(path)
+    line = _adapt_error(world, capsys, bank=path)
+    assert "other.safetensors: does not match the model's image tower" in line and "shape" in line
+
+
+def test_bad_data(world, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "empty: no class folders" in _adapt_error(world, capsys, data=str(tmp_path / "empty"))
+    names = tmp_path / "nine.txt"
+    names.write_text("\n".join(adapt_world.CLASSNAMES[:9]))
+    assert "nine.txt: 9 class names for 10 classes in the data" in _adapt_error(
+        world, capsys, classnames=str(names))
+    assert "shots=1000: class '0' has only" in _adapt_error(world, capsys, "--shots", "1000")
+    small = tmp_path / "small"
+    for c in range(10):
+        src = os.path.join(world["upright"], str(c))
+        os.makedirs(small / str(c))
+        for f in sorted(os.listdir(src))[:3]:
+            shutil.copy(os.path.join(src, f), small / str(c) / f)
+    (small / "3" / "zz_broken.png").write_bytes(b"\x89PNG truncated")
+    line = _adapt_error(world, capsys, data=str(small))
+    assert "zz_broken.png: unreadable image" in line
