@@ -60,7 +60,20 @@ def merged_reference(model, bank, coef, granularity="block", partitions=1, seed=
 
 
 def _double(v):
-    return v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    """Floating tensors as detached float64 copies; float64 tensors pass as they are (reference input leaves)."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
+        return v.detach().double()
+    return v
+
+
+def input_leaves(args, dtype=None):
+    """Each distinct floating tensor of `args` as a new leaf requiring grad (optionally cast to dtype); a tensor
+    passed twice stays one tensor (attention's query is key is value). Returns (new args, the leaves)."""
+    memo = {}
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and id(a) not in memo:
+            memo[id(a)] = a.detach().to(dtype or a.dtype).requires_grad_()
+    return tuple(memo.get(id(a), a) for a in args), list(memo.values())
 
 
 def reference_call(model, merged, *args, **kwargs):
@@ -74,15 +87,21 @@ def reference_call(model, merged, *args, **kwargs):
 
 
 def reference_outputs_and_grad(model, bank, coef, args, kwargs=None, grad_out=None, granularity="block",
-                               partitions=1, seed=0):
+                               partitions=1, seed=0, input_grads=False):
     """The float64 reference of a composed model: (outputs, dL/dc) with L = Σ grad_out · first output, the
-    coefficient gradient by autograd through merge_ref. coef: the composed model's coefficients."""
+    coefficient gradient by autograd through merge_ref. coef: the composed model's coefficients.
+    input_grads=True appends dL/d(each distinct floating positional argument), as input_leaves orders them."""
     c64 = coef.detach().double().requires_grad_()
     merged = merged_reference(model, bank, c64, granularity, partitions, seed)
+    leaves = []
+    if input_grads:
+        args, leaves = input_leaves(args, torch.float64)
     out = reference_call(model, merged, *args, **(kwargs or {}))
+    if grad_out is None:
+        return out, None
     first = out[0] if isinstance(out, tuple) else out
-    grad = torch.autograd.grad(first, c64, grad_out.double())[0] if grad_out is not None else None
-    return out, grad
+    grads = torch.autograd.grad(first, [c64] + leaves, grad_out.double())
+    return (out, *grads)
 
 
 def assert_coef_grad(grad, ref, names, tol, granularity="block", partitions=1):

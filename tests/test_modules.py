@@ -9,8 +9,8 @@ import torch.nn as nn
 import atlas_fast
 from atlas_fast.modules import AtlasConv2d, AtlasLinear, AtlasMultiheadAttention
 
-from helpers import (TOL, assert_coef_grad, assert_rel, composed_block_names, merged_reference, reference_call,
-                     reference_outputs_and_grad)
+from helpers import (TOL, assert_coef_grad, assert_rel, composed_block_names, input_leaves, merged_reference,
+                     reference_call, reference_outputs_and_grad)
 
 SEED = 7
 
@@ -42,17 +42,18 @@ class Composed:
         with torch.no_grad():
             self.atlas.coefficients.uniform_(-1, 1)
 
-    def reference(self, args, kwargs=None, grad_out=None):
+    def reference(self, args, kwargs=None, grad_out=None, input_grads=False):
         return reference_outputs_and_grad(self.plain, self.bank, self.atlas.coefficients, args, kwargs, grad_out,
-                                          partitions=self.K, seed=SEED)
+                                          partitions=self.K, seed=SEED, input_grads=input_grads)
 
     def check(self, *args, **kwargs):
-        """Every output and the coefficient gradient of the first one against the float64 reference."""
+        """Every output, and the coefficient and input gradients of the first one, against the float64 reference."""
+        args, leaves = input_leaves(args)
         out = self.atlas(*args, **kwargs)
         outs = out if isinstance(out, tuple) else (out,)
         g = torch.randn_like(outs[0])
-        grad, = torch.autograd.grad(outs[0], self.atlas.coefficients, g)
-        ref, ref_grad = self.reference(args, kwargs, g)
+        grad, *input_grads = torch.autograd.grad(outs[0], [self.atlas.coefficients] + leaves, g)
+        ref, ref_grad, *ref_input_grads = self.reference(args, kwargs, g, input_grads=True)
         refs = ref if isinstance(ref, tuple) else (ref,)
         tol_out, tol_grad = TOL[torch.float32]
         assert len(outs) == len(refs)
@@ -62,6 +63,9 @@ class Composed:
             else:
                 assert_rel(o.detach(), r, tol_out, f"output {i}")
         assert_coef_grad(grad, ref_grad, self.atlas.block_names, tol_grad, partitions=self.K)
+        assert len(input_grads) == len(ref_input_grads) == len(leaves)
+        for i, (d, r) in enumerate(zip(input_grads, ref_input_grads)):
+            assert_rel(d, r, tol_grad, f"gradient of input {i}")
 
 
 @pytest.mark.parametrize("K", [1, 3])
