@@ -12,3 +12,9 @@ from .task_vectors import TaskVectors, synthetic_task_vectors
 __all__ = ["TaskVectors", "synthetic_task_vectors", "compose", "AtlasModel", "CompositionReport",
            "atlas_linear", "atlas_conv2d", "merge_blocks", "block_key"]
 __version__ = "0.1.0"
+
+from .convert import hf_clip_task_vectors, hf_clip_vision_state_dict, load_hf_clip_vision  # noqa: E402
+from .lora import LoraAdapter, lora_task_vectors, read_lora  # noqa: E402
+
+__all__ += ["hf_clip_task_vectors", "hf_clip_vision_state_dict", "load_hf_clip_vision", "LoraAdapter",
+            "lora_task_vectors", "read_lora"]

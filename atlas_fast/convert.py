@@ -148,8 +148,8 @@ def hf_clip_vision_state_dict(checkpoint, projection=None):
         raise ValueError(f"{source}: incomplete CLIP vision tower, no entry for open_clip's {missing[:8]}")
     has_proj = root + PROJECTION in sd
     if projection and not has_proj:
-        raise ValueError(f"{source}: projection=True but there is no {root + PROJECTION!r} "
-                         f"(a CLIPVisionModel checkpoint has no projection)")
+        raise ValueError(f"{source}: no {root + PROJECTION!r} (a CLIPVisionModel checkpoint has none), but "
+                         f"projection=True or the pretrained checkpoint has one; projection=False leaves it out")
     if has_proj and projection is not False:
         out["proj"] = sd[root + PROJECTION].t().contiguous()
     return _open_clip_order(out, len(layers))

@@ -152,7 +152,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="patch_embedding"):
         convert.hf_clip_vision_state_dict({"a.weight": torch.ones(2)})
     vision_only = _hf("CLIPVisionModel").state_dict()
-    with pytest.raises(ValueError, match="projection=True"):
+    with pytest.raises(ValueError, match="projection=False"):
         convert.hf_clip_vision_state_dict(vision_only, projection=True)
     with pytest.raises(ValueError, match="hidden_act"):
         convert.open_clip_vision_model(convert.hf_clip_vision_state_dict(sd), heads=4, hidden_act="relu")
