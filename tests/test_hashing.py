@@ -94,7 +94,7 @@ def test_reference_merge_uses_the_pinned_partition():
     assert merged.flatten().tolist() == [float(k) for k in BLOCK_3_1_K5]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _probe_partition(flat_ptr, out_ptr, key, n, P: tl.constexpr, BLOCK: tl.constexpr):
     """out[j] = the kernels' partition of flat index flat[j] (int64) under `key` (int32 bits of the uint32 key)."""
     offs = tl.arange(0, BLOCK)
@@ -110,8 +110,9 @@ def test_triton_in_kernel_hash():
         _probe_partition[(1,)](flat, out, kernels._key32(key), len(flat), P=P, BLOCK=64)
         return out.tolist()
 
+    # keys from the specification, not from hashing.py: this checks the in-kernel hash alone
     for s, b, i, K, v in PARTITIONS:
-        assert run([i], hashing.block_key(s, b), K) == [v], (s, b, i, K)
+        assert run([i], _key(FMIX32_STEPS, s, b), K) == [v], (s, b, i, K)
     assert run(list(range(48)), BLOCK_KEYS[1][2], 5) == BLOCK_3_1_K5
 
 
@@ -138,6 +139,8 @@ def test_cuda_sources_hash():
     steps, sources = _cuda_fmix32_steps()
     assert steps == FMIX32_STEPS
     assert [_apply(steps, h) for h, _ in PUBLISHED_FMIX32] == [v for _, v in PUBLISHED_FMIX32]
+    assert [_apply(steps, i ^ _key(FMIX32_STEPS, s, b)) % K for s, b, i, K, _ in PARTITIONS] == \
+        [v for *_, v in PARTITIONS]
     common = sources["atlas_common.cuh"]
     body = re.search(r"int\s+partition_of\s*\(\s*uint32_t\s+i\s*,\s*uint32_t\s+key\s*,\s*int\s+P\s*\)\s*\{(.*?)\}",
                      common, re.S)
