@@ -57,7 +57,8 @@ class GroupedConvNet(nn.Module):
 
 
 def _run(model, x, bank_dtype, granularity, K, backend="torch", T=3, seed=5):
-    """Composes a copy of `model` and checks output and coefficient gradient against the float64 reference."""
+    """Composes `model` in place (a plain copy feeds the reference) and checks output and coefficient gradient
+    against the float64 reference."""
     plain = copy.deepcopy(model)
     bank = atlas_fast.synthetic_task_vectors(model, T, rel_scale=5e-2, dtype=bank_dtype, seed=2)
     atlas = atlas_fast.compose(model, bank, granularity=granularity, partitions=K, backend=backend, seed=seed)
