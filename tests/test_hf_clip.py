@@ -75,6 +75,10 @@ def test_compose_transformers_model_against_float64_reference(cls, partitions, i
             assert atlas.coefficients.grad[:, b].norm() < 1e-6 * grad_ref.norm(), name
         else:
             assert_rel(atlas.coefficients.grad[:, b], grad_ref[:, b], 1e-4, f"coefficient gradient of {name}")
+    plain = atlas.merge()
+    assert type(plain) is type(model)
+    with torch.no_grad():
+        assert_rel(_hf_out(plain, images), ref, 1e-5, "merged transformers model")
 
 
 def _hf_out_ref(model, merged, images):
@@ -123,6 +127,24 @@ def test_names_and_layout():
     half = convert.hf_clip_vision_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()})
     assert {v.dtype for v in half.values()} == {torch.bfloat16}
     assert "proj" not in convert.hf_clip_vision_state_dict(sd, projection=False)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("ViT-B-32-quickgelu", {}),
+    ("ViT-L-14-quickgelu", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, patch_size=14, projection_dim=768))])
+def test_names_and_shapes_match_open_clip_configs(name, config):
+    """Full-size models on the meta device (no memory): the converted transformers checkpoint has exactly the
+    names and shapes of open_clip's own quick_gelu model, in its parameter order."""
+    import open_clip
+    with torch.device("meta"):
+        hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**{"projection_dim": 512,
+                                                                                          **config}))
+        visual = open_clip.create_model(name, pretrained=None, device="meta").visual
+    sd = convert.hf_clip_vision_state_dict(hf.state_dict())
+    assert list(sd) == [n for n, _ in visual.named_parameters()]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in visual.state_dict().items()}
+    assert type(visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
 
 
 def test_clip_model_and_sharded_checkpoints(images, tmp_path):

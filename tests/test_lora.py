@@ -210,3 +210,29 @@ def test_errors_name_the_file_and_entry(model, tmp_path):
         read_lora(lone, model)
     with pytest.raises(ValueError, match="DoRA"):
         read_lora(_write(tmp_path / "dora", f, {**CONFIG, "use_dora": True}), model)
+
+
+def test_embedding_factors_and_peft_name_variants(tmp_path):
+    """An nn.Embedding's lora_embedding_{A,B} (τ = scaling·(B A)ᵀ); in-memory names with the adapter name;
+    a wrapped layer's own bias saved as <module>.base_layer.bias (bias="all"); modules_to_save in both forms,
+    and peft's unchanged original_module copy, which is no change."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(11, 6), "lin": nn.Linear(6, 9), "head": nn.Linear(9, 4)})
+    g = torch.Generator().manual_seed(5)
+    a_emb, b_emb = torch.randn(3, 11, generator=g), torch.randn(6, 3, generator=g)
+    a_lin, b_lin = torch.randn(3, 6, generator=g), torch.randn(9, 3, generator=g)
+    lin_bias, head_w = torch.randn(9, generator=g), torch.randn(4, 9, generator=g)
+    tensors = {f"{P}emb.lora_embedding_A.default": a_emb, f"{P}emb.lora_embedding_B.default": b_emb,
+               f"{P}lin.lora_A.default.weight": a_lin, f"{P}lin.lora_B.default.weight": b_lin,
+               f"{P}lin.base_layer.bias": lin_bias, f"{P}head.modules_to_save.default.weight": head_w,
+               f"{P}head.weight": head_w, f"{P}head.original_module.weight": model.head.weight.detach()}
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 3, "lora_alpha": 6, "bias": "all"}))
+    ad = read_lora(folder, model)
+    assert sorted(ad.names) == ["emb.weight", "head.weight", "lin.bias", "lin.weight"]
+    assert_rel(ad.delta("emb.weight"), 2 * (b_emb.double() @ a_emb.double()).t(), 1e-6, "embedding τ")
+    assert_rel(ad.delta("lin.weight"), 2 * b_lin.double() @ a_lin.double(), 1e-6, "linear τ")
+    assert_rel(ad.delta("lin.bias"), lin_bias.double() - model.lin.bias.detach().double(), 1e-6, "bias τ")
+    assert_rel(ad.delta("head.weight"), head_w.double() - model.head.weight.detach().double(), 1e-6, "head τ")
