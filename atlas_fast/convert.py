@@ -135,7 +135,8 @@ def hf_clip_vision_state_dict(checkpoint, projection=None):
         for param in ("weight", "bias"):
             names = [qkv.get((i, c, param)) for c in "qkv"]
             if None in names:
-                raise ValueError(f"{source}: layer {i} lacks {[f'self_attn.{c}_proj.{param}' for c, n in zip('qkv', names) if n is None]}")
+                lacking = [f"self_attn.{c}_proj.{param}" for c, n in zip("qkv", names) if n is None]
+                raise ValueError(f"{source}: layer {i} lacks {lacking}")
             parts = [sd[n] for n in names]
             if len({(p.shape, p.dtype) for p in parts}) != 1:
                 raise ValueError(f"{source}: {names} differ in shape or dtype: "

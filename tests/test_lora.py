@@ -80,7 +80,8 @@ def _write(folder, factors, config, extra=None, file="adapter_model.safetensors"
     return folder
 
 
-CONFIG = {"r": 4, "lora_alpha": 8, "rank_pattern": {"conv": 2}, "alpha_pattern": {"fc1": 3}, "modules_to_save": ["head"]}
+CONFIG = {"r": 4, "lora_alpha": 8, "rank_pattern": {"conv": 2}, "alpha_pattern": {"fc1": 3},
+          "modules_to_save": ["head"]}
 
 
 def _expected(model, factors, scalings, full=None):
