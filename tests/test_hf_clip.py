@@ -36,6 +36,20 @@ def _hf(cls="CLIPVisionModelWithProjection", seed=0, **kw):
     return _randomize(getattr(transformers, cls)(_config(**kw)), seed).eval()
 
 
+def _clip_model(seed=3):
+    """A tiny full CLIPModel (text side included), every parameter random."""
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1)
+    cfg = transformers.CLIPConfig(vision_config=_config().to_dict(), text_config=text, projection_dim=20)
+    return _randomize(transformers.CLIPModel(cfg), seed).eval()
+
+
+def _image_features(clip, images):
+    out = clip.get_image_features(pixel_values=images)
+    return out.pooler_output if hasattr(out, "pooler_output") else out     # a model output from transformers 5
+
+
 def _hf_out(model, x):
     out = model(pixel_values=x)
     return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
@@ -149,18 +163,12 @@ def test_names_and_shapes_match_open_clip_configs(name, config):
 
 def test_clip_model_and_sharded_checkpoints(images, tmp_path):
     """A full CLIPModel: its text side is skipped, its visual_projection becomes proj; sharded files read."""
-    torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
-                max_position_embeddings=8, bos_token_id=0, eos_token_id=1)
-    cfg = transformers.CLIPConfig(vision_config=_config().to_dict(), text_config=text, projection_dim=20)
-    clip = _randomize(transformers.CLIPModel(cfg), 3).eval()
+    clip = _clip_model()
     clip.save_pretrained(tmp_path / "clip", max_shard_size="20KB")
     assert (tmp_path / "clip" / "model.safetensors.index.json").is_file()
     visual = convert.load_hf_clip_vision(tmp_path / "clip")
     with torch.no_grad():
-        ref = clip.get_image_features(pixel_values=images)
-        ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
-        assert_rel(visual(images), ref, 1e-5, "open_clip output vs CLIPModel image features")
+        assert_rel(visual(images), _image_features(clip, images), 1e-5, "open_clip output vs CLIPModel image features")
 
 
 def test_errors(tmp_path):
@@ -253,3 +261,33 @@ def test_composed_open_clip_model_from_hf_bank(checkpoints, images, granularity)
         with torch.no_grad():
             hf_atlas.coefficients.copy_(atlas.coefficients)
             assert_rel(y.detach(), _hf_out(hf_atlas, images), 1e-5, "open_clip vs transformers, composed")
+
+
+def test_model_pool_of_a_clip_model_and_vision_only_checkpoints(images, tmp_path):
+    """The layout of the public CLIP model pools: the pretrained model is a full CLIPModel, the fine-tuned ones
+    are CLIPVisionModels saved with their "vision_model." names and no projection."""
+    from safetensors.torch import load_file, save_file
+    clip = _clip_model()
+    clip.save_pretrained(tmp_path / "pre")
+    vision = {k: v for k, v in clip.state_dict().items() if k.startswith("vision_model.")}
+    paths = []
+    for t in range(2):
+        g = torch.Generator().manual_seed(20 + t)
+        tuned = {k: v + torch.randn(v.shape, generator=g) * 1e-3 for k, v in vision.items()}
+        paths.append(tmp_path / f"task{t}.safetensors")
+        save_file(tuned, paths[-1])
+    with pytest.raises(ValueError, match="projection=False"):
+        convert.hf_clip_task_vectors(tmp_path / "pre", paths)
+    bank = convert.hf_clip_task_vectors(tmp_path / "pre", paths, projection=False)
+    assert "proj" not in bank
+    visual = convert.load_hf_clip_vision(tmp_path / "pre")
+    atlas = atlas_fast.compose(visual, bank, strict=False, backend="torch")
+    assert atlas.report.missing_from_bank == ["proj"]
+    with torch.no_grad():
+        atlas.coefficients.fill_(1.0)
+        tuned = [load_file(p) for p in paths]
+        merged = copy.deepcopy(clip)
+        merged.load_state_dict({**clip.state_dict(), **{k: v + sum(sd[k] - v for sd in tuned)
+                                                        for k, v in vision.items()}})
+        assert_rel(atlas(images), _image_features(merged, images), 1e-5,
+                   "composed with all coefficients 1 vs the summed CLIPModel")
