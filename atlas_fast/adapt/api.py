@@ -109,6 +109,8 @@ def load_data(source, classnames=None, val_fraction=0.2, split_seed=0):
     if isinstance(source, (str, os.PathLike)):
         root = os.fspath(source)
         name = os.path.basename(os.path.normpath(root))
+        if name in ("train", "val", "test"):
+            name = os.path.basename(os.path.dirname(os.path.normpath(root))) + "/" + name
         held = [s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))]
         if os.path.isdir(os.path.join(root, "train")) and held:
             tr, va = ImageFolderData(os.path.join(root, "train")), ImageFolderData(os.path.join(root, held[0]))
