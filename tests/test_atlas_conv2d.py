@@ -99,3 +99,26 @@ def test_triton_rejects_float64():
     cw = torch.randn(1, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         atlas_fast.atlas_conv2d(x, w, None, tw, None, cw, backend="triton")
+
+
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_torch_backend_chunked(monkeypatch, P, bank_dtype, input_grad):
+    """The torch backend's one pass over the bank in the backward, in chunks of 29 elements (the last one short),
+    with and without an input gradient (a patch embedding's input needs none)."""
+    from atlas_fast.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 29 * 3 * 4)
+    xs, ws, *conv = CONVS["general"]
+    case = list(_case(xs, ws, 3, P, True, bank_dtype, device="cpu"))
+    if not input_grad:
+        case[0] = case[0].detach()
+    x, w, b, tw, tb, cw, cb = case
+    y = atlas_fast.atlas_conv2d(x, w, b, tw, tb, cw, cb, 3, 4, *conv, backend="torch")
+    yr = conv2d_ref(x, w, b, tw, tb, cw, cb, 3, 4, *conv)
+    assert_rel(y, yr, TOL[torch.float32][0])
+    g = torch.randn_like(yr)
+    inputs = [t for t in (x, cw, cb) if t.requires_grad]
+    for name, gt, gr in zip(("grad x", "grad coef_w", "grad coef_b")[-len(inputs):],
+                            torch.autograd.grad(y, inputs, g.float()), torch.autograd.grad(yr, inputs, g)):
+        assert_rel(gt, gr, TOL[torch.float32][1], name)

@@ -133,3 +133,36 @@ def test_bad_input_names_the_problem(bad):
         w.requires_grad_()
     with pytest.raises(ValueError, match=msg):
         atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, backend="torch")
+
+
+@pytest.mark.parametrize("chunk_elems", [1, 37, 1000])
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_backend_chunk_boundaries(monkeypatch, chunk_elems, P, bank_dtype):
+    """The torch backend walks the bank in chunks (one pass in the backward merges for dx and reduces dc):
+    chunks of 1, 37 and 1000 elements of a 45 x 70 weight, the last one short, against the float64 reference."""
+    from atlas_fast.backends import torch_backend
+    T = 3
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_elems * T * 4)
+    case = _case(23, 70, 45, T, P, True, bank_dtype, device="cpu")
+    y, yr, grads, grads_ref = _run("torch", case, (block_key(5, 0), block_key(5, 1)))
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, yr, tol_out)
+    for name, g, gr in zip(("grad x", "grad coef_w", "grad coef_b"), grads, grads_ref):
+        assert_rel(g, gr, tol_grad, name)
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_torch_backend_frozen_input(monkeypatch, P):
+    """Without an input gradient the backward only reduces dc: no merged weight is built."""
+    from atlas_fast.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 101 * 2 * 4)
+    x, w, b, tw, tb, cw, cb = _case(19, 33, 29, 2, P, True, torch.bfloat16, device="cpu")
+    x = x.detach()
+    y = atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, 9, 10, backend="torch")
+    yr = linear_ref(x, w, b, tw, tb, cw, cb, 9, 10)
+    g = torch.randn_like(yr)
+    grads = torch.autograd.grad(y, (cw, cb), g.float())
+    grads_ref = torch.autograd.grad(yr, (cw, cb), g)
+    for name, gt, gr in zip(("grad coef_w", "grad coef_b"), grads, grads_ref):
+        assert_rel(gt, gr, TOL[torch.float32][1], name)

@@ -69,3 +69,50 @@ def test_bad_lists():
     theta0, tau, keys = _blocks(2, torch.float32, "cpu")
     with pytest.raises(ValueError, match="5 blocks, 4 task-vector stacks"):
         atlas_fast.merge_blocks(theta0, tau[:4], torch.zeros(2, 5, 1), keys)
+
+
+@pytest.mark.parametrize("K", [1, 3, 300])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_chunked_merge_and_reduce(monkeypatch, K, bank_dtype):
+    """merge_block, reduce_block and the one-pass merge_and_reduce of the torch backend in chunks of 53
+    elements (the last one short) against the float64 reference; K = 300 needs an int16 partition index."""
+    from atlas_fast.backends import torch_backend as tb
+    T = 4
+    monkeypatch.setattr(tb, "CHUNK_BYTES", 53 * T * 4)
+    theta0 = torch.randn(31, 17)
+    tau = random_bank((31, 17), T, bank_dtype)
+    coef = (torch.rand(T, K) * 1.6 - 0.8).requires_grad_()
+    g = torch.randn(31, 17)
+    ref = merge_ref(theta0, tau, coef, key=block_key(1, 2))
+    dc_ref = torch.autograd.grad(ref, coef, g.double())[0]
+    merged, dc = tb.merge_and_reduce(theta0, tau, coef.detach(), block_key(1, 2), g)
+    assert_rel(tb.merge_block(theta0, tau, coef.detach(), block_key(1, 2)), ref, TOL[torch.float32][0], "merge_block")
+    assert_rel(merged, ref, TOL[torch.float32][0], "merge_and_reduce: merged")
+    assert_rel(dc, dc_ref, TOL[torch.float32][1], "merge_and_reduce: dc")
+    assert_rel(tb.reduce_block(tau, g, block_key(1, 2), K), dc_ref, TOL[torch.float32][1], "reduce_block")
+    assert_rel(tb.reduce_block(tau, g.bfloat16(), block_key(1, 2), K), dc_ref, 1e-2, "reduce_block, bf16 gradient")
+
+
+def test_partition_cache():
+    """Cached indices equal the hash bit for bit, in the smallest dtype; the budget bounds the cache."""
+    from atlas_fast import hashing
+    limit_mb = hashing.partition_cache_info()["limit_bytes"] / 2 ** 20
+    hashing.clear_partition_cache()
+    try:
+        small = hashing.cached_partition_index(1000, block_key(3, 1), 7)
+        assert small.dtype == torch.uint8
+        assert torch.equal(small.long(), hashing.partition_index(1000, block_key(3, 1), 7))
+        assert hashing.cached_partition_index(1000, block_key(3, 1), 7) is small
+        assert hashing.partition_cache_info()["entries"] == 1 and hashing.partition_cache_info()["bytes"] == 1000
+        wide = hashing.cached_partition_index(999, block_key(3, 2), 1000)
+        assert wide.dtype == torch.int16 and torch.equal(wide.long(), hashing.partition_index(999, block_key(3, 2), 1000))
+        hashing.set_partition_cache_limit(3000 / 2 ** 20)
+        hashing.cached_partition_index(2000, block_key(3, 3), 2)  # over the budget: computed, not stored
+        assert hashing.partition_cache_info()["entries"] == 2
+        hashing.clear_partition_cache()
+        assert hashing.partition_cache_info()["entries"] == 0 and hashing.partition_cache_info()["bytes"] == 0
+        with pytest.raises(ValueError, match="megabytes"):
+            hashing.set_partition_cache_limit(-1)
+    finally:
+        hashing.set_partition_cache_limit(limit_mb)
+        hashing.clear_partition_cache()

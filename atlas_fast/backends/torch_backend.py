@@ -1,50 +1,98 @@
-"""The torch backend: reference-grade CPU/GPU path built from stock torch ops.
+"""The torch backend: the CPU path, built from stock torch ops (and a reference-grade path on a GPU).
 
-Memory discipline: a linear forward merges its one weight, uses it and frees it; the backward merges it
-again for the input gradient, forms the layer-sized weight gradient G = dyᵀx once, and reduces it against
-all T task vectors in one matrix-vector product (fp32 banks) or T dot products (half banks, no T-sized
-upcast). No model-sized buffer exists at any time.
+Memory discipline: no model-sized buffer exists at any time. A linear forward merges its one weight, uses it
+and frees it. The backward forms the layer-sized weight gradient G = dyᵀx, then walks the layer's bank once:
+each chunk of the T task vectors is merged into the weight (for dx) and reduced against G (for dc) while it
+is in cache, so a training step reads the bank from memory twice (forward and backward), not three times.
+
+A chunk is a range of flat elements [s, e) of every τ_t, a (T, n) view of CHUNK_BYTES in the compute dtype.
+Half-precision banks are upcast one chunk at a time into a reused buffer, never as a T-sized fp32 copy. With
+partitions (K > 1) a chunk merges as D = cᵀτ (K, n), keeping D[k(i), i], and reduces as τ · (g ⊙ onehot(k))ᵀ
+(T, K): no per-task gather, and the partition index k(i) is hashed once per block and cached as uint8
+(hashing.cached_partition_index).
 """
 import torch
 import torch.nn.functional as F
 
-from ..hashing import partition_index
+from ..hashing import cached_partition_index
 from .base import Backend
+
+# Bytes of one chunk of the bank in the compute dtype. Large enough that a chunk costs a handful of BLAS calls
+# (each call is an OpenMP region, which stalls when the cores are shared), small enough to stay in the last
+# level cache between the merge and the reduction, and below glibc's largest mmap threshold (32 MiB), so the
+# upcast buffer of a half-precision bank is reused from the heap instead of being faulted in on every call.
+CHUNK_BYTES = 16 << 20
+
+
+def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None):
+    """One pass over taus (T, numel), chunk by chunk: merged += Σ_t coef[t, k(i)] τ_t[i] when merged is given;
+    dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i] when g is given. merged, dc are in dtype acc; g in any float dtype.
+    Work buffers are allocated once per call and reused by every chunk: a fresh multi-megabyte tensor per chunk
+    would be faulted in page by page and cost more than the arithmetic."""
+    T, numel = taus.shape
+    K = (coef if coef is not None else dc).shape[1]
+    n = min(numel, max(1, CHUNK_BYTES // (T * torch.finfo(acc).bits // 8)))
+    device = taus.device
+    upcast = None if taus.dtype == acc else torch.empty(T, n, dtype=acc, device=device)
+    if K > 1:
+        part = cached_partition_index(numel, key, K, device)
+        positions = torch.arange(n, device=device)
+        flat_index = torch.empty(n, dtype=torch.int64, device=device)
+        work = torch.empty(K * n, dtype=acc, device=device)
+    for s in range(0, numel, n):
+        e = min(s + n, numel)
+        tc = taus[:, s:e] if upcast is None else upcast[:, :e - s].copy_(taus[:, s:e])
+        if K > 1:
+            m = e - s
+            # k(i)·m + i: where element i's own entry sits in a row-major (K, m) matrix
+            idx = flat_index[:m].copy_(part[s:e]).mul_(m).add_(positions[:m])
+            w = work[:K * m].view(K, m)
+        if merged is not None:
+            if K == 1:
+                merged[s:e].addmv_(tc.t(), coef[:, 0])
+            else:
+                torch.mm(coef.t(), tc, out=w)  # w[k, i] = Σ_t c[t, k] τ_t[i], then keep k = k(i)
+                merged[s:e] += w.view(-1).index_select(0, idx)
+        if g is not None:
+            gc = g[s:e].to(acc)
+            if K == 1:
+                dc[:, 0].addmv_(tc, gc)
+            else:
+                w.zero_().view(-1).index_copy_(0, idx, gc)  # w[k, i] = g[i] if k = k(i) else 0
+                dc.addmm_(tc, w.t())
 
 
 def merge_block(theta0, tau, coef, key):
     """θ0 + Σ_t c[t, k(i)] τ_t[i] as a new tensor shaped like θ0, in coef's dtype (float32; float64 for
     gradcheck). coef: (T, K)."""
     T, K = coef.shape
-    out = theta0.to(coef.dtype, copy=True)
-    flat = out.view(-1)
     taus = tau.reshape(T, -1)
-    if K == 1 and taus.dtype == coef.dtype:
-        flat.addmv_(taus.t(), coef[:, 0])
-    elif K == 1:
-        for t in range(T):
-            flat.addcmul_(taus[t], coef[t, 0])
-    else:
-        part = partition_index(flat.numel(), key, K, flat.device)
-        for t in range(T):
-            flat.addcmul_(taus[t], coef[t][part])
-    return out
+    if K == 1 and taus.dtype == coef.dtype:  # one BLAS call reads the bank once
+        return torch.addmv(theta0.reshape(-1).to(coef.dtype), taus.t(), coef[:, 0]).view(theta0.shape)
+    merged = theta0.reshape(-1).to(coef.dtype, copy=True)
+    _walk(taus, key, coef.dtype, coef=coef, merged=merged)
+    return merged.view(theta0.shape)
 
 
 def reduce_block(tau, g, key, partitions, acc=torch.float32):
     """dc (T, K) in dtype acc: dc[t, k] = Σ_{i : k(i) = k} τ_t[i] g[i]."""
     T = tau.shape[0]
     taus = tau.reshape(T, -1)
-    gf = g.reshape(-1).to(acc)
-    if partitions == 1:
-        if taus.dtype == acc:
-            return torch.mv(taus, gf).unsqueeze(1)
-        return torch.stack([torch.dot(taus[t].to(acc), gf) for t in range(T)]).unsqueeze(1)
-    part = partition_index(gf.numel(), key, partitions, gf.device)
-    out = gf.new_zeros(T, partitions)
-    for t in range(T):
-        out[t].index_add_(0, part, taus[t].to(acc) * gf)
-    return out
+    g = g.reshape(-1)
+    if partitions == 1 and taus.dtype == acc == g.dtype:
+        return torch.mv(taus, g).unsqueeze(1)
+    dc = torch.zeros(T, partitions, dtype=acc, device=g.device)
+    _walk(taus, key, acc, g=g, dc=dc)
+    return dc
+
+
+def merge_and_reduce(theta0, tau, coef, key, g):
+    """(merge_block(θ0, τ, coef, key), reduce_block(τ, g, key, K, coef.dtype)) from one pass over the bank."""
+    T, K = coef.shape
+    merged = theta0.reshape(-1).to(coef.dtype, copy=True)
+    dc = torch.zeros(T, K, dtype=coef.dtype, device=merged.device)
+    _walk(tau.reshape(T, -1), key, coef.dtype, coef=coef, merged=merged, g=g.reshape(-1), dc=dc)
+    return merged.view(theta0.shape), dc
 
 
 def _merged_bias(bias, tau_b, coef_b, key_b, dtype):
@@ -64,14 +112,16 @@ class TorchBackend(Backend):
     def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
         K = coef_w.shape[1]
         gy = grad_out.reshape(-1, grad_out.shape[-1])
+        g_weight = gy.t() @ x.reshape(-1, x.shape[-1])
         grad_x = None
         if needs_input_grad:
-            w = merge_block(weight, tau_w, coef_w, key_w).to(grad_out.dtype)
-            grad_x = (gy @ w).view(x.shape)
+            w, grad_cw = merge_and_reduce(weight, tau_w, coef_w, key_w, g_weight)
+            del g_weight
+            grad_x = (gy @ w.to(grad_out.dtype)).view(x.shape)
             del w
-        g_weight = gy.t() @ x.reshape(-1, x.shape[-1])
-        grad_cw = reduce_block(tau_w, g_weight, key_w, K, coef_w.dtype)
-        del g_weight
+        else:
+            grad_cw = reduce_block(tau_w, g_weight, key_w, K, coef_w.dtype)
+            del g_weight
         grad_cb = reduce_block(tau_b, gy.sum(0, dtype=coef_w.dtype), key_b, K, coef_w.dtype) if tau_b is not None else None
         return grad_x, grad_cw, grad_cb
 
@@ -83,13 +133,21 @@ class TorchBackend(Backend):
     def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
         stride, padding, dilation, groups = conv
         K = coef_w.shape[1]
-        w = merge_block(weight, tau_w, coef_w, key_w).to(grad_out.dtype)
-        grad_x, g_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [needs_input_grad, True, False])
-        del w
-        grad_cw = reduce_block(tau_w, g_weight, key_w, K, coef_w.dtype)
-        del g_weight
+        args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
+        # The weight gradient does not depend on the weight's values: θ0 stands in for the merged weight, which
+        # is built afterwards in the same pass over the bank that reduces G.
+        _, g_weight, _ = torch.ops.aten.convolution_backward(grad_out, x, weight.to(grad_out.dtype), None, *args,
+                                                             [False, True, False])
+        grad_x = None
+        if needs_input_grad:
+            w, grad_cw = merge_and_reduce(weight, tau_w, coef_w, key_w, g_weight)
+            del g_weight
+            grad_x = torch.ops.aten.convolution_backward(grad_out, x, w.to(grad_out.dtype), None, *args,
+                                                         [True, False, False])[0]
+            del w
+        else:
+            grad_cw = reduce_block(tau_w, g_weight, key_w, K, coef_w.dtype)
+            del g_weight
         grad_cb = None
         if tau_b is not None:
             grad_cb = reduce_block(tau_b, grad_out.sum((0, 2, 3), dtype=coef_w.dtype), key_b, K, coef_w.dtype)
