@@ -6,6 +6,9 @@ no variant inherits another's allocator state:
 
     naive     the paper's way: merge every parameter each step, torch.func.functional_call
     finetune  the plain model with every weight trainable, same loss
+    floor     not run but computed: finetune's step + two reads of the bank at the memory bandwidth measured
+              in the same run (a COPY_BYTES tensor copy on the device, median of several); the cost model's
+              lower bound for a step of any backend (DESIGN.md)
     <backend> atlas_fast.compose(..., backend=<backend>)
 
 A step is forward + backward of a scalar loss on a fixed random batch ("step" mode), or forward +
@@ -35,6 +38,8 @@ from .backends import BACKENDS as BACKEND_NAMES
 
 BASELINES = ("naive", "finetune")
 VARIANTS = BASELINES + BACKEND_NAMES
+# Step-time ratios are given against each of these; "floor" is computed, never run.
+RATIO_BASES = BASELINES + ("floor",)
 BANK_DTYPES = ("fp32", "bf16", "fp16")
 SWEEP_PARAMS = ("tasks", "batch")
 # Relative-error tolerances against naive (output, coefficient gradient), by compute dtype.
@@ -42,6 +47,10 @@ TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (3e-2, 6e-2)}
 NUM_CLASSES = 10
 # glibc: serve blocks of 128 KiB and more by mmap, so freeing them lowers the resident size at once.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# The bandwidth copy: 256 MiB read and 256 MiB written, more than the last-level cache of the machines measured
+# here, so it times memory, not cache; bandwidth = bytes read + bytes written over the copy's median time.
+COPY_BYTES = 256 << 20
+COPY_REPEATS = 7
 
 
 @dataclass
@@ -94,6 +103,12 @@ def validate(s: Settings) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(s, name)}")
     if s.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {s.warmup}")
+    for name, allowed in (("bank_dtype", BANK_DTYPES), ("granularity", ("block", "task")), ("mode", ("step", "tta"))):
+        if getattr(s, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: expected one of {', '.join(allowed)}")
+    if s.granularity == "task" and s.partitions > 1:
+        raise ValueError(f"--partitions {s.partitions} needs --granularity block: partitions split each block, "
+                         "and --granularity task has one coefficient per task vector")
     if not s.model.endswith(".json") and s.model not in open_clip.list_models():
         known = open_clip.list_models()
         close = difflib.get_close_matches(s.model, known, n=5)
@@ -101,8 +116,8 @@ def validate(s: Settings) -> None:
                          + (f"; close matches: {', '.join(close)}" if close else "")
                          + f"; e.g. ViT-B-32, ViT-B-16, ViT-L-14 ({len(known)} in open_clip.list_models()),"
                            " or a path to an open_clip model config .json")
-    if s.model.endswith(".json") and not os.path.isfile(s.model):
-        raise ValueError(f"--model {s.model!r}: no such model config file")
+    if s.model.endswith(".json"):
+        _check_model_config(s.model)
     unknown = [b for b in s.backends if b not in VARIANTS]
     if unknown or not s.backends:
         raise ValueError(f"--backends {','.join(s.backends)!r}: expected a comma list among {', '.join(VARIANTS)}")
@@ -112,6 +127,40 @@ def validate(s: Settings) -> None:
         torch.device(s.device)
     except RuntimeError:
         raise ValueError(f"--device {s.device!r}: not a torch device") from None
+    _check_out(s.out)
+
+
+def _check_model_config(path):
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--model {path!r}: cannot read the model config ({e.strerror})") from None
+    except ValueError as e:
+        raise ValueError(f"--model {path!r}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "embed_dim" not in cfg:
+        raise ValueError(f"--model {path!r}: an open_clip model config needs 'embed_dim' and 'vision_cfg'")
+
+
+def _check_out(out):
+    """Creates the output folder and a file in it now, so a bad --out fails before any variant runs."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: cannot write results there ({e.strerror or e})") from None
+
+
+def warnings(s: Settings) -> List[str]:
+    """Settings that are valid but probably not what was meant, to say before the run starts."""
+    notes = []
+    if s.device == "cpu" and "triton" in s.backends:
+        notes.append("--backends triton on a CPU runs the Triton interpreter: expect minutes per step, "
+                     "not seconds (its CPU timings say nothing about the kernels' speed on a GPU)")
+    if s.backends and "finetune" not in s.backends:
+        notes.append("no floor row: the floor is computed from finetune's step, which is not among --backends")
+    return notes
 
 
 # ---------------------------------------------------------------- the worker side
@@ -301,6 +350,37 @@ def _time(s: Settings, variant, tick):
     return result
 
 
+def _bandwidth(s: Settings, tick):
+    """Device memory bandwidth from a large tensor copy (median of COPY_REPEATS after one warm-up), and the
+    number of floating parameters the bank holds task vectors for."""
+    import torch
+
+    model, _, _ = _load_model(s)
+    params = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    del model
+    device = torch.device(s.device)
+    src = torch.ones(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(COPY_REPEATS + 1):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            elapsed = time.perf_counter() - t0
+        if i:
+            times.append(elapsed)
+    tick()
+    return {"copy_times_s": times, "bandwidth_gb_s": 2 * COPY_BYTES / statistics.median(times) / 1e9,
+            "bank_params": params}
+
+
 def _proc_status_kb(field_name):
     with open("/proc/self/status") as f:
         for line in f:
@@ -336,6 +416,8 @@ def _worker(job_path, result_path):
         result = _check(s, tick)
     elif job["kind"] == "time":
         result = _time(s, job["variant"], tick)
+    elif job["kind"] == "bandwidth":
+        result = _bandwidth(s, tick)
     else:
         result = _memory(s, job["variant"], tick)
     with open(result_path, "w") as f:
@@ -380,12 +462,34 @@ def _summarise(entry, batch):
     entry["images_per_s"] = batch / median
 
 
+def _floor(variants, bandwidth, s: Settings):
+    """The floor row: finetune's step time plus two reads of the bank at the measured bandwidth."""
+    finetune = next((v for v in variants if v["name"] == "finetune"), None)
+    row = {"name": "floor", "tasks": s.tasks, "batch": s.batch, "status": "ok", "step_time_s": None, "step_times_s": [],
+           "peak_extra_mb": None, "images_per_s": None, "note": ""}
+    if finetune is None or finetune["step_time_s"] is None or bandwidth is None:
+        row.update(status="not computed", note="needs a timed finetune and the bandwidth measurement")
+        return row
+    bank_bytes = s.tasks * bandwidth["bank_params"] * {"fp32": 4, "bf16": 2, "fp16": 2}[s.bank_dtype]
+    bank_time = 2 * bank_bytes / (bandwidth["bandwidth_gb_s"] * 1e9)
+    row.update(step_time_s=finetune["step_time_s"] + bank_time, step_time_spread_s=finetune["step_time_spread_s"],
+               images_per_s=s.batch / (finetune["step_time_s"] + bank_time), bank_gb=bank_bytes / 1e9,
+               bandwidth_gb_s=bandwidth["bandwidth_gb_s"], copy_times_s=bandwidth["copy_times_s"],
+               bank_read_time_s=bank_time,
+               note=f"finetune step + 2 reads of the {bank_bytes / 1e9:.2f} GB bank at "
+                    f"{bandwidth['bandwidth_gb_s']:.1f} GB/s (copy of {COPY_BYTES >> 20} MiB, median of "
+                    f"{COPY_REPEATS})")
+    return row
+
+
 def _ratios(variants):
     by_name = {v["name"]: v for v in variants}
     for v in variants:
-        for base in BASELINES:
+        for base in RATIO_BASES:
             ref = by_name.get(base, {})
             for key, metric in (("time", "step_time_s"), ("mem", "peak_extra_mb")):
+                if base == "floor" and key == "mem":
+                    continue
                 a, b = v.get(metric), ref.get(metric)
                 v[f"{key}_vs_{base}"] = a / b if a is not None and b else None
 
@@ -410,7 +514,15 @@ def _measure_point(s: Settings, bar, variants, save):
     elif backends:
         for v in backends:
             v["note"] = "not checked: naive is not among --backends"
-    for v in variants:
+    bandwidth = None
+    if "finetune" in s.backends:
+        bar.set_postfix_str(f"T={s.tasks} B={s.batch} bandwidth")
+        try:
+            bandwidth = _run_job({"kind": "bandwidth", "settings": dataclasses.asdict(s)}, bar)
+        except RuntimeError as e:
+            bandwidth = None
+            print(f"atlas-fast bench: bandwidth measurement failed, no floor row: {e}", file=sys.stderr)
+    for v in list(variants):
         if v["status"] != "ok":
             bar.total -= per_variant
             bar.refresh()
@@ -424,6 +536,8 @@ def _measure_point(s: Settings, bar, variants, save):
             _summarise(v, s.batch)
         except RuntimeError as e:
             v.update(status="error", note=str(e), step_time_s=None, step_times_s=[], peak_extra_mb=None)
+        if v["name"] == "finetune":
+            variants.insert(variants.index(v) + 1, _floor(variants, bandwidth, s))
         _ratios(variants)
         save()
 
@@ -472,17 +586,17 @@ def _fmt(x, spec, missing="—"):
 
 
 def format_table(variants) -> str:
-    head = ["variant", "step time s (median ± half range)", "images/s", "extra peak MB", "time ×naive",
+    head = ["variant", "step time s (median ± half range)", "images/s", "extra peak MB", "time ×floor", "time ×naive",
             "time ×finetune", "mem ×naive", "mem ×finetune", "rel err out", "rel err grad"]
     rows = []
     for v in variants:
         if v["step_time_s"] is None:
-            timing = [f"not timed: {v['status']}"] + [""] * 7
+            timing = [f"not timed: {v['status']}"] + [""] * 8
         else:
             timing = [f"{v['step_time_s']:.3f} ± {v['step_time_spread_s']:.3f}", f"{v['images_per_s']:.1f}",
-                      _fmt(v["peak_extra_mb"], ".0f"), _fmt(v["time_vs_naive"], ".2f"),
-                      _fmt(v["time_vs_finetune"], ".2f"), _fmt(v["mem_vs_naive"], ".2f"),
-                      _fmt(v["mem_vs_finetune"], ".2f")]
+                      _fmt(v["peak_extra_mb"], ".0f"), _fmt(v.get("time_vs_floor"), ".2f"),
+                      _fmt(v.get("time_vs_naive"), ".2f"), _fmt(v.get("time_vs_finetune"), ".2f"),
+                      _fmt(v.get("mem_vs_naive"), ".2f"), _fmt(v.get("mem_vs_finetune"), ".2f")]
         rows.append([v["name"]] + timing + [_fmt(v.get("rel_err_out"), ".1e"), _fmt(v.get("rel_err_grad"), ".1e")])
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
@@ -512,15 +626,20 @@ def plot_point(variants, path, title):
     for ax, metric, label in ((axes[0], "step_time_s", "step time (s), median ± half range"),
                               (axes[1], "peak_extra_mb", "extra peak memory (MB)")):
         values = [v[metric] or 0.0 for v in timed]
-        bars = ax.bar(names, values, color=["#999999" if n in BASELINES else "#1f77b4" for n in names])
+        colors = {"floor": "#ffffff"}
+        bars = ax.bar(names, values, color=[colors.get(n, "#999999" if n in BASELINES else "#1f77b4") for n in names],
+                      edgecolor="black", hatch=["//" if n == "floor" else "" for n in names])
         spread = [v["step_time_spread_s"] if metric == "step_time_s" else 0.0 for v in timed]
         if metric == "step_time_s":
             ax.errorbar(names, values, yerr=spread, fmt="none", ecolor="black", capsize=4)
-        ratio_key = "time_vs_naive" if metric == "step_time_s" else "mem_vs_naive"
+        bases = ("floor", "naive") if metric == "step_time_s" else ("naive",)
         for bar, v, top in zip(bars, timed, spread):
-            if v.get(ratio_key) is not None:
-                ax.annotate(f"×{v[ratio_key]:.2f} naive", (bar.get_x() + bar.get_width() / 2, bar.get_height() + top),
-                            ha="center", va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
+            prefix = "time" if metric == "step_time_s" else "mem"
+            label = "\n".join(f"×{v[f'{prefix}_vs_{b}']:.2f} {b}" for b in bases
+                              if v.get(f"{prefix}_vs_{b}") is not None and v["name"] != b)
+            if label:
+                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + top),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_ylabel(label)
         ax.margins(y=0.15)
     fig.suptitle(title, fontsize=10)
@@ -541,6 +660,9 @@ def plot_sweep(points, param, path, title):
         if not series:
             continue
         xs = [x for x, _ in series]
+        if name == "floor":
+            axes[0].plot(xs, [v["step_time_s"] for _, v in series], "k--", marker="x", label=name)
+            continue
         axes[0].errorbar(xs, [v["step_time_s"] for _, v in series], yerr=[v["step_time_spread_s"] for _, v in series],
                          marker="o", capsize=3, label=name)
         axes[1].plot(xs, [v["peak_extra_mb"] or 0.0 for _, v in series], marker="o", label=name)
@@ -575,12 +697,15 @@ def run(s: Settings) -> int:
     settings = [dataclasses.replace(s, **{param: x}) if param else s for x in values]
     results = {"machine": machine_info(s.device), "versions": versions(), "settings": dataclasses.asdict(s)}
     json_path = os.path.join(s.out, "results.json")
+    for note in warnings(s):
+        print(f"atlas-fast bench: warning: {note}", file=sys.stderr)
     print(f"atlas-fast bench: {_describe(s)}")
     print(f"  {s.warmup} warm-up + {s.steps} timed steps per variant, each variant in a fresh process"
           + (" (timing and memory in separate processes)" if s.device == "cpu" else "")
           + "; timings are noisy when other work runs on the machine")
     per_variant = s.warmup + s.steps + (2 if s.device == "cpu" else 0)
     checks = 1 + sum(b not in BASELINES for b in s.backends) if "naive" in s.backends else 0
+    checks += 1 if "finetune" in s.backends else 0  # the bandwidth measurement
     points = []
     started = time.time()
     with tqdm(total=len(settings) * (checks + per_variant * len(s.backends)), unit="step", file=sys.stderr) as bar:

@@ -48,15 +48,20 @@ def test_bench_end_to_end(tmp_path, tiny_model):
     assert {"cpu", "cores", "memory_gb"} <= set(results["machine"])
     assert {"python", "torch", "open_clip", "atlas_fast"} <= set(results["versions"])
     assert results["settings"]["tasks"] == 2 and results["settings"]["backends"] == ["naive", "finetune", "torch"]
-    assert [v["name"] for v in results["variants"]] == ["naive", "finetune", "torch"]
-    for v in results["variants"]:
+    assert [v["name"] for v in results["variants"]] == ["naive", "finetune", "floor", "torch"]
+    naive, finetune, floor, torch_v = results["variants"]
+    for v in (naive, finetune, torch_v):
         _check_variant(v, steps=2)
-    torch_v = results["variants"][2]
     assert torch_v["rel_err_out"] <= bench.TOLERANCE["fp32"][0]
     assert torch_v["rel_err_grad"] <= bench.TOLERANCE["fp32"][1]
-    assert torch_v["time_vs_naive"] == pytest.approx(torch_v["step_time_s"] / results["variants"][0]["step_time_s"])
+    assert torch_v["time_vs_naive"] == pytest.approx(torch_v["step_time_s"] / naive["step_time_s"])
+    assert floor["bandwidth_gb_s"] > 0 and len(floor["copy_times_s"]) == bench.COPY_REPEATS
+    visual, _, _ = bench._load_model(bench.Settings(model=tiny_model))
+    assert floor["bank_gb"] == pytest.approx(2 * sum(p.numel() for p in visual.parameters()) * 4 / 1e9)  # T=2, fp32
+    assert floor["step_time_s"] == pytest.approx(finetune["step_time_s"] + floor["bank_read_time_s"])
+    assert torch_v["time_vs_floor"] == pytest.approx(torch_v["step_time_s"] / floor["step_time_s"])
     assert _is_png(out / "bench.png")
-    assert "torch" in stdout and "rel err" in stdout
+    assert "torch" in stdout and "rel err" in stdout and "time ×floor" in stdout
 
 
 def test_bench_sweep_tta(tmp_path, tiny_model):
@@ -81,12 +86,68 @@ def test_bench_sweep_tta(tmp_path, tiny_model):
     (["--tasks", "0"], "--tasks"),
     (["--bank-dtype", "fp8"], "--bank-dtype"),
     (["--mode", "train"], "--mode"),
+    (["--granularity", "task", "--partitions", "4"], "--partitions"),
+    (["--partitions", "0"], "--partitions"),
 ])
-def test_bad_option_names_it(args, option, capsys):
+def test_bad_option_names_it(args, option, capsys, tmp_path, monkeypatch):
+    """Every option is checked before anything runs: a bad one exits with status 2 and names itself."""
+    monkeypatch.setattr(bench, "_run_job", lambda *a, **k: pytest.fail("a job ran before the options were checked"))
     with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", "--device", "cpu", *args])
-    assert exc.value.code != 0
+        cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / "out"), *args])
+    assert exc.value.code == 2
     assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_unwritable_out_is_one_line_error(tmp_path, tiny_model, where):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder")
+    out = blocker / "out" if where == "under_a_file" else blocker
+    proc = subprocess.run([sys.executable, "-m", "atlas_fast", "bench", "--model", tiny_model, "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"atlas-fast bench: error: --out '{out}': cannot write")
+
+
+def test_triton_on_cpu_warns_before_running(tmp_path, monkeypatch, capsys, tiny_model):
+    seen = []
+
+    def fake_job(job, bar, env=None):
+        seen.append(capsys.readouterr().err)
+        if job["kind"] == "check":
+            return {"triton": {"status": "ok", "rel_err_out": 0.0, "rel_err_grad": 0.0, "note": ""}}
+        return {"step_times_s": [1.0]} if job["kind"] == "time" else {"peak_extra_mb": 1.0}
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    bench.run(bench.Settings(model=tiny_model, backends=["naive", "triton"], device="cpu", out=str(tmp_path)))
+    assert "warning: --backends triton on a CPU runs the Triton interpreter" in seen[0]
+
+
+def test_floor_row_arithmetic(tmp_path, monkeypatch, tiny_model):
+    """floor = finetune's median step + 2 x bank bytes / measured bandwidth; every variant gets its ratio to it."""
+    def fake_job(job, bar, env=None):
+        kind, variant = job["kind"], job.get("variant")
+        if kind == "check":
+            return {"torch": {"status": "ok", "rel_err_out": 0.0, "rel_err_grad": 0.0, "note": ""}}
+        if kind == "bandwidth":
+            return {"bandwidth_gb_s": 10.0, "bank_params": 1_000_000, "copy_times_s": [0.05] * bench.COPY_REPEATS}
+        if kind == "time":
+            return {"step_times_s": {"naive": [3.0], "finetune": [1.0, 2.0, 3.0], "torch": [2.5]}[variant]}
+        return {"peak_extra_mb": 5.0}
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    s = bench.Settings(model=tiny_model, tasks=8, bank_dtype="bf16", out=str(tmp_path))
+    assert bench.run(s) == 0
+    variants = json.loads((tmp_path / "results.json").read_text())["variants"]
+    by_name = {v["name"]: v for v in variants}
+    assert [v["name"] for v in variants] == ["naive", "finetune", "floor", "torch"]
+    floor = by_name["floor"]
+    assert floor["bank_gb"] == pytest.approx(8 * 1e6 * 2 / 1e9)
+    assert floor["step_time_s"] == pytest.approx(2.0 + 2 * 16e6 / 10e9)
+    assert by_name["torch"]["time_vs_floor"] == pytest.approx(2.5 / floor["step_time_s"])
+    assert by_name["torch"]["time_vs_finetune"] == pytest.approx(1.25)
+    assert by_name["naive"]["time_vs_floor"] == pytest.approx(3.0 / floor["step_time_s"])
 
 
 def test_mismatching_backend_is_reported_not_timed(tmp_path, monkeypatch, tiny_model):
