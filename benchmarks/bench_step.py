@@ -2,9 +2,11 @@
 fixed random head, for naive merging, plain fine-tuning and each backend (the variants of `atlas-fast bench`,
 here timed side by side in one process; the command measures each in a fresh process, with peak memory).
 
-    pytest benchmarks/bench_step.py            CPU: ViT-S-32, T=8 fp32 bank, batch 8, fp32
+    pytest benchmarks/bench_step.py            CPU: ViT-S-32, T=8 fp32 bank, batch 8, fp32 (and aTLAS x4)
     pytest benchmarks/bench_step.py -m gpu     GPU: ViT-B-32, T=21 bf16 bank, batch 128, bf16 autocast
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def _run(benchmark, settings, variant, rounds):
             torch.cuda.synchronize()
 
     benchmark.extra_info.update(model=settings.model, tasks=settings.tasks, batch=settings.batch,
-                                bank_dtype=settings.bank_dtype, amp=settings.amp)
+                                bank_dtype=settings.bank_dtype, amp=settings.amp, partitions=settings.partitions)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1 if not cuda else 3)
 
 
@@ -36,6 +38,12 @@ def _run(benchmark, settings, variant, rounds):
 def test_step_cpu(benchmark, variant):
     benchmark.group = "cpu step ViT-S-32"
     _run(benchmark, CPU, variant, rounds=3)
+
+
+@pytest.mark.parametrize("variant", ("naive", "torch"))
+def test_step_cpu_partitions(benchmark, variant):
+    benchmark.group = "cpu step ViT-S-32, 4 partitions per block"
+    _run(benchmark, dataclasses.replace(CPU, partitions=4), variant, rounds=3)
 
 
 @pytest.mark.gpu
