@@ -231,6 +231,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
         raise TypeError(f"adapt: unknown option(s) {', '.join(unknown)}; TrainConfig has {', '.join(sorted(known))}")
     cfg = TrainConfig(objective=objective, **options)
     cfg.validate()
+    if finetuned_accuracy is not None and not all(0 < a <= 1 for a in _as_list(finetuned_accuracy)):
+        raise ValueError(f"finetuned_accuracy={finetuned_accuracy}: expected fractions in (0, 1]")
     device = _device(device)
     sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
     if not sources:

@@ -40,8 +40,10 @@ def plot_curves(history, task_names, path):
                     marker="o", label=name)
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="accuracy (epoch 0: initial model)")
     ax_acc.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save(fig, path)
 
 
@@ -66,7 +68,9 @@ def plot_coefficients(coefficients, block_names, sources, path):
     fig, ax = plt.subplots(figsize=(min(2 + 0.08 * c.shape[1], 24), 1.2 + 0.35 * c.shape[0]))
     im = ax.imshow(c.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_yticks(range(c.shape[0]), [_short(s) for s in sources], fontsize=7)
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=6, ha="left")
+    for t in ticks[1:]:
+        ax.axvline(t - 0.5, color="k", linewidth=0.4)
     ax.set_xlabel("parameter blocks, by layer")
     ax.set_title("learned coefficients")
     fig.colorbar(im, ax=ax, fraction=0.03)
