@@ -13,7 +13,16 @@ frozen), plus one parameter, the coefficients, registered on the composed module
 its state_dict is the original's plus that key, and it deep-copies like any module. Its class becomes a
 subclass of its own (as torch.nn.utils.parametrize does) that keeps the coefficients float32 through
 .half()/.bfloat16() and moves the generic blocks' task vectors with it; unwrap() restores the class.
+
+Grouped compositions (AtlasModel.groups): G coefficient sets in one forward, each sample with its own. The
+forward runs as torch.func.vmap over the samples of the inputs (dim 0 of every tensor positional argument;
+inside, each sample is a batch of one, in whatever layout the model's modules use): the fused modules call
+the grouped ops, whose batching rule gathers all samples back into one call with a group index per sample;
+the generic blocks are merged once per group (G copies of those small blocks, one GEMM per block) and each
+sample's merged copy is handed to the model with torch.func.functional_call, which under vmap applies every
+use of it (LayerNorm scales, embeddings, a projection matrix) per sample, exactly, in batched ops.
 """
+import contextlib
 import copy
 import json
 import os
@@ -27,6 +36,7 @@ from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
 from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients, _AtlasBlocks
 from .ops import merge_blocks
+from .ops_grouped import merge_blocks_grouped
 from .task_vectors import atomic_write
 
 COEF_FORMAT = "atlas_fast.coefficients/2"
@@ -109,6 +119,8 @@ class GenericBlocks(nn.Module):
         return self.root[0].__dict__["_atlas"]
 
     def _root_pre(self, module, args):
+        if self.atlas_coefficients().grouped is not None:  # AtlasModel passes per-sample merged blocks itself
+            return
         self.atlas_coefficients().check_finite_values()
         if self.entries:
             self.lend(-1, range(len(self.entries)))
@@ -117,6 +129,8 @@ class GenericBlocks(nn.Module):
         self.give_back(-1)
 
     def _trigger_pre(self, slot, module, args):
+        if self.atlas_coefficients().grouped is not None:
+            return
         if -1 not in self._lent and slot not in self._lent:
             self.lend(slot, self.triggers[slot][1])
 
@@ -215,10 +229,82 @@ class AtlasModel(nn.Module):
         self._tau_paths = tau_paths
         self._requires_grad = requires_grad          # parameter name -> requires_grad before compose
         self._unwrapped = False
+        self._group_call = None                      # (index, coefficients) inside groups()
 
     def forward(self, *args, **kwargs):
         self._check_composed()
+        if self._group_call is not None:
+            return self._forward_grouped(args, kwargs)
         return self.model(*args, **kwargs)
+
+    # -- grouped compositions
+
+    @contextlib.contextmanager
+    def groups(self, index, coefficients):
+        """Within this context every forward of this AtlasModel runs G compositions in one batch.
+
+        index: int64 (S,), the group in [0, G) of each sample; samples are dim 0 of every tensor positional
+        argument (inputs must be batch-first at the model's boundary; keyword arguments are shared by all
+        samples; outputs come back batch-first). coefficients: (G, *self.coefficients.shape), float32, e.g.
+        group_coefficients(G) to train G sets, or a router's output (S, T) / (S, T, B) with index =
+        arange(S) for per-sample coefficients; gradients flow into it, not into self.coefficients. Each sample's
+        outputs and gradients are those of a model composed with its group's coefficients alone. Only a call of
+        this AtlasModel is grouped, not a call of a submodule or of the wrapped model."""
+        shape = tuple(self.coefficients.shape)
+        if not isinstance(coefficients, torch.Tensor) or coefficients.dim() != len(shape) + 1 \
+                or tuple(coefficients.shape[1:]) != shape:
+            raise ValueError(f"groups: coefficients must be (G, {', '.join(map(str, shape))}), got "
+                             f"{tuple(getattr(coefficients, 'shape', ()))}")
+        if coefficients.dtype not in (torch.float32, torch.float64) or coefficients.device != self.coefficients.device:
+            raise ValueError(f"groups: coefficients must be float32 on {self.coefficients.device}, got "
+                             f"{coefficients.dtype} on {coefficients.device}")
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1 \
+                or index.device != coefficients.device:
+            raise ValueError(f"groups: index must be an int64 (S,) tensor on {coefficients.device}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= coefficients.shape[0]):
+            raise ValueError(f"groups: index holds group ids outside [0, {coefficients.shape[0]})")
+        previous, self._group_call = self._group_call, (index, coefficients)
+        try:
+            yield self
+        finally:
+            self._group_call = previous
+
+    def group_coefficients(self, groups):
+        """A new trainable float32 leaf (groups, *coefficients.shape) holding copies of the coefficients."""
+        c = self.coefficients.detach()
+        return nn.Parameter(c.unsqueeze(0).repeat(groups, *([1] * c.dim())))
+
+    def _forward_grouped(self, args, kwargs):
+        atlas = self.atlas
+        index, coef = self._group_call
+        if atlas.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(coef.detach()).all():
+            raise ValueError("groups: the coefficients hold non-finite values")
+        generic = atlas.generic
+        sample_params = {}
+        if generic.entries:
+            blocks = [b for _, _, b in generic.entries]
+            merged = merge_blocks_grouped([owner._parameters[attr] for owner, attr, _ in generic.entries],
+                                          [getattr(generic, f"tau_{i}") for i in range(len(blocks))],
+                                          atlas.group_blocks(coef, blocks), [atlas.keys[b] for b in blocks])
+            sample_params = {name: m.index_select(0, index) for name, m in zip(self.report.generic, merged)}
+        for a in args:
+            if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] != index.shape[0]):
+                raise ValueError(f"groups: a positional input of shape {tuple(a.shape)} does not have the "
+                                 f"{index.shape[0]} samples of the index on dim 0")
+        model = self.model
+
+        def one(params, *xs):
+            xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
+            out = torch.func.functional_call(model, params, xs, kwargs)
+            return torch.utils._pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, out)
+
+        in_dims = (0, *(0 if isinstance(a, torch.Tensor) else None for a in args))
+        # The modules see the grouped call only while it runs: a call of the wrapped model itself stays plain.
+        atlas.grouped = (index, coef)
+        try:
+            return torch.func.vmap(one, in_dims=in_dims)(sample_params, *args)
+        finally:
+            atlas.grouped = None
 
     @property
     def atlas(self):

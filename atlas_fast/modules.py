@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hashing import block_key
-from .ops import atlas_conv2d, atlas_linear
+from . import ops_grouped  # noqa: F401  (registers the grouped ops the modules call in a grouped forward)
+from .ops import _autocast, atlas_conv2d, atlas_linear
 
 GRANULARITIES = ("block", "task")
 
@@ -20,6 +21,10 @@ class AtlasCoefficients(nn.Module):
     the coefficients under the one key "atlas.coefficients" beside its own keys. They stay float32 when the
     model moves to float16 or bfloat16 (the master copy, as under autocast); a state dict without that key
     loads without touching them.
+
+    While AtlasModel.groups(index, coefficients) is active, `grouped` holds that (index, coefficients) pair:
+    coefficients (G, *shape) with one set per group, index (S,) the group of each sample, and the modules
+    call the grouped ops instead.
     """
 
     def __init__(self, num_tasks, num_blocks, granularity="block", partitions=1, seed=0, backend="auto"):
@@ -41,6 +46,8 @@ class AtlasCoefficients(nn.Module):
         self.keys = [block_key(seed, b) for b in range(num_blocks)]
         self.block_names = [f"block {b}" for b in range(num_blocks)]
         self.check_finite = True
+
+    grouped = None
 
     def check_finite_values(self):
         """Raise if an optimizer step left NaN or Inf in c: one sync on this small tensor, skipped while
@@ -70,6 +77,20 @@ class AtlasCoefficients(nn.Module):
             return c[:, None, None].expand(-1, len(indices), 1)
         idx = torch.as_tensor(indices, device=c.device)
         return c[:, idx].unsqueeze(-1) if self.partitions == 1 else c[:, idx]
+
+    def group_block(self, b):
+        """The (G, T, K) coefficients of block b in the active grouped call."""
+        c = self.grouped[1]
+        if self.granularity == "task":
+            return c.unsqueeze(2)
+        return c[:, :, b:b + 1] if self.partitions == 1 else c[:, :, b]
+
+    def group_blocks(self, c, indices):
+        """The (G, T, len(indices), K) coefficients of several blocks in grouped coefficients c (G, *shape)."""
+        if self.granularity == "task":
+            return c[:, :, None, None].expand(-1, -1, len(indices), 1)
+        idx = torch.as_tensor(indices, device=c.device)
+        return c[:, :, idx].unsqueeze(-1) if self.partitions == 1 else c[:, :, idx]
 
     def _apply(self, fn, recurse=True):
         # Coefficients never drop below float32: keep the float32 values through .half() / .bfloat16().
@@ -107,7 +128,16 @@ class _AtlasBlocks(nn.Module):
         if attr not in self.blocks:
             return None, None, 0
         b = self.blocks[attr][0]
-        return getattr(self, f"tau_{attr}"), self.atlas.block(b), self.atlas.keys[b]
+        coef = self.atlas.block(b) if self.atlas.grouped is None else self.atlas.group_block(b)
+        return getattr(self, f"tau_{attr}"), coef, self.atlas.keys[b]
+
+    def _linear(self, x, w, b, tw, tb, cw, cb, kw, kb):
+        """atlas_linear, or in a grouped call the grouped op with the group index of x's samples (the
+        AtlasModel runs a grouped forward under vmap: see ops_grouped)."""
+        if self.atlas.grouped is None:
+            return atlas_linear(x, w, b, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
+        return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), self.atlas.grouped[0], w, b, tw, tb, cw, cb,
+                                                         kw, kb, self.atlas.backend)
 
 
 def _refuse_mixed_dtypes(x, weight, plain_call):
@@ -128,7 +158,7 @@ class AtlasLinear(_AtlasBlocks):
         _refuse_mixed_dtypes(x, self.weight, lambda: F.linear(x, self.weight, self.bias))
         tw, cw, kw = self._block_args("weight")
         tb, cb, kb = self._block_args("bias")
-        return atlas_linear(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
+        return self._linear(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb)
 
 
 class AtlasConv2d(_AtlasBlocks):
@@ -144,6 +174,10 @@ class AtlasConv2d(_AtlasBlocks):
                                                               self.dilation, self.groups))
         tw, cw, kw = self._block_args("weight")
         tb, cb, kb = self._block_args("bias")
+        if self.atlas.grouped is not None:
+            return torch.ops.atlas_fast.atlas_conv2d_grouped(
+                _autocast(x), self.atlas.grouped[0], self.weight, self.bias, tw, tb, cw, cb, kw, kb,
+                list(self.stride), list(self.padding), list(self.dilation), self.groups, self.atlas.backend)
         return atlas_conv2d(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, self.stride, self.padding,
                             self.dilation, self.groups, backend=self.atlas.backend)
 
@@ -182,7 +216,7 @@ class AtlasMultiheadAttention(_AtlasBlocks):
         _refuse_mixed_dtypes(x, w, lambda: F.linear(x, w, b))
         tw, cw, kw = self._block_args(f"{which}_weight")
         tb, cb, kb = self._block_args(f"{which}_bias")
-        return atlas_linear(x, w, b, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
+        return self._linear(x, w, b, tw, tb, cw, cb, kw, kb)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -198,7 +232,9 @@ class AtlasMultiheadAttention(_AtlasBlocks):
         mask = _attention_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
         p = self.dropout if self.training else 0.0
         causal = is_causal and mask is None
-        if need_weights:
+        # A grouped forward runs under vmap, where torch has no batching rule for the CPU flash attention kernel
+        # (it would loop over the samples): the explicit product is batched on every device.
+        if need_weights or self.atlas.grouped is not None:
             scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
             if mask is not None:
                 scores = scores + mask
@@ -206,7 +242,7 @@ class AtlasMultiheadAttention(_AtlasBlocks):
                 scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
             weights = F.dropout(scores.softmax(-1), p, self.training)
             out = weights @ v
-            weights = weights.mean(1) if average_attn_weights else weights
+            weights = None if not need_weights else weights.mean(1) if average_attn_weights else weights
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
             weights = None

@@ -1,0 +1,301 @@
+"""Grouped compositions: many coefficient sets in one call, one per group of samples.
+
+Contract (G groups, S samples, T task vectors, P partitions):
+    x (S, ..., in) · index (S,) int64 in [0, G): sample s runs with coefficients coef[index[s]]
+    coef_w, coef_b (G, T, P) float32 (float64 for gradcheck) · θ0, τ, keys as in base.Backend
+    y[s] = x[s] (W0 + Σ_t coef_w[g, t, k] τ_t)ᵀ + (b0 + Σ_t coef_b[g, t, k] τ'_t),   g = index[s]
+Backward: dx[s] = dy[s] W(c[g]);  dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] G_g[i] with G_g = Σ_{s : index[s] = g} dy[s]ᵀ x[s]
+(summed over every row of those samples); groups without samples get dc = 0.
+
+The torch implementation chooses per call between two ways of computing a linear block:
+    "merge":     for each group present, merge W(c[g]) (one layer, freed at once) and run its rows through one
+                 GEMM: G'·T·N·K merge multiply-adds (streaming the bank G' times) + M·N·K GEMM multiply-adds;
+    "rowscale":  y = x W0ᵀ + Σ_t c[g(r), t] ⊙ (x τ_tᵀ): (T + 1)·M·N·K GEMM multiply-adds, the bank read once
+                 and no merged weight (P = 1 only: with partitions a coefficient varies inside a row of τ_t).
+Counted in multiply-adds "merge" always looks cheaper (M ≥ G'), but a merge multiply-add streams one bank
+element from memory while a GEMM multiply-add reuses operands from cache. The rule: "rowscale" when P = 1 and
+groups average fewer than ROWS_PER_MERGE rows (M < ROWS_PER_MERGE · G'), else "merge". Convolutions and
+partitioned blocks always merge per group. The triton implementation runs the grouped kernels of
+kernels/atlas_linear_grouped.py (rows sorted into one-group segments; the merged tile built per tile's group);
+the cuda backend has no grouped kernels and runs the torch implementation.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..hashing import cached_partition_index
+from . import resolve
+from .im2col import out_size, patches, rows, unpatch
+from .torch_backend import merge_and_reduce, merge_block, reduce_block
+
+# The GEMM/merge cost ratio of one multiply-add: a merge streams its bank element from memory (about 2-4 bytes
+# per multiply-add), a GEMM reuses each operand from cache tens of times. 32 is the rows-per-group break-even
+# of that ratio on the CPUs and GPUs this package targets (within a factor of 2: either way is near).
+ROWS_PER_MERGE = 32
+
+
+def _segments(index, G):
+    """(sample order sorted by group, samples per group as a host list): one device sync."""
+    order = torch.argsort(index, stable=True)
+    return order, torch.bincount(index, minlength=G).tolist()
+
+
+def linear_strategy(rows_total, groups_present, partitions):
+    """"rowscale" or "merge" for a grouped linear call (see the module docstring)."""
+    if partitions == 1 and rows_total < ROWS_PER_MERGE * groups_present:
+        return "rowscale"
+    return "merge"
+
+
+def _merged_bias(bias, tau_b, coef_b, key_b, dtype):
+    if bias is None:
+        return None
+    return (merge_block(bias, tau_b, coef_b, key_b) if tau_b is not None else bias).to(dtype)
+
+
+def _row_groups(index, rows_per_sample):
+    return index.repeat_interleave(rows_per_sample) if rows_per_sample != 1 else index
+
+
+class TorchGrouped:
+    """The grouped ops from stock torch ops (reference path; CPU)."""
+
+    name = "torch"
+
+    def atlas_linear(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        G, T, P = coef_w.shape
+        S = x.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        R = x2.shape[0] // S if S else 1
+        order, counts = _segments(index, G)
+        present = sum(c > 0 for c in counts)
+        if linear_strategy(x2.shape[0], present, P) == "rowscale":
+            y = self._rowscale(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b)
+            return y.view(*x.shape[:-1], weight.shape[0])
+        y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        for g, samples in zip(range(G), order.split(counts)):
+            if samples.numel() == 0:
+                continue
+            w = merge_block(weight, tau_w, coef_w[g], key_w).to(x.dtype)
+            b = _merged_bias(bias, tau_b, coef_b[g] if coef_b is not None else None, key_b, x.dtype)
+            y.index_copy_(0, samples, F.linear(x.index_select(0, samples), w, b))
+            del w
+        return y
+
+    @staticmethod
+    def _rowscale(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b):
+        c = coef_w[:, :, 0].index_select(0, row_group).to(x2.dtype)          # (M, T)
+        y = F.linear(x2, weight.to(x2.dtype), bias.to(x2.dtype) if bias is not None else None)
+        for t in range(tau_w.shape[0]):
+            y.addcmul_(c[:, t:t + 1], F.linear(x2, tau_w[t].to(x2.dtype)))
+        if tau_b is not None:
+            y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(x2.dtype), tau_b.to(x2.dtype))
+        return y
+
+    def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
+                              needs_input_grad):
+        G, T, P = coef_w.shape
+        S = x.shape[0]
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        R = x2.shape[0] // S if S else 1
+        order, counts = _segments(index, G)
+        present = sum(c > 0 for c in counts)
+        acc = coef_w.dtype
+        if linear_strategy(x2.shape[0], present, P) == "rowscale":
+            row_group = _row_groups(index, R)
+            c = coef_w[:, :, 0].index_select(0, row_group).to(gy.dtype)
+            grad_x = gy @ weight.to(gy.dtype) if needs_input_grad else None
+            per_row = torch.empty(x2.shape[0], T, dtype=acc, device=x.device)
+            for t in range(T):
+                tau = tau_w[t].to(gy.dtype)
+                per_row[:, t] = (F.linear(x2, tau) * gy).sum(1, dtype=acc)
+                if needs_input_grad:
+                    grad_x.addmm_(gy * c[:, t:t + 1], tau)
+            grad_cw = per_row.new_zeros(G, T).index_add_(0, row_group, per_row).unsqueeze(2)
+            grad_cb = None
+            if tau_b is not None:
+                per_row_b = (gy @ tau_b.to(gy.dtype).t()).to(acc)
+                grad_cb = per_row_b.new_zeros(G, T).index_add_(0, row_group, per_row_b).unsqueeze(2)
+            return (grad_x.view(x.shape) if needs_input_grad else None), grad_cw, grad_cb
+        grad_x = torch.empty_like(x) if needs_input_grad else None
+        grad_cw = torch.zeros(G, T, P, dtype=acc, device=x.device)
+        grad_cb = torch.zeros(G, T, P, dtype=acc, device=x.device) if tau_b is not None else None
+        for g, samples in zip(range(G), order.split(counts)):
+            if samples.numel() == 0:
+                continue
+            gy_g = grad_out.index_select(0, samples).reshape(-1, gy.shape[1])
+            x_g = x.index_select(0, samples).reshape(-1, x2.shape[1])
+            g_weight = gy_g.t() @ x_g
+            if needs_input_grad:
+                w, grad_cw[g] = merge_and_reduce(weight, tau_w, coef_w[g], key_w, g_weight)
+                del g_weight
+                grad_x.index_copy_(0, samples, (gy_g @ w.to(gy.dtype)).view(-1, *x.shape[1:]))
+                del w
+            else:
+                grad_cw[g] = reduce_block(tau_w, g_weight, key_w, P, acc)
+                del g_weight
+            if tau_b is not None:
+                grad_cb[g] = reduce_block(tau_b, gy_g.sum(0, dtype=acc), key_b, P, acc)
+        return grad_x, grad_cw, grad_cb
+
+    def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
+        stride, padding, dilation, groups = conv
+        G = coef_w.shape[0]
+        order, counts = _segments(index, G)
+        y = None
+        for g, samples in zip(range(G), order.split(counts)):
+            if samples.numel() == 0:
+                continue
+            w = merge_block(weight, tau_w, coef_w[g], key_w).to(x.dtype)
+            b = _merged_bias(bias, tau_b, coef_b[g] if coef_b is not None else None, key_b, x.dtype)
+            y_g = F.conv2d(x.index_select(0, samples), w, b, stride, padding, dilation, groups)
+            if y is None:
+                y = y_g.new_empty((x.shape[0], *y_g.shape[1:]))
+            y.index_copy_(0, samples, y_g)
+        if y is None:
+            Ho, Wo = out_size(conv, weight, x)
+            y = x.new_empty((0, weight.shape[0], Ho, Wo))
+        return y
+
+    def atlas_conv2d_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
+                              needs_input_grad):
+        stride, padding, dilation, groups = conv
+        G, T, P = coef_w.shape
+        acc = coef_w.dtype
+        args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
+        order, counts = _segments(index, G)
+        grad_x = torch.empty_like(x) if needs_input_grad else None
+        grad_cw = torch.zeros(G, T, P, dtype=acc, device=x.device)
+        grad_cb = torch.zeros(G, T, P, dtype=acc, device=x.device) if tau_b is not None else None
+        for g, samples in zip(range(G), order.split(counts)):
+            if samples.numel() == 0:
+                continue
+            gy_g, x_g = grad_out.index_select(0, samples), x.index_select(0, samples)
+            # The weight gradient does not depend on the weight's values: θ0 stands in for W(c[g]).
+            _, g_weight, _ = torch.ops.aten.convolution_backward(gy_g, x_g, weight.to(gy_g.dtype), None, *args,
+                                                                 [False, True, False])
+            if needs_input_grad:
+                w, grad_cw[g] = merge_and_reduce(weight, tau_w, coef_w[g], key_w, g_weight)
+                del g_weight
+                dx = torch.ops.aten.convolution_backward(gy_g, x_g, w.to(gy_g.dtype), None, *args,
+                                                         [True, False, False])[0]
+                grad_x.index_copy_(0, samples, dx)
+                del w
+            else:
+                grad_cw[g] = reduce_block(tau_w, g_weight, key_w, P, acc)
+            if tau_b is not None:
+                grad_cb[g] = reduce_block(tau_b, gy_g.sum((0, 2, 3), dtype=acc), key_b, P, acc)
+        return grad_x, grad_cw, grad_cb
+
+
+def _onehot_bank(tau, key, partitions, dtype):
+    """τ (T, numel) as (T·P, numel) in `dtype`: row t·P + k holds τ_t where k(i) = k, else 0."""
+    T = tau.shape[0]
+    taus = tau.reshape(T, -1).to(dtype)
+    if partitions == 1:
+        return taus
+    part = cached_partition_index(taus.shape[1], key, partitions, taus.device).long()
+    onehot = torch.zeros(T, partitions, taus.shape[1], dtype=dtype, device=taus.device)
+    onehot.scatter_(1, part.view(1, 1, -1).expand(T, 1, -1), taus.unsqueeze(1))
+    return onehot.view(T * partitions, -1)
+
+
+def merge_blocks_grouped(theta0, tau, coef, keys):
+    """[θ0_b + Σ_t coef[g, t, b, k(i)] τ_t,b[i] for every group g] as (G, *θ0_b.shape) tensors in θ0's dtype;
+    coef (G, T, B, P). One GEMM (G, T·P)·(T·P, numel) per block: meant for the small generic blocks."""
+    G, T, _, P = coef.shape
+    out = []
+    for b, (t0, tv, key) in enumerate(zip(theta0, tau, keys)):
+        delta = coef[:, :, b].reshape(G, T * P) @ _onehot_bank(tv, key, P, coef.dtype)
+        out.append((t0.reshape(1, -1).to(coef.dtype) + delta).to(t0.dtype).view(G, *t0.shape))
+    return out
+
+
+def merge_blocks_grouped_backward(grads, tau, keys, partitions):
+    """dc (G, T, B, P) with dc[g, t, b, k] = Σ_{i in partition k} τ_t,b[i] grads_b[g, i]; float32 (float64 when
+    the gradients are)."""
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    G, T = grads[0].shape[0], tau[0].shape[0]
+    cols = [grad.reshape(G, -1).to(acc) @ _onehot_bank(tv, key, partitions, acc).t()
+            for grad, tv, key in zip(grads, tau, keys)]
+    return torch.stack(cols, dim=2).view(G, T, partitions, len(grads)).permute(0, 1, 3, 2).contiguous()
+
+
+class TritonGrouped(TorchGrouped):
+    """The grouped linear ops on the kernels of kernels/atlas_linear_grouped.py; a conv with groups=1 runs them
+    on its im2col view (every patch row in its sample's group); grouped convs take the torch implementation."""
+
+    name = "triton"
+
+    @staticmethod
+    def _kernels():
+        from atlas_fast.kernels import atlas_linear_grouped
+        return atlas_linear_grouped
+
+    @staticmethod
+    def _check(x, coef_w):
+        if coef_w.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"backend='triton' takes float32 coefficients and float32/bfloat16/float16 "
+                             f"activations, got {coef_w.dtype} and {x.dtype}; use backend='torch' for float64")
+
+    def atlas_linear(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        self._check(x, coef_w)
+        x2 = x.reshape(-1, x.shape[-1])
+        R = x2.shape[0] // x.shape[0] if x.shape[0] else 1
+        y = self._kernels().forward(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b,
+                                    key_w, key_b)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
+                              needs_input_grad):
+        self._check(x, coef_w)
+        kernels = self._kernels()
+        G, T, P = coef_w.shape
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        row_group = _row_groups(index, x2.shape[0] // x.shape[0] if x.shape[0] else 1)
+        segments = kernels.Segments(row_group, G)
+        grad_x = None
+        if needs_input_grad:
+            grad_x = kernels.grad_input(gy, row_group, weight, tau_w, coef_w, key_w, segments=segments).view(x.shape)
+        grad_cw = kernels.grad_coef(gy, x2, row_group, tau_w, G, P, key_w, segments=segments)
+        grad_cb = None
+        if tau_b is not None:
+            sums = torch.zeros(G, gy.shape[1], dtype=torch.float32, device=gy.device)
+            sums.index_add_(0, row_group, gy.float())
+            grad_cb = torch.stack([reduce_block(tau_b, sums[g], key_b, P) for g in range(G)])
+        return grad_x, grad_cw, grad_cb
+
+    def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
+        if conv[3] != 1:
+            return super().atlas_conv2d(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
+        N = weight.shape[0]
+        Ho, Wo = out_size(conv, weight, x)
+        cols = patches(x, weight, conv)
+        y = self._kernels().forward(cols, _row_groups(index, Ho * Wo), weight.reshape(N, -1), bias,
+                                    tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
+        return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
+
+    def atlas_conv2d_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
+                              needs_input_grad):
+        if conv[3] != 1:
+            return super().atlas_conv2d_backward(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
+                                                 conv, needs_input_grad)
+        N = weight.shape[0]
+        Ho, Wo = out_size(conv, weight, x)
+        cols = patches(x, weight, conv)
+        dcols, grad_cw, grad_cb = self.atlas_linear_backward(
+            rows(grad_out).view(x.shape[0], Ho * Wo, N), cols.view(x.shape[0], Ho * Wo, -1), index,
+            weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, key_w, key_b,
+            needs_input_grad)
+        grad_x = unpatch(dcols.reshape(-1, cols.shape[1]), x, weight, conv) if needs_input_grad else None
+        return grad_x, grad_cw, grad_cb
+
+
+TORCH, TRITON = TorchGrouped(), TritonGrouped()
+
+
+def implementation(backend, device, dtype):
+    """The grouped implementation for a backend name: the Triton kernels where that backend resolves to
+    "triton", else the torch implementation (the cuda backend has no grouped kernels)."""
+    return TRITON if resolve(backend, device, dtype).name == "triton" else TORCH

@@ -1,0 +1,342 @@
+"""Grouped compositions: G coefficient sets in one call against G separate compositions.
+
+Op level: atlas_linear_grouped, atlas_conv2d_grouped and merge_blocks_grouped on both backends (the torch
+implementation's two strategies each) against the float64 reference applied sample by sample with that
+sample's group's coefficients; odd shapes, a group without samples, groups spanning several row tiles.
+Model level: a tiny open_clip ViT run with AtlasModel.groups against a separately composed model per group,
+per-sample coefficients from a router against a float64 per-sample loop, and torch.compile against eager.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from open_clip.transformer import VisionTransformer
+
+import atlas_fast
+from atlas_fast.backends import grouped as grouped_impl
+from atlas_fast.hashing import block_key
+from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
+from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+
+from helpers import TOL, assert_rel, merged_reference, random_bank, reference_call
+
+T = 3
+KEY_W, KEY_B = block_key(7, 1), block_key(7, 2)
+
+
+def _coefs(G, P, dtype=torch.float32):
+    return (torch.rand(G, T, P, dtype=dtype) * 1.6 - 0.8).requires_grad_()
+
+
+@pytest.fixture
+def strategy(request, monkeypatch):
+    """Forces the torch implementation's linear strategy ("rowscale" or "merge") through its threshold."""
+    monkeypatch.setattr(grouped_impl, "ROWS_PER_MERGE", 10 ** 9 if request.param == "rowscale" else 0)
+    return request.param
+
+
+def _reference_grads(fn, inputs, grad_out):
+    """Float64 outputs of fn and the gradients of Σ grad_out · fn with respect to every input."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.double())
+    return out.detach(), grads
+
+
+# ---------------------------------------------------------------- linear
+
+# S samples of R rows each; group 1 of G = 4 gets no sample; group 0 gets enough rows for several row tiles.
+INDEX = [0, 2, 0, 3, 0, 2, 0]
+
+
+def _linear_case(bias, bank_dtype, P, S_rows=5, N=70, K=37):
+    x = torch.randn(len(INDEX), S_rows, K)
+    weight = torch.randn(N, K) / K ** 0.5
+    b = torch.randn(N) if bias else None
+    tau_w = random_bank((N, K), T, bank_dtype, scale=0.05)
+    tau_b = random_bank((N,), T, bank_dtype, scale=0.05) if bias else None
+    cw, cb = _coefs(4, P), (_coefs(4, P) if bias else None)
+    return x, torch.tensor(INDEX), weight, b, tau_w, tau_b, cw, cb
+
+
+def _linear_ref(x, weight, bias, tau_w, tau_b, cw, cb, index):
+    return torch.stack([linear_ref(x[s], weight, bias, tau_w, tau_b, cw[g], cb[g] if cb is not None else None,
+                                   KEY_W, KEY_B) for s, g in enumerate(index.tolist())])
+
+
+def _check_linear(backend, bias, bank_dtype, P, tol=TOL[torch.float32]):
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(bias, bank_dtype, P)
+    x.requires_grad_()
+    y = atlas_linear_grouped(x, index, weight, b, tau_w, tau_b, cw, cb, KEY_W, KEY_B, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, cw] + ([cb] if bias else []), dy)
+    y_ref, ref = _reference_grads(lambda x_, cw_, cb_: _linear_ref(x_, weight, b, tau_w, tau_b, cw_, cb_, index),
+                                  [x, cw, cb], dy)
+    assert_rel(y, y_ref, tol[0], "output")
+    for name, g, r in zip(("dx", "dc_w", "dc_b"), grads, ref):
+        assert_rel(g, r, tol[1], name)
+    assert grads[1][1].abs().max() == 0, "a group without samples got a coefficient gradient"
+    assert grads[1][0].abs().min() > 0
+
+
+@pytest.mark.parametrize("strategy", ["rowscale", "merge"], indirect=True)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("P", [1, 3])
+def test_linear_torch(strategy, bias, P):
+    _check_linear("torch", bias, torch.float32, P)
+
+
+@pytest.mark.parametrize("bias,bank_dtype,P", [(True, torch.float32, 1), (True, torch.bfloat16, 3),
+                                               (False, torch.float32, 2)])
+def test_linear_triton(bias, bank_dtype, P):
+    _check_linear("triton", bias, bank_dtype, P)
+
+
+@pytest.mark.parametrize("strategy", ["rowscale", "merge"], indirect=True)
+def test_linear_gradcheck(strategy):
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([1, 0, 1])
+    weight, bias = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    tau_w, tau_b = torch.randn(T, 4, 5, dtype=torch.float64), torch.randn(T, 4, dtype=torch.float64)
+    cw, cb = _coefs(2, 1, torch.float64), _coefs(2, 1, torch.float64)
+    fn = lambda x_, cw_, cb_: atlas_linear_grouped(x_, index, weight, bias, tau_w, tau_b, cw_, cb_,  # noqa: E731
+                                                    KEY_W, KEY_B, backend="torch")
+    assert torch.autograd.gradcheck(fn, (x, cw, cb))
+
+
+def test_triton_kernels_write_every_row():
+    """Launchers given NaN-filled outputs: rows of every group, across tiles, are overwritten."""
+    from atlas_fast.kernels import atlas_linear_grouped as kernels
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1, S_rows=9)
+    x2, rows = x.reshape(-1, x.shape[-1]), index.repeat_interleave(9)
+    y = kernels.forward(x2, rows, weight, b, tau_w, tau_b, cw.detach(), cb.detach(), KEY_W, KEY_B,
+                        out=torch.full((x2.shape[0], weight.shape[0]), float("nan")))
+    assert_rel(y, _linear_ref(x, weight, b, tau_w, tau_b, cw, cb, index).reshape(y.shape), 1e-5, "output")
+    dy = torch.randn_like(y)
+    dx = kernels.grad_input(dy, rows, weight, tau_w, cw.detach(), KEY_W, out=torch.full_like(x2, float("nan")))
+    w_rows = torch.stack([merge_ref(weight, tau_w, cw[g].detach(), KEY_W) for g in rows.tolist()])
+    assert_rel(dx, torch.einsum("mn,mnk->mk", dy.double(), w_rows), 1e-5, "dx")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_under_vmap(backend):
+    """An unbatched index under vmap names the group of each vmapped sample, all of whose rows (here two
+    sub-batches of five) belong to it."""
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1)
+    x = x.view(len(INDEX), 1, 5, -1).expand(-1, 2, -1, -1) * torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
+    op = torch.ops.atlas_fast.atlas_linear_grouped
+    y = torch.func.vmap(lambda xs: op(xs, index, weight, b, tau_w, tau_b, cw, cb, KEY_W, KEY_B, backend))(x)
+    ref = torch.stack([_linear_ref(x[:, i], weight, b, tau_w, tau_b, cw, cb, index) for i in range(2)], 1)
+    assert_rel(y, ref, TOL[torch.float32][0], "output under vmap")
+
+
+def test_linear_checks():
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1)
+    with pytest.raises(ValueError, match="outside"):
+        atlas_linear_grouped(x, index + 4, weight, b, tau_w, tau_b, cw, cb, backend="torch")
+    with pytest.raises(ValueError, match="one group per sample"):
+        atlas_linear_grouped(x, index[:-1], weight, b, tau_w, tau_b, cw, cb, backend="torch")
+    with pytest.raises(ValueError, match=r"\(G, T, P\)"):
+        atlas_linear_grouped(x, index, weight, b, tau_w, tau_b, cw[0], cb, backend="torch")
+
+
+def test_opcheck():
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1, S_rows=2, N=6, K=5)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_grouped,
+                          (x, index, weight, b, tau_w, tau_b, cw, cb, KEY_W, KEY_B, "torch"))
+    xc = torch.randn(3, 2, 6, 6)
+    wc, tc = torch.randn(4, 2, 3, 3), random_bank((4, 2, 3, 3), T)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_conv2d_grouped,
+                          (xc, torch.tensor([1, 0, 1]), wc, None, tc, None, _coefs(2, 1), None, 0, 0, [1, 1],
+                           [1, 1], [1, 1], 1, "torch"))
+    torch.library.opcheck(torch.ops.atlas_fast.merge_blocks_grouped,
+                          ([weight, b], [tau_w, tau_b], torch.randn(3, T, 2, 2, requires_grad=True), [KEY_W, KEY_B]))
+
+
+# ---------------------------------------------------------------- conv2d
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("patchify", [True, False])
+def test_conv2d(backend, patchify):
+    S, C, N = 5, 3, 7
+    x = torch.randn(S, C, 13, 11, requires_grad=True)
+    index = torch.tensor([2, 0, 2, 2, 0])
+    k, stride, padding = (4, (4, 4), (0, 0)) if patchify else (3, (2, 1), (1, 1))
+    weight, bias = torch.randn(N, C, k, k) / (C * k * k) ** 0.5, torch.randn(N)
+    tau_w, tau_b = random_bank(weight.shape, T, scale=0.05), random_bank((N,), T, scale=0.05)
+    cw, cb = _coefs(3, 2), _coefs(3, 2)
+    y = atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, cw, cb, KEY_W, KEY_B, stride, padding,
+                             backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, cw, cb], dy)
+
+    def ref(x_, cw_, cb_):
+        return torch.cat([conv2d_ref(x_[s:s + 1], weight, bias, tau_w, tau_b, cw_[g], cb_[g], KEY_W, KEY_B, stride,
+                                     padding) for s, g in enumerate(index.tolist())])
+    y_ref, ref_grads = _reference_grads(ref, [x, cw, cb], dy)
+    tol = TOL[torch.float32]
+    assert_rel(y, y_ref, tol[0], "output")
+    for name, g, r in zip(("dx", "dc_w", "dc_b"), grads, ref_grads):
+        assert_rel(g, r, tol[1], name)
+    assert grads[1][1].abs().max() == 0
+
+
+# ---------------------------------------------------------------- merge_blocks_grouped
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_merge_blocks_grouped(P):
+    shapes = [(37,), (5, 13), (3, 2, 7)]
+    theta0 = [torch.randn(s) for s in shapes]
+    tau = [random_bank(s, T, torch.bfloat16) for s in shapes]
+    keys = [block_key(3, b) for b in range(len(shapes))]
+    coef = torch.randn(2, T, len(shapes), P, requires_grad=True)
+    merged = merge_blocks_grouped(theta0, tau, coef, keys)
+    grads_out = [torch.randn_like(m) for m in merged]
+    dc, = torch.autograd.grad(merged, coef, grads_out)
+
+    def ref(c):
+        return torch.cat([merge_ref(t0, tv, c[g, :, b], key).reshape(-1)
+                          for g in range(2) for b, (t0, tv, key) in enumerate(zip(theta0, tau, keys))])
+    flat_grad = torch.cat([g_out[g].reshape(-1) for g in range(2) for g_out in grads_out])
+    out_ref, (dc_ref,) = _reference_grads(ref, [coef], flat_grad)
+    assert_rel(torch.cat([m[g].reshape(-1) for g in range(2) for m in merged]), out_ref, 1e-6, "merged")
+    assert_rel(dc, dc_ref, 1e-5, "coefficient gradient")
+
+
+# ---------------------------------------------------------------- a tiny open_clip ViT
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0,
+                             output_dim=24).eval()
+
+
+@pytest.fixture(scope="module")
+def bank(vit):
+    return atlas_fast.synthetic_task_vectors(vit, T, rel_scale=1e-2, seed=2)
+
+
+def _compose(vit, bank, backend="torch", granularity="block", partitions=1):
+    return atlas_fast.compose(copy.deepcopy(vit), bank, granularity, partitions, backend=backend, seed=5)
+
+
+def _separate_runs(model, coef, index, images, weight):
+    """Every group's samples through `model` composed with that group's coefficients alone: (outputs,
+    coefficient gradients (G, ...)) of Σ weight · outputs."""
+    out = torch.empty(images.shape[0], weight.shape[1])
+    grads = torch.zeros_like(coef)
+    for g in range(coef.shape[0]):
+        samples = (index == g).nonzero().squeeze(1)
+        if samples.numel() == 0:
+            continue
+        with torch.no_grad():
+            model.coefficients.copy_(coef[g])
+        model.coefficients.grad = None
+        y = model(images[samples])
+        (y * weight[samples]).sum().backward()
+        out[samples] = y.detach()
+        grads[g] = model.coefficients.grad
+    return out, grads
+
+
+def _grouped_run(model, coef, index, images, weight):
+    coef = coef.detach().clone().requires_grad_()
+    with model.groups(index, coef):
+        y = model(images)
+    (y * weight).sum().backward()
+    return y.detach(), coef.grad
+
+
+@pytest.mark.parametrize("backend,granularity,partitions", [("torch", "block", 1), ("torch", "block", 3),
+                                                            ("torch", "task", 1), ("triton", "block", 3)])
+def test_vit_groups_match_separate_compositions(vit, bank, backend, granularity, partitions):
+    model = _compose(vit, bank, backend, granularity, partitions)
+    assert set(model.report.fused.values()) == {"Conv2d", "MultiheadAttention", "Linear"}
+    assert model.report.generic, "the ViT's LayerNorms, embeddings and projection take the generic merge"
+    G = 4
+    coef = torch.rand(G, *model.coefficients.shape) * 1.6 - 0.8
+    index = torch.tensor([2, 0, 3, 2, 0])          # group 1 unused
+    images, weight = torch.randn(5, 3, 32, 32), torch.randn(5, 24)
+    y, g = _grouped_run(model, coef, index, images, weight)
+    y_ref, g_ref = _separate_runs(_compose(vit, bank, "torch", granularity, partitions), coef, index, images, weight)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out, "output")
+    assert_rel(g, g_ref, tol_grad, "coefficient gradient")
+    assert g[1].abs().max() == 0 and g[0].abs().min() > 0
+    assert model.coefficients.grad is None, "a grouped call trains the coefficients it was given"
+
+
+def test_vit_groups_against_float64_reference(vit, bank):
+    model = _compose(vit, bank)
+    coef = torch.rand(2, *model.coefficients.shape) * 1.6 - 0.8
+    index = torch.tensor([1, 0, 1])
+    images, weight = torch.randn(3, 3, 32, 32), torch.randn(3, 24)
+    y, g = _grouped_run(model, coef, index, images, weight)
+    for s, grp in enumerate(index.tolist()):
+        merged = merged_reference(vit, bank, coef[grp].double())
+        assert_rel(y[s], reference_call(vit, merged, images[s:s + 1])[0], TOL[torch.float32][0], f"sample {s}")
+
+
+class Router(nn.Module):
+    """Per-sample coefficients (N, T, B) from the mean-pooled image."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = blocks
+        self.linear = nn.Linear(3, T * blocks)
+
+    def forward(self, images):
+        return self.linear(images.mean((2, 3))).view(-1, T, self.blocks)
+
+
+def test_router_gradients_match_per_sample_loop(vit, bank):
+    model = _compose(vit, bank)
+    router = Router(len(model.block_names))
+    images, weight = torch.randn(4, 3, 32, 32), torch.randn(4, 24)
+    coef = router(images)
+    with model.groups(torch.arange(4), coef):
+        y = model(images)
+    (y * weight).sum().backward()
+    router64 = copy.deepcopy(router).double()
+    loss = 0
+    for s in range(4):
+        merged = merged_reference(vit, bank, router64(images[s:s + 1].double())[0])
+        loss = loss + (reference_call(vit, merged, images[s:s + 1]) * weight[s:s + 1].double()).sum()
+    loss.backward()
+    for (name, p), p64 in zip(router.named_parameters(), router64.parameters()):
+        assert_rel(p.grad, p64.grad, TOL[torch.float32][1], f"router {name} gradient")
+
+
+def test_compile_matches_eager(vit, bank):
+    model = _compose(vit, bank, granularity="task")
+    coef = torch.rand(3, *model.coefficients.shape) * 1.6 - 0.8
+    index = torch.tensor([2, 0, 2, 1])
+    images, weight = torch.randn(4, 3, 32, 32), torch.randn(4, 24)
+    y, g = _grouped_run(model, coef, index, images, weight)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_c, g_c = _grouped_run(compiled, coef, index, images, weight)
+    assert_rel(y_c, y, 1e-6, "compiled output")
+    assert_rel(g_c, g, 1e-6, "compiled coefficient gradient")
+
+
+def test_groups_context_checks(vit, bank):
+    model = _compose(vit, bank)
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="coefficients must be"):
+        with model.groups(torch.tensor([0, 0]), model.coefficients):
+            pass
+    coef = model.group_coefficients(2)
+    assert coef.shape == (2, *model.coefficients.shape) and coef.requires_grad
+    with pytest.raises(ValueError, match="outside"):
+        with model.groups(torch.tensor([0, 2]), coef):
+            pass
+    with pytest.raises(ValueError, match="samples of the index"):
+        with model.groups(torch.tensor([0, 1, 1]), coef):
+            model(images)
+    with model.groups(torch.tensor([0, 1]), coef * 0 + 0.5):
+        inner = model.model(images)
+    assert_rel(inner, _compose(vit, bank)(images), 0.0, "the wrapped model called inside the context")
+    assert model.atlas.grouped is None
+    assert_rel(model(images), _compose(vit, bank)(images), 0.0, "an ungrouped call after the context")
