@@ -340,3 +340,13 @@ def test_groups_context_checks(vit, bank):
     assert_rel(inner, _compose(vit, bank)(images), 0.0, "the wrapped model called inside the context")
     assert model.atlas.grouped is None
     assert_rel(model(images), _compose(vit, bank)(images), 0.0, "an ungrouped call after the context")
+
+
+def test_bench_grouped_measures_every_variant(vit):
+    from atlas_fast import bench_grouped
+    s = bench_grouped.GroupSettings(model="tiny", tasks=2, batch=4, groups=2, backend="torch", steps=1, warmup=0)
+    results = {v: bench_grouped.measure(v, s, copy.deepcopy(vit)) for v in bench_grouped.VARIANTS}
+    assert all(len(r["infer_s"]) == 1 and r["peak_extra_mb"] >= 0 for r in results.values())
+    assert results["merged"]["train_s"] is None and len(results["grouped"]["train_s"]) == 1
+    table = bench_grouped.format_table(results, s)
+    assert all(v in table for v in bench_grouped.VARIANTS)

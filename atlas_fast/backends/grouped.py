@@ -263,7 +263,7 @@ class TritonGrouped(TorchGrouped):
         if tau_b is not None:
             sums = torch.zeros(G, gy.shape[1], dtype=torch.float32, device=gy.device)
             sums.index_add_(0, row_group, gy.float())
-            grad_cb = torch.stack([reduce_block(tau_b, sums[g], key_b, P) for g in range(G)])
+            grad_cb = (sums @ _onehot_bank(tau_b, key_b, P, torch.float32).t()).view(G, T, P)
         return grad_x, grad_cw, grad_cb
 
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):

@@ -1,0 +1,176 @@
+"""Benchmark of grouped compositions: one batch carrying G coefficient sets (AtlasModel.groups) against
+(a) G separate composed runs, one per group's samples, and (b) G materialised merged models (merge(), kept
+resident as a server would). Each variant runs in a fresh process so that its peak memory is its own.
+
+Measured per variant: the inference forward and (for the two composed variants) the training step, forward
+and backward into the coefficients; median and spread over the timed steps; peak memory above the composed
+model's own footprint (CPU: resident high-water mark; CUDA: peak allocated). It measures, it asserts nothing.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+VARIANTS = ("grouped", "separate", "merged")
+BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class GroupSettings:
+    model: str = "ViT-B-32"      # open_clip architecture name; its visual tower with random weights
+    tasks: int = 8
+    batch: int = 8
+    groups: int = 4
+    device: str = "cpu"
+    backend: str = "auto"
+    bank_dtype: str = "fp32"
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    out: str = "bench_out"
+
+
+def _build(s: GroupSettings, vit=None):
+    """(composed model, grouped coefficients (G, ...), index, images) on s.device."""
+    import atlas_fast
+    torch.manual_seed(s.seed)
+    if vit is None:
+        import open_clip
+        vit = open_clip.create_model(s.model, pretrained=None).visual.eval()
+    vit = vit.to(s.device)
+    bank = atlas_fast.synthetic_task_vectors(vit, s.tasks, dtype=BANK_DTYPES[s.bank_dtype], seed=s.seed)
+    model = atlas_fast.compose(vit, bank, backend=s.backend, seed=s.seed)
+    coef = torch.rand(s.groups, *model.coefficients.shape, device=s.device) * 0.6 - 0.3
+    index = torch.arange(s.batch, device=s.device) % s.groups
+    size = vit.image_size[0] if isinstance(vit.image_size, tuple) else vit.image_size
+    images = torch.randn(s.batch, 3, size, size, device=s.device)
+    return model, coef, index, images
+
+
+class _Variant:
+    def __init__(self, name, model, coef, index, images):
+        self.name, self.model, self.coef, self.index, self.images = name, model, coef, index, images
+        self.samples = [(g, (index == g).nonzero().squeeze(1)) for g in range(coef.shape[0])]
+        self.samples = [(g, s) for g, s in self.samples if s.numel()]
+        self.merged = {}
+        if name == "merged":
+            for g, _ in self.samples:
+                self._set(g)
+                self.merged[g] = model.merge()
+
+    def _set(self, g):
+        with torch.no_grad():
+            self.model.coefficients.copy_(self.coef[g])
+
+    @torch.no_grad()
+    def infer(self):
+        if self.name == "grouped":
+            with self.model.groups(self.index, self.coef):
+                return self.model(self.images)
+        for g, s in self.samples:
+            if self.name == "merged":
+                self.merged[g](self.images[s])
+            else:
+                self._set(g)
+                self.model(self.images[s])
+
+    def train(self):
+        if self.name == "grouped":
+            coef = self.coef.detach().requires_grad_()
+            with self.model.groups(self.index, coef):
+                self.model(self.images).float().square().mean().backward()
+            return
+        for g, s in self.samples:
+            self._set(g)
+            self.model.coefficients.grad = None
+            self.model(self.images[s]).float().square().mean().backward()
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _times(fn, s):
+    for _ in range(s.warmup):
+        fn()
+    out = []
+    for _ in range(s.steps):
+        _sync(s.device)
+        start = time.perf_counter()
+        fn()
+        _sync(s.device)  # the host clock reads after the device finished the step's work
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure(variant, s: GroupSettings, vit=None):
+    """One variant in this process: {"infer_s": [...], "train_s": [...] or None, "peak_extra_mb": float}."""
+    model, coef, index, images = _build(s, vit)
+    cuda = str(s.device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(s.device)
+        base = torch.cuda.memory_allocated(s.device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kb("VmRSS") * 1024
+    runner = _Variant(variant, model, coef, index, images)
+    result = {"infer_s": _times(runner.infer, s),
+              "train_s": _times(runner.train, s) if variant != "merged" else None}
+    peak = torch.cuda.max_memory_allocated(s.device) if cuda else _rss_kb("VmHWM") * 1024
+    result["peak_extra_mb"] = (peak - base) / 1e6
+    return result
+
+
+def _fmt(times):
+    if not times:
+        return "—"
+    med = statistics.median(times)
+    return f"{med * 1e3:9.1f} ms ±{(max(times) - min(times)) / 2 * 1e3:.1f}"
+
+
+def format_table(results, s: GroupSettings):
+    lines = [f"{s.model}, T={s.tasks}, batch {s.batch} in {s.groups} groups, {s.device}, backend={s.backend}, "
+             f"bank {s.bank_dtype}",
+             f"{'variant':10} {'inference':>20} {'training step':>20} {'peak extra':>12} {'vs grouped':>11}"]
+    ref = statistics.median(results["grouped"]["infer_s"]) if "grouped" in results else None
+    for name, r in results.items():
+        ratio = f"{statistics.median(r['infer_s']) / ref:10.2f}x" if ref else "—"
+        lines.append(f"{name:10} {_fmt(r['infer_s']):>20} {_fmt(r['train_s']):>20} "
+                     f"{r['peak_extra_mb']:9.1f} MB {ratio:>11}")
+    return "\n".join(lines)
+
+
+def run(s: GroupSettings, variants=VARIANTS):
+    """Every variant in its own process; prints the table and writes results_groups.json to s.out."""
+    results = {}
+    for variant in variants:
+        env = dict(os.environ)
+        if s.device == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        proc = subprocess.run([sys.executable, "-m", "atlas_fast.bench_grouped", json.dumps(asdict(s)), variant],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"{variant}: failed: {' | '.join(proc.stderr.strip().splitlines()[-4:])}", file=sys.stderr)
+            continue
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(format_table(results, s))
+    os.makedirs(s.out, exist_ok=True)
+    with open(os.path.join(s.out, "results_groups.json"), "w") as f:
+        json.dump({"settings": asdict(s), "results": results}, f, indent=1)
+    return 0 if len(results) == len(variants) else 1
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[2], GroupSettings(**json.loads(sys.argv[1])))))
