@@ -18,3 +18,8 @@ from .lora import LoraAdapter, lora_task_vectors, read_lora  # noqa: E402
 
 __all__ += ["hf_clip_task_vectors", "hf_clip_vision_state_dict", "load_hf_clip_vision", "LoraAdapter",
             "lora_task_vectors", "read_lora"]
+
+from . import adapt  # noqa: E402  (the package, callable as the adapt() function)
+from .adapt import build_bank, evaluate, merge  # noqa: E402
+
+__all__ += ["adapt", "build_bank", "evaluate", "merge"]

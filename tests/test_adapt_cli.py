@@ -128,3 +128,14 @@ def test_bad_data(world, tmp_path, capsys):
     (small / "3" / "zz_broken.png").write_bytes(b"\x89PNG truncated")
     line = _adapt_error(world, capsys, data=str(small))
     assert "zz_broken.png: unreadable image" in line
+
+
+def test_python_functions_are_exported():
+    import atlas_fast
+    import atlas_fast.adapt.loop
+    from atlas_fast.adapt import api
+    assert atlas_fast.evaluate is api.evaluate and atlas_fast.merge is api.merge
+    assert atlas_fast.build_bank is api.build_bank
+    # the package is callable as adapt(): the call reaches adapt()'s own argument checks
+    with pytest.raises(ValueError, match="objective='nope': expected one of ce, entropy, ufm, negation"):
+        atlas_fast.adapt("ViT-B-32", "bank.safetensors", "data", objective="nope")

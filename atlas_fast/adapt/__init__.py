@@ -8,6 +8,8 @@ minimisation, unsupervised FixMatch (UFM) and task negation, with zero-shot or l
     merge("ViT-B-32", "bank.safetensors", "runs/cars/coefficients.safetensors", "cars.pt",
           pretrained="zeroshot.pt")
 """
+import sys
+
 from .api import AdaptResult, BankMismatchError, adapt, build_bank, compose_from_file, evaluate, load_data, \
     load_model, merge
 from .data import DataError
@@ -18,3 +20,14 @@ from .models import ModelSpecError
 __all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "compose_from_file",
            "AdaptResult", "BankMismatchError", "DataError", "ModelSpecError", "Classifier", "LinearHead",
            "ZeroShotHead", "fit_linear_probe", "zero_shot_head", "Task", "TrainConfig", "train"]
+
+
+class _CallableModule(type(sys)):
+    """atlas_fast.adapt is this package and, called, the adapt() function: `atlas_fast.adapt(model, bank, data)`
+    works while `atlas_fast.adapt.evaluate` and imports of its modules keep working."""
+
+    def __call__(self, *args, **kwargs):
+        return adapt(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
