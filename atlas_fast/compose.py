@@ -249,7 +249,9 @@ class AtlasModel(nn.Module):
         group_coefficients(G) to train G sets, or a router's output (S, T) / (S, T, B) with index =
         arange(S) for per-sample coefficients; gradients flow into it, not into self.coefficients. Each sample's
         outputs and gradients are those of a model composed with its group's coefficients alone. Only a call of
-        this AtlasModel is grouped, not a call of a submodule or of the wrapped model."""
+        this AtlasModel is grouped, not a call of a submodule or of the wrapped model. Each sample runs as a
+        batch of one: dropout draws per sample; statistics over the batch (BatchNorm in training mode) cannot
+        be grouped."""
         shape = tuple(self.coefficients.shape)
         if not isinstance(coefficients, torch.Tensor) or coefficients.dim() != len(shape) + 1 \
                 or tuple(coefficients.shape[1:]) != shape:
@@ -302,7 +304,7 @@ class AtlasModel(nn.Module):
         # The modules see the grouped call only while it runs: a call of the wrapped model itself stays plain.
         atlas.grouped = (index, coef)
         try:
-            return torch.func.vmap(one, in_dims=in_dims)(sample_params, *args)
+            return torch.func.vmap(one, in_dims=in_dims, randomness="different")(sample_params, *args)
         finally:
             atlas.grouped = None
 

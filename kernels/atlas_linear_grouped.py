@@ -26,15 +26,18 @@ class Segments:
     rows (M,) int32: row indices sorted by group (stable) · seg_start (G + 1,) int32: group g owns
     rows[seg_start[g]:seg_start[g + 1]] · tile_group, tile_start (tiles,) int32: group and first position in
     `rows` of each BLOCK_M tile; a group with m rows has ⌈m / BLOCK_M⌉ tiles, so tiles ≤ ⌈M / BLOCK_M⌉ + G.
+    The groups in `skip` (bool (G,)) get no tiles: the forward and dx kernels leave their rows to the caller.
     """
 
-    def __init__(self, row_group, groups, block_m=None):
+    def __init__(self, row_group, groups, block_m=None, skip=None):
         block_m = BLOCK_M if block_m is None else block_m
         dev = row_group.device
         counts = torch.bincount(row_group, minlength=groups)
         if counts.numel() != groups:
             raise ValueError(f"row_group holds group ids >= {groups}")
         tiles = (counts + block_m - 1) // block_m
+        if skip is not None:
+            tiles = tiles.masked_fill(skip, 0)
         seg_start = torch.zeros(groups + 1, dtype=torch.int64, device=dev)
         seg_start[1:] = torch.cumsum(counts, 0)
         tile_group = torch.repeat_interleave(torch.arange(groups, device=dev), tiles)
@@ -234,7 +237,8 @@ def _check_groups(what, row_group, M, coef, bank):
 
 
 def forward(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, segments=None, out=None):
-    """y (M, N) with row m computed on the coefficients coef_w[row_group[m]] (G, T, P); `out` optional."""
+    """y (M, N) with row m computed on the coefficients coef_w[row_group[m]] (G, T, P); `out` optional. Rows of
+    the groups `segments` skips are not written."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected (M, K) and (N, K)")
     _check_groups("forward", row_group, x.shape[0], coef_w, tau_w)
@@ -252,6 +256,8 @@ def forward(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, k
     if y.numel() == 0:
         return y
     seg = Segments(row_group, G) if segments is None else segments
+    if seg.tile_group.numel() == 0:
+        return y
     weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
     b = bias.contiguous() if bias is not None else weight
     tb = tau_b.contiguous() if tau_b is not None else weight
@@ -266,7 +272,8 @@ def forward(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, k
 
 
 def grad_input(grad_out, row_group, weight, tau_w, coef_w, key_w=0, segments=None, out=None):
-    """dx (M, K) with row m = dy[m] W(coef_w[row_group[m]]); `out` optional."""
+    """dx (M, K) with row m = dy[m] W(coef_w[row_group[m]]); `out` optional. Rows of the groups `segments`
+    skips are not written."""
     if grad_out.dim() != 2 or weight.dim() != 2 or grad_out.shape[1] != weight.shape[0]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and weight {tuple(weight.shape)}: expected (M, N), (N, K)")
     _check_groups("grad_input", row_group, grad_out.shape[0], coef_w, tau_w)
@@ -278,6 +285,8 @@ def grad_input(grad_out, row_group, weight, tau_w, coef_w, key_w=0, segments=Non
     if dx.numel() == 0:
         return dx
     seg = Segments(row_group, G) if segments is None else segments
+    if seg.tile_group.numel() == 0:
+        return dx
     weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
     grid = (seg.tile_group.numel(), triton.cdiv(K, BLOCK_K))
     atlas_linear_grouped_dx_kernel[grid](

@@ -7,6 +7,7 @@ Model level: a tiny open_clip ViT run with AtlasModel.groups against a separatel
 per-sample coefficients from a router against a float64 per-sample loop, and torch.compile against eager.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -91,6 +92,26 @@ def test_linear_torch(strategy, bias, P):
                                                (False, torch.float32, 2)])
 def test_linear_triton(bias, bank_dtype, P):
     _check_linear("triton", bias, bank_dtype, P)
+
+
+@pytest.fixture
+def merge_once(request, monkeypatch):
+    """Makes the cost model choose merge-once for every group ("all") or for groups of at most 10 rows
+    ("mixed": groups 2 and 3 of INDEX merged, group 0 fused)."""
+    from atlas_fast.backends import plan
+    real = plan.for_linear
+
+    def for_linear(M, *args):
+        choice = "merge_once" if request.param == "all" or M <= 10 else "fused"
+        return dataclasses.replace(real(M, *args), forward=choice, dx=choice)
+    monkeypatch.setattr(plan, "for_linear", for_linear)
+    return request.param
+
+
+@pytest.mark.parametrize("merge_once", ["all", "mixed"], indirect=True)
+@pytest.mark.parametrize("bias,P", [(True, 1), (False, 3)])
+def test_linear_triton_merge_once(merge_once, bias, P):
+    _check_linear("triton", bias, torch.float32, P)
 
 
 @pytest.mark.parametrize("strategy", ["rowscale", "merge"], indirect=True)
@@ -225,7 +246,7 @@ def _compose(vit, bank, backend="torch", granularity="block", partitions=1):
 def _separate_runs(model, coef, index, images, weight):
     """Every group's samples through `model` composed with that group's coefficients alone: (outputs,
     coefficient gradients (G, ...)) of Σ weight · outputs."""
-    out = torch.empty(images.shape[0], weight.shape[1])
+    out = torch.empty(weight.shape)
     grads = torch.zeros_like(coef)
     for g in range(coef.shape[0]):
         samples = (index == g).nonzero().squeeze(1)
@@ -350,3 +371,36 @@ def test_bench_grouped_measures_every_variant(vit):
     assert results["merged"]["train_s"] is None and len(results["grouped"]["train_s"]) == 1
     table = bench_grouped.format_table(results, s)
     assert all(v in table for v in bench_grouped.VARIANTS)
+
+
+class TokenModel(nn.Module):
+    """Embedding and LayerNorm (generic blocks) around a Linear (fused), with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.drop(self.norm(self.embed(tokens)))).mean(1)
+
+
+def test_token_model_groups():
+    torch.manual_seed(0)
+    net = TokenModel().eval()
+    bank = atlas_fast.synthetic_task_vectors(net, T, rel_scale=0.1, seed=1)
+    model = atlas_fast.compose(copy.deepcopy(net), bank, "block", 2, backend="torch")
+    assert set(model.report.generic) == {"embed.weight", "norm.weight", "norm.bias"}
+    coef = torch.rand(3, *model.coefficients.shape) * 1.6 - 0.8
+    index = torch.tensor([1, 2, 1, 0, 2])
+    tokens, weight = torch.randint(0, 11, (5, 4)), torch.randn(5, 3)
+    y, g = _grouped_run(model, coef, index, tokens, weight)
+    ref = atlas_fast.compose(copy.deepcopy(net), bank, "block", 2, backend="torch")
+    y_ref, g_ref = _separate_runs(ref, coef, index, tokens, weight)
+    assert_rel(y, y_ref, TOL[torch.float32][0], "output")
+    assert_rel(g, g_ref, TOL[torch.float32][1], "coefficient gradient")
+    model.train()
+    with model.groups(index, coef):
+        assert model(tokens).shape == (5, 3), "dropout draws per sample under the grouped call"

@@ -16,14 +16,16 @@ Counted in multiply-adds "merge" always looks cheaper (M ≥ G'), but a merge mu
 element from memory while a GEMM multiply-add reuses operands from cache. The rule: "rowscale" when P = 1 and
 groups average fewer than ROWS_PER_MERGE rows (M < ROWS_PER_MERGE · G'), else "merge". Convolutions and
 partitioned blocks always merge per group. The triton implementation runs the grouped kernels of
-kernels/atlas_linear_grouped.py (rows sorted into one-group segments; the merged tile built per tile's group);
-the cuda backend has no grouped kernels and runs the torch implementation.
+kernels/atlas_linear_grouped.py (rows sorted into one-group segments; the merged tile built per tile's group),
+except for the groups whose own row count the cost model of plan.py would run merge-once: their layer is merged
+by the merge kernel and their rows go through a stock GEMM, in the forward and again for dx; dc is the fused
+per-group reduction for every group. The cuda backend has no grouped kernels and runs the torch implementation.
 """
 import torch
 import torch.nn.functional as F
 
 from ..hashing import cached_partition_index
-from . import resolve
+from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import merge_and_reduce, merge_block, reduce_block
 
@@ -233,6 +235,24 @@ class TritonGrouped(TorchGrouped):
         return atlas_linear_grouped
 
     @staticmethod
+    def _merge_once(counts, weight, tau_w, coef_w, dtype, which):
+        """bool (G,): the groups whose rows the cost model would run merge-once (`which`: "forward" or "dx")."""
+        from atlas_fast.kernels.atlas_linear_grouped import BLOCK_M
+        choice = {m: getattr(plan.for_linear(m, weight, tau_w, coef_w[0], dtype, BLOCK_M), which) != "fused"
+                  for m in set(counts) if m}
+        return torch.tensor([bool(m) and choice[m] for m in counts], device=coef_w.device)
+
+    def _merged_rows(self, out, a, rows_of, merge_groups, weight, tau_w, coef_w, key_w, transpose, bias=None):
+        """out[rows of g] = a[rows of g] · W(c[g])ᵀ (+ b(c[g])), or · W(c[g]) when `transpose`, for the merge-once
+        groups: one merged layer at a time, freed at once."""
+        from atlas_fast.kernels import atlas_linear
+        for g in merge_groups:
+            rows_g = rows_of(g)
+            w = atlas_linear.merge(weight, tau_w, coef_w[g], key_w, a.dtype)
+            out.index_copy_(0, rows_g, a.index_select(0, rows_g) @ w if transpose
+                            else F.linear(a.index_select(0, rows_g), w, bias(g) if bias else None))
+
+    @staticmethod
     def _check(x, coef_w):
         if coef_w.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"backend='triton' takes float32 coefficients and float32/bfloat16/float16 "
@@ -242,9 +262,25 @@ class TritonGrouped(TorchGrouped):
         self._check(x, coef_w)
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // x.shape[0] if x.shape[0] else 1
-        y = self._kernels().forward(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b,
-                                    key_w, key_b)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return self._linear_rows(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b, key_w,
+                                 key_b).view(*x.shape[:-1], weight.shape[0])
+
+    def _linear_rows(self, x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        kernels = self._kernels()
+        G = coef_w.shape[0]
+        counts = torch.bincount(row_group, minlength=G).tolist()
+        skip = self._merge_once(counts, weight, tau_w, coef_w, x2.dtype, "forward")
+        seg = kernels.Segments(row_group, G, skip=skip)
+        y = kernels.forward(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, segments=seg)
+        merge_groups = skip.nonzero().squeeze(1).tolist()
+        if merge_groups:
+            from atlas_fast.kernels import atlas_linear
+            starts = seg.seg_start.tolist()
+            bias_g = (lambda g: atlas_linear.merge(bias, tau_b, coef_b[g], key_b, x2.dtype) if tau_b is not None
+                      else bias.to(x2.dtype)) if bias is not None else None
+            self._merged_rows(y, x2, lambda g: seg.rows[starts[g]:starts[g + 1]].long(), merge_groups, weight,
+                              tau_w, coef_w, key_w, False, bias_g)
+        return y
 
     def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
                               needs_input_grad):
@@ -254,10 +290,17 @@ class TritonGrouped(TorchGrouped):
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         row_group = _row_groups(index, x2.shape[0] // x.shape[0] if x.shape[0] else 1)
+        counts = torch.bincount(row_group, minlength=G).tolist()
         segments = kernels.Segments(row_group, G)
         grad_x = None
         if needs_input_grad:
-            grad_x = kernels.grad_input(gy, row_group, weight, tau_w, coef_w, key_w, segments=segments).view(x.shape)
+            skip = self._merge_once(counts, weight, tau_w, coef_w, gy.dtype, "dx")
+            seg_dx = kernels.Segments(row_group, G, skip=skip) if bool(skip.any()) else segments
+            grad_x = kernels.grad_input(gy, row_group, weight, tau_w, coef_w, key_w, segments=seg_dx)
+            starts = segments.seg_start.tolist()
+            self._merged_rows(grad_x, gy, lambda g: segments.rows[starts[g]:starts[g + 1]].long(),
+                              skip.nonzero().squeeze(1).tolist(), weight, tau_w, coef_w, key_w, True)
+            grad_x = grad_x.view(x.shape)
         grad_cw = kernels.grad_coef(gy, x2, row_group, tau_w, G, P, key_w, segments=segments)
         grad_cb = None
         if tau_b is not None:
@@ -272,8 +315,8 @@ class TritonGrouped(TorchGrouped):
         N = weight.shape[0]
         Ho, Wo = out_size(conv, weight, x)
         cols = patches(x, weight, conv)
-        y = self._kernels().forward(cols, _row_groups(index, Ho * Wo), weight.reshape(N, -1), bias,
-                                    tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
+        y = self._linear_rows(cols, _row_groups(index, Ho * Wo), weight.reshape(N, -1), bias,
+                              tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
         return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
 
     def atlas_conv2d_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
