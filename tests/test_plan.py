@@ -130,12 +130,21 @@ def test_kept_weights_follow_versions_and_budget():
     kept.put(key, merged)
     coef.add_(1.0)  # an optimiser step: the forward's entry no longer matches
     assert kept.take(kept.key(w, tau, coef, 7, BF16)) is None
-    fresh = kept.key(w, tau, coef, 7, BF16)
-    for _ in range(3):
-        kept.put(fresh, torch.randn(64, 32, dtype=BF16))
-        fresh = fresh[:-3] + (fresh[-3] + 1,) + fresh[-2:]
+    for block_key in (7, 8, 9):
+        kept.put(kept.key(w, tau, coef, block_key, BF16), torch.randn(64, 32, dtype=BF16))
     assert kept.nbytes() == 3 * 4096           # the stale entry went first
     assert kept.take(key) is None
     assert kept.take(kept.key(w, tau, coef, 7, BF16)) is not None
     kept.put(key, torch.randn(128, 64, dtype=BF16))  # 16 KiB: over the budget, not kept
     assert kept.take(key) is None
+
+
+def test_kept_weights_match_only_the_same_tensors():
+    """Another tensor at the same address, shape and version (a view here; a new tensor where a freed one
+    was, in a real run) must not take the entry."""
+    cost.set_keep_budget(1 << 20)
+    kept = cost.KeptWeights()
+    w, tau, coef = torch.randn(64, 32), torch.randn(3, 64, 32), torch.randn(3, 1)
+    kept.put(kept.key(w, tau, coef, 7, BF16), torch.randn(64, 32, dtype=BF16))
+    assert kept.take(kept.key(w.view(64, 32), tau, coef, 7, BF16)) is None
+    assert kept.take(kept.key(w, tau, coef, 7, BF16)) is not None

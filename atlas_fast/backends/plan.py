@@ -23,6 +23,7 @@ ATLAS_FAST_STRATEGY = fused | merge_once) forces one strategy for benchmarks and
 """
 import math
 import os
+import weakref
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from types import MappingProxyType
@@ -263,17 +264,17 @@ def for_linear(M, weight, tau_w, coef_w, act_dtype, block_m):
 class KeptWeights:
     """Merged weights a forward keeps for its backward, up to `keep_budget()` bytes in all.
 
-    Keyed by the storage, shape and version counter of θ0, τ and c, so an in-place update of any of them
-    (an optimiser step on c) makes the entry unreachable; `take` removes what it returns, and an entry that
-    no backward takes is dropped first when a new one needs the room."""
+    Keyed by the very tensors θ0, τ and c (held weakly) and their version counters, so an in-place update
+    of any of them (an optimiser step on c) makes the entry unreachable, and so does freeing them (a new
+    tensor at the same address is another tensor); `take` removes what it returns, and an entry that no
+    backward takes is dropped first when a new one needs the room."""
 
     def __init__(self):
         self._entries = {}
 
     @staticmethod
     def key(weight, tau_w, coef_w, key_w, dtype):
-        return (tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version) for t in (weight, tau_w, coef_w))
-                + (key_w, dtype, weight.device))
+        return _TensorsKey((weight, tau_w, coef_w), (key_w, dtype, weight.device))
 
     def put(self, key, merged):
         size = merged.numel() * merged.element_size()
@@ -293,3 +294,19 @@ class KeptWeights:
 
     def clear(self):
         self._entries.clear()
+
+
+class _TensorsKey:
+    """Equal only for the same live tensor objects, at the same versions, with the same extra values."""
+    __slots__ = ("value", "refs")
+
+    def __init__(self, tensors, extra):
+        self.value = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version) for t in tensors) + extra
+        self.refs = tuple(weakref.ref(t) for t in tensors)
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __eq__(self, other):
+        return (isinstance(other, _TensorsKey) and self.value == other.value
+                and all(a() is not None and a() is b() for a, b in zip(self.refs, other.refs)))
