@@ -106,3 +106,11 @@ def test_negation_keeps_the_start_when_no_epoch_keeps_the_control(world, tmp_pat
     c0 = summary["initial"][1]["accuracy"]
     assert all(h["eval"][1]["accuracy"] < c0 for h in hist[1:])
     assert summary["selected_epoch"] == 0 and summary["selected"] == summary["initial"]
+
+
+def test_ce_learns_under_bf16_autocast(world, tmp_path):
+    # the GPU default; torch.autocast runs bf16 on a CPU as well
+    summary, hist = _run(world, tmp_path, ["upright"], "ce", shots=5, epochs=2, steps_per_epoch=4,
+                         batch_size=50, lr=0.2, amp="bf16")
+    assert hist[-1]["loss"] < 0.7 * hist[1]["loss"]
+    assert summary["selected"][0]["accuracy"] > _theta0_accuracy(world, "upright") + 0.3
