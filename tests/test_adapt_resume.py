@@ -72,9 +72,12 @@ def test_resume_refuses_other_settings(world, tmp_path):
         _adapt(world, tmp_path / "run", resume=True, lr=0.2)
 
 
-def test_outputs_are_written(world, tmp_path):
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_outputs_are_written(world, tmp_path, partitions):
     from PIL import Image
-    result = _adapt(world, tmp_path / "run", epochs=2)
+    result = _adapt(world, tmp_path / "run", epochs=2, partitions=partitions)
+    assert result.atlas.coefficients.shape == ((2, len(result.atlas.block_names), 3) if partitions == 3
+                                               else (2, len(result.atlas.block_names)))
     out = tmp_path / "run"
     log = _log(out)
     assert [h["epoch"] for h in log] == [0, 1, 2]
