@@ -8,7 +8,7 @@ holding that layout) or torchvision-style data sets yielding (PIL image, class i
 """
 import copy
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch.utils.data import ConcatDataset
@@ -145,6 +145,8 @@ def _per_dataset(value, n, what):
     """One value per data set from a single value or a list (a list of strings is per data set)."""
     if value is None or isinstance(value, (str, os.PathLike)):
         return [value] * n
+    if len(value) == 1:
+        return list(value) * n
     if len(value) != n:
         raise ValueError(f"{what}: {len(value)} entries for {n} data sets")
     return list(value)
@@ -338,14 +340,12 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
     run("pretrained", loaded.encoder)
     for path in coefficients:
         # compose() works in place: compose a copy so that θ0 stays for the next model
-        copy_ = LoadedModel(*(getattr(loaded, f.name) for f in fields(LoadedModel)))
-        copy_.encoder = copy.deepcopy(loaded.encoder)
-        run(os.fspath(path), compose_from_file(copy_, bank, path, backend, device))
+        own = replace(loaded, encoder=copy.deepcopy(loaded.encoder))
+        run(os.fspath(path), compose_from_file(own, bank, path, backend, device))
     for path in finetuned:
-        copy_ = LoadedModel(*(getattr(loaded, f.name) for f in fields(LoadedModel)))
-        copy_.encoder = copy.deepcopy(loaded.encoder)
-        _load_finetuned(copy_, path, allow_pickle)
-        run(os.fspath(path), copy_.encoder)
+        own = replace(loaded, encoder=copy.deepcopy(loaded.encoder))
+        _load_finetuned(own, path, allow_pickle)
+        run(os.fspath(path), own.encoder)
     return rows
 
 
