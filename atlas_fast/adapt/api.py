@@ -51,7 +51,10 @@ def load_model(model, pretrained=None, preprocess=None, device=None):
     if isinstance(model, str):
         torch.manual_seed(0)   # a model without a checkpoint is the same random θ0 in every command
         clip, pre, tok = load_clip(model, pretrained, device)
-        return LoadedModel(clip, clip.visual, preprocess or pre, tok, f"{model}|{pretrained}")
+        # names the weights for the zero-shot head cache: a rewritten checkpoint gets a new entry
+        stamp = os.stat(pretrained) if pretrained is not None else None
+        ident = f"{model}|{pretrained}|{stamp.st_size}|{stamp.st_mtime_ns}" if stamp else f"{model}|random"
+        return LoadedModel(clip, clip.visual, preprocess or pre, tok, ident)
     if not isinstance(model, torch.nn.Module):
         raise ModelSpecError(f"model: expected an open_clip name, a config .json or a module, "
                              f"got {type(model).__name__}")
@@ -157,13 +160,13 @@ def _is_name_list(x):
         not all(os.path.isfile(v) for v in x)
 
 
-def _heads(loaded, specs, head, templates, cache_dir, labelled, device):
+def _heads(loaded, specs, head, templates, cache_dir, labelled, device, progress=True):
     if head == "zeroshot":
         if not loaded.has_text:
             raise ModelSpecError("head='zeroshot' needs an open_clip model with a text tower; use head='linear'")
         tpl = DEFAULT_TEMPLATES if templates is None else (
             read_templates(templates) if isinstance(templates, (str, os.PathLike)) else list(templates))
-        return [zero_shot_head(loaded.module, loaded.tokenizer, s.names, tpl, cache_dir, loaded.model_id)
+        return [zero_shot_head(loaded.module, loaded.tokenizer, s.names, tpl, cache_dir, loaded.model_id, progress)
                 for s in specs]
     if head == "linear":
         return [_linear_probe(loaded, s, idx, device) for s, idx in zip(specs, labelled)]
@@ -252,7 +255,7 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     loaded = load_model(model, pretrained, preprocess, device)
     head_list = load_heads(heads) if heads is not None else _heads(
         loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
-        train_sets if labelled else [None] * len(specs), device)
+        train_sets if labelled else [None] * len(specs), device, cfg.progress)
     if len(head_list) != len(specs):
         raise ValueError(f"heads: {len(head_list)} heads for {len(specs)} data sets")
     ft = _per_dataset(finetuned_accuracy, len(specs), "finetuned_accuracy") if finetuned_accuracy is not None \
