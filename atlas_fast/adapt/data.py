@@ -17,7 +17,7 @@ class DataError(ValueError):
     """A data folder, class list or sampling request that cannot be used."""
 
 
-def _mix(*values):
+def mix_seed(*values):
     """A 63-bit seed from integers (splitmix64 steps), so nearby (seed, step, slot) give unrelated streams."""
     x = 0x9E3779B97F4A7C15
     for v in values:
@@ -95,7 +95,7 @@ def split_indices(targets, val_fraction, seed):
     by_class = _by_class(targets)
     train, val = [], []
     for c, idx in sorted(by_class.items()):
-        perm = _perm(len(idx), _mix(seed, 1, c))
+        perm = _perm(len(idx), mix_seed(seed, 1, c))
         n_val = min(len(idx) - 1, max(1 if val_fraction > 0 else 0, round(val_fraction * len(idx))))
         val += [idx[j] for j in perm[:n_val]]
         train += [idx[j] for j in perm[n_val:]]
@@ -115,7 +115,7 @@ def few_shot_indices(targets, indices, shots, seed, classes=None):
         if len(idx) < shots:
             name = classes[c] if classes else c
             raise DataError(f"shots={shots}: class {name!r} has only {len(idx)} training images")
-        perm = _perm(len(idx), _mix(seed, 2, c))
+        perm = _perm(len(idx), mix_seed(seed, 2, c))
         out += [indices[idx[j]] for j in perm[:shots]]
     return sorted(out)
 
@@ -144,7 +144,7 @@ class StreamBatches:
         first, last = step * self.batch_size, (step + 1) * self.batch_size
         out, cycle = [], first // self.size
         while cycle * self.size < last:
-            perm = _perm(self.size, _mix(self.seed, 3, cycle))
+            perm = _perm(self.size, mix_seed(self.seed, 3, cycle))
             lo, hi = max(first - cycle * self.size, 0), min(last - cycle * self.size, self.size)
             out += perm[lo:hi]
             cycle += 1
@@ -152,7 +152,7 @@ class StreamBatches:
 
     def __iter__(self):
         for step in range(self.start, self.stop):
-            yield [(p, _mix(self.seed, 4, step, slot)) for slot, p in enumerate(self.positions(step))]
+            yield [(p, mix_seed(self.seed, 4, step, slot)) for slot, p in enumerate(self.positions(step))]
 
     def __len__(self):
         return self.stop - self.start
@@ -201,7 +201,7 @@ class ViewData(Dataset):
                 out.append(self.preprocess(img))
                 continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(seed, 5, k))
+                torch.manual_seed(mix_seed(seed, 5, k))
                 out.append(self.preprocess(getattr(self.augment, view)(img)))
         return (*out, int(label), self.indices[pos])
 

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..task_vectors import atomic_write
 from . import checkpoint as ckpt
-from .data import ViewData, _mix, eval_loader, stream_loader
+from .data import ViewData, mix_seed, eval_loader, stream_loader
 from .objectives import get_objective
 from .plots import coefficient_summary, plot_coefficients, plot_curves
 
@@ -192,7 +192,7 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
     started = time.time()
     while step < total:
         epoch = step // spe + 1
-        loaders = [stream_loader(data, bs, _mix(cfg.seed, 7, k), step, epoch * spe, cfg.workers, pin)
+        loaders = [stream_loader(data, bs, mix_seed(cfg.seed, 7, k), step, epoch * spe, cfg.workers, pin)
                    for k, (data, bs) in enumerate(streams)]
         for batches in zip(*loaders):
             batches = [[t.to(device, non_blocking=True) for t in b] for b in batches]
