@@ -281,6 +281,14 @@ class AtlasModel(nn.Module):
         index, coef = self._group_call
         if atlas.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(coef.detach()).all():
             raise ValueError("groups: the coefficients hold non-finite values")
+        for a in args:
+            if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] != index.shape[0]):
+                raise ValueError(f"groups: a positional input of shape {tuple(a.shape)} does not have the "
+                                 f"{index.shape[0]} samples of the index on dim 0")
+        # Samples sorted by group: inside, every group is a contiguous run of rows (no gather per layer).
+        order = torch.argsort(index, stable=True)
+        index = index[order]
+        args = tuple(a.index_select(0, order) if isinstance(a, torch.Tensor) else a for a in args)
         generic = atlas.generic
         sample_params = {}
         if generic.entries:
@@ -289,10 +297,6 @@ class AtlasModel(nn.Module):
                                           [getattr(generic, f"tau_{i}") for i in range(len(blocks))],
                                           atlas.group_blocks(coef, blocks), [atlas.keys[b] for b in blocks])
             sample_params = {name: m.index_select(0, index) for name, m in zip(self.report.generic, merged)}
-        for a in args:
-            if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] != index.shape[0]):
-                raise ValueError(f"groups: a positional input of shape {tuple(a.shape)} does not have the "
-                                 f"{index.shape[0]} samples of the index on dim 0")
         model = self.model
 
         def one(params, *xs):
@@ -304,9 +308,13 @@ class AtlasModel(nn.Module):
         # The modules see the grouped call only while it runs: a call of the wrapped model itself stays plain.
         atlas.grouped = (index, coef)
         try:
-            return torch.func.vmap(one, in_dims=in_dims, randomness="different")(sample_params, *args)
+            out = torch.func.vmap(one, in_dims=in_dims, randomness="different")(sample_params, *args)
         finally:
             atlas.grouped = None
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.index_select(0, inverse) if isinstance(t, torch.Tensor) else t, out)
 
     @property
     def atlas(self):

@@ -35,10 +35,28 @@ from .torch_backend import merge_and_reduce, merge_block, reduce_block
 ROWS_PER_MERGE = 32
 
 
-def _segments(index, G):
-    """(sample order sorted by group, samples per group as a host list): one device sync."""
+def _groups(index, G):
+    """[(g, samples of g)] for the groups that have samples: a slice when the index is sorted (AtlasModel sorts
+    its samples by group, so every group is a contiguous run and takes no gather), else an index tensor."""
+    counts = torch.bincount(index, minlength=G).tolist()
+    if index.numel() < 2 or bool((index[1:] >= index[:-1]).all()):
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        return [(g, slice(starts[g], starts[g + 1])) for g in range(G) if counts[g]]
     order = torch.argsort(index, stable=True)
-    return order, torch.bincount(index, minlength=G).tolist()
+    return [(g, sel) for g, sel in enumerate(order.split(counts)) if counts[g]]
+
+
+def _take(t, samples):
+    return t[samples] if isinstance(samples, slice) else t.index_select(0, samples)
+
+
+def _put(t, samples, value):
+    if isinstance(samples, slice):
+        t[samples] = value
+    else:
+        t.index_copy_(0, samples, value)
 
 
 def linear_strategy(rows_total, groups_present, partitions):
@@ -68,18 +86,15 @@ class TorchGrouped:
         S = x.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // S if S else 1
-        order, counts = _segments(index, G)
-        present = sum(c > 0 for c in counts)
-        if linear_strategy(x2.shape[0], present, P) == "rowscale":
+        groups_of = _groups(index, G)
+        if linear_strategy(x2.shape[0], len(groups_of), P) == "rowscale":
             y = self._rowscale(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b)
             return y.view(*x.shape[:-1], weight.shape[0])
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-        for g, samples in zip(range(G), order.split(counts)):
-            if samples.numel() == 0:
-                continue
+        for g, samples in groups_of:
             w = merge_block(weight, tau_w, coef_w[g], key_w).to(x.dtype)
             b = _merged_bias(bias, tau_b, coef_b[g] if coef_b is not None else None, key_b, x.dtype)
-            y.index_copy_(0, samples, F.linear(x.index_select(0, samples), w, b))
+            _put(y, samples, F.linear(_take(x, samples), w, b))
             del w
         return y
 
@@ -100,10 +115,9 @@ class TorchGrouped:
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // S if S else 1
-        order, counts = _segments(index, G)
-        present = sum(c > 0 for c in counts)
+        groups_of = _groups(index, G)
         acc = coef_w.dtype
-        if linear_strategy(x2.shape[0], present, P) == "rowscale":
+        if linear_strategy(x2.shape[0], len(groups_of), P) == "rowscale":
             row_group = _row_groups(index, R)
             c = coef_w[:, :, 0].index_select(0, row_group).to(gy.dtype)
             grad_x = gy @ weight.to(gy.dtype) if needs_input_grad else None
@@ -122,16 +136,14 @@ class TorchGrouped:
         grad_x = torch.empty_like(x) if needs_input_grad else None
         grad_cw = torch.zeros(G, T, P, dtype=acc, device=x.device)
         grad_cb = torch.zeros(G, T, P, dtype=acc, device=x.device) if tau_b is not None else None
-        for g, samples in zip(range(G), order.split(counts)):
-            if samples.numel() == 0:
-                continue
-            gy_g = grad_out.index_select(0, samples).reshape(-1, gy.shape[1])
-            x_g = x.index_select(0, samples).reshape(-1, x2.shape[1])
+        for g, samples in groups_of:
+            gy_g = _take(grad_out, samples).reshape(-1, gy.shape[1])
+            x_g = _take(x, samples).reshape(-1, x2.shape[1])
             g_weight = gy_g.t() @ x_g
             if needs_input_grad:
                 w, grad_cw[g] = merge_and_reduce(weight, tau_w, coef_w[g], key_w, g_weight)
                 del g_weight
-                grad_x.index_copy_(0, samples, (gy_g @ w.to(gy.dtype)).view(-1, *x.shape[1:]))
+                _put(grad_x, samples, (gy_g @ w.to(gy.dtype)).view(-1, *x.shape[1:]))
                 del w
             else:
                 grad_cw[g] = reduce_block(tau_w, g_weight, key_w, P, acc)
@@ -143,17 +155,15 @@ class TorchGrouped:
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
         stride, padding, dilation, groups = conv
         G = coef_w.shape[0]
-        order, counts = _segments(index, G)
+        groups_of = _groups(index, G)
         y = None
-        for g, samples in zip(range(G), order.split(counts)):
-            if samples.numel() == 0:
-                continue
+        for g, samples in groups_of:
             w = merge_block(weight, tau_w, coef_w[g], key_w).to(x.dtype)
             b = _merged_bias(bias, tau_b, coef_b[g] if coef_b is not None else None, key_b, x.dtype)
-            y_g = F.conv2d(x.index_select(0, samples), w, b, stride, padding, dilation, groups)
+            y_g = F.conv2d(_take(x, samples), w, b, stride, padding, dilation, groups)
             if y is None:
                 y = y_g.new_empty((x.shape[0], *y_g.shape[1:]))
-            y.index_copy_(0, samples, y_g)
+            _put(y, samples, y_g)
         if y is None:
             Ho, Wo = out_size(conv, weight, x)
             y = x.new_empty((0, weight.shape[0], Ho, Wo))
@@ -165,14 +175,12 @@ class TorchGrouped:
         G, T, P = coef_w.shape
         acc = coef_w.dtype
         args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
-        order, counts = _segments(index, G)
+        groups_of = _groups(index, G)
         grad_x = torch.empty_like(x) if needs_input_grad else None
         grad_cw = torch.zeros(G, T, P, dtype=acc, device=x.device)
         grad_cb = torch.zeros(G, T, P, dtype=acc, device=x.device) if tau_b is not None else None
-        for g, samples in zip(range(G), order.split(counts)):
-            if samples.numel() == 0:
-                continue
-            gy_g, x_g = grad_out.index_select(0, samples), x.index_select(0, samples)
+        for g, samples in groups_of:
+            gy_g, x_g = _take(grad_out, samples), _take(x, samples)
             # The weight gradient does not depend on the weight's values: θ0 stands in for W(c[g]).
             _, g_weight, _ = torch.ops.aten.convolution_backward(gy_g, x_g, weight.to(gy_g.dtype), None, *args,
                                                                  [False, True, False])
@@ -181,7 +189,7 @@ class TorchGrouped:
                 del g_weight
                 dx = torch.ops.aten.convolution_backward(gy_g, x_g, w.to(gy_g.dtype), None, *args,
                                                          [True, False, False])[0]
-                grad_x.index_copy_(0, samples, dx)
+                _put(grad_x, samples, dx)
                 del w
             else:
                 grad_cw[g] = reduce_block(tau_w, g_weight, key_w, P, acc)
