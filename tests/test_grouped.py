@@ -243,11 +243,11 @@ def _compose(vit, bank, backend="torch", granularity="block", partitions=1):
     return atlas_fast.compose(copy.deepcopy(vit), bank, granularity, partitions, backend=backend, seed=5)
 
 
-def _separate_runs(model, coef, index, images, weight):
+def _separate_runs(model, coef, index, images, weight, input_grad=False):
     """Every group's samples through `model` composed with that group's coefficients alone: (outputs,
-    coefficient gradients (G, ...)) of Σ weight · outputs."""
+    coefficient gradients (G, ...)) of Σ weight · outputs, and the input gradient when input_grad."""
     out = torch.empty(weight.shape)
-    grads = torch.zeros_like(coef)
+    grads, dx = torch.zeros_like(coef), torch.zeros_like(images, dtype=torch.float32)
     for g in range(coef.shape[0]):
         samples = (index == g).nonzero().squeeze(1)
         if samples.numel() == 0:
@@ -255,19 +255,23 @@ def _separate_runs(model, coef, index, images, weight):
         with torch.no_grad():
             model.coefficients.copy_(coef[g])
         model.coefficients.grad = None
-        y = model(images[samples])
+        x = images[samples].requires_grad_(input_grad)
+        y = model(x)
         (y * weight[samples]).sum().backward()
         out[samples] = y.detach()
         grads[g] = model.coefficients.grad
-    return out, grads
+        if input_grad:
+            dx[samples] = x.grad
+    return (out, grads, dx) if input_grad else (out, grads)
 
 
-def _grouped_run(model, coef, index, images, weight):
+def _grouped_run(model, coef, index, images, weight, input_grad=False):
     coef = coef.detach().clone().requires_grad_()
+    x = images.clone().requires_grad_(input_grad)
     with model.groups(index, coef):
-        y = model(images)
+        y = model(x)
     (y * weight).sum().backward()
-    return y.detach(), coef.grad
+    return (y.detach(), coef.grad, x.grad) if input_grad else (y.detach(), coef.grad)
 
 
 @pytest.mark.parametrize("backend,granularity,partitions", [("torch", "block", 1), ("torch", "block", 3),
@@ -280,11 +284,13 @@ def test_vit_groups_match_separate_compositions(vit, bank, backend, granularity,
     coef = torch.rand(G, *model.coefficients.shape) * 1.6 - 0.8
     index = torch.tensor([2, 0, 3, 2, 0])          # group 1 unused
     images, weight = torch.randn(5, 3, 32, 32), torch.randn(5, 24)
-    y, g = _grouped_run(model, coef, index, images, weight)
-    y_ref, g_ref = _separate_runs(_compose(vit, bank, "torch", granularity, partitions), coef, index, images, weight)
+    y, g, dx = _grouped_run(model, coef, index, images, weight, input_grad=True)
+    y_ref, g_ref, dx_ref = _separate_runs(_compose(vit, bank, "torch", granularity, partitions), coef, index, images,
+                                          weight, input_grad=True)
     tol_out, tol_grad = TOL[torch.float32]
     assert_rel(y, y_ref, tol_out, "output")
     assert_rel(g, g_ref, tol_grad, "coefficient gradient")
+    assert_rel(dx, dx_ref, tol_grad, "input gradient")
     assert g[1].abs().max() == 0 and g[0].abs().min() > 0
     assert model.coefficients.grad is None, "a grouped call trains the coefficients it was given"
 
