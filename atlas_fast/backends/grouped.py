@@ -199,37 +199,46 @@ class TorchGrouped:
         return grad_x, grad_cw, grad_cb
 
 
-def _onehot_bank(tau, key, partitions, dtype):
-    """τ (T, numel) as (T·P, numel) in `dtype`: row t·P + k holds τ_t where k(i) = k, else 0."""
-    T = tau.shape[0]
-    taus = tau.reshape(T, -1).to(dtype)
+def _merge_grouped_block(theta0, tau, coef, key):
+    """θ0 + Σ_t coef[g, t, k(i)] τ_t[i] for every group, (G, numel) in coef's dtype; coef (G, T, P)."""
+    G, T, P = coef.shape
+    taus = tau.reshape(T, -1)
+    out = theta0.reshape(1, -1).to(coef.dtype).repeat(G, 1)
+    if P == 1:
+        return out.addmm_(coef[:, :, 0], taus.to(coef.dtype))
+    part = cached_partition_index(taus.shape[1], key, P, taus.device).long()
+    for t in range(T):  # one (G, numel) product per task vector: no (T·P, numel) one-hot bank
+        out.addcmul_(coef[:, t].index_select(1, part), taus[t].to(coef.dtype))
+    return out
+
+
+def _reduce_grouped_block(grad, tau, key, partitions, acc):
+    """dc (G, T, P) in dtype acc: dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] grad[g, i]; grad (G, numel)."""
+    G, T = grad.shape[0], tau.shape[0]
+    taus, grad = tau.reshape(T, -1), grad.reshape(G, -1).to(acc)
     if partitions == 1:
-        return taus
+        return (grad @ taus.to(acc).t()).unsqueeze(2)
     part = cached_partition_index(taus.shape[1], key, partitions, taus.device).long()
-    onehot = torch.zeros(T, partitions, taus.shape[1], dtype=dtype, device=taus.device)
-    onehot.scatter_(1, part.view(1, 1, -1).expand(T, 1, -1), taus.unsqueeze(1))
-    return onehot.view(T * partitions, -1)
+    dc = grad.new_zeros(G, T, partitions)
+    for t in range(T):
+        dc[:, t].index_add_(1, part, grad * taus[t].to(acc))
+    return dc
 
 
 def merge_blocks_grouped(theta0, tau, coef, keys):
     """[θ0_b + Σ_t coef[g, t, b, k(i)] τ_t,b[i] for every group g] as (G, *θ0_b.shape) tensors in θ0's dtype;
-    coef (G, T, B, P). One GEMM (G, T·P)·(T·P, numel) per block: meant for the small generic blocks."""
-    G, T, _, P = coef.shape
-    out = []
-    for b, (t0, tv, key) in enumerate(zip(theta0, tau, keys)):
-        delta = coef[:, :, b].reshape(G, T * P) @ _onehot_bank(tv, key, P, coef.dtype)
-        out.append((t0.reshape(1, -1).to(coef.dtype) + delta).to(t0.dtype).view(G, *t0.shape))
-    return out
+    coef (G, T, B, P). One GEMM per block (P = 1) or one (G, numel) product per task vector: meant for the
+    small generic blocks, whose G merged copies are small."""
+    return [_merge_grouped_block(t0, tv, coef[:, :, b], key).to(t0.dtype).view(coef.shape[0], *t0.shape)
+            for b, (t0, tv, key) in enumerate(zip(theta0, tau, keys))]
 
 
 def merge_blocks_grouped_backward(grads, tau, keys, partitions):
     """dc (G, T, B, P) with dc[g, t, b, k] = Σ_{i in partition k} τ_t,b[i] grads_b[g, i]; float32 (float64 when
     the gradients are)."""
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-    G, T = grads[0].shape[0], tau[0].shape[0]
-    cols = [grad.reshape(G, -1).to(acc) @ _onehot_bank(tv, key, partitions, acc).t()
-            for grad, tv, key in zip(grads, tau, keys)]
-    return torch.stack(cols, dim=2).view(G, T, partitions, len(grads)).permute(0, 1, 3, 2).contiguous()
+    return torch.stack([_reduce_grouped_block(g, tv, key, partitions, acc) for g, tv, key in zip(grads, tau, keys)],
+                       dim=2)
 
 
 class TritonGrouped(TorchGrouped):
@@ -315,7 +324,7 @@ class TritonGrouped(TorchGrouped):
         if tau_b is not None:
             sums = torch.zeros(G, gy.shape[1], dtype=torch.float32, device=gy.device)
             sums.index_add_(0, row_group, gy.float())
-            grad_cb = (sums @ _onehot_bank(tau_b, key_b, P, torch.float32).t()).view(G, T, P)
+            grad_cb = _reduce_grouped_block(sums, tau_b, key_b, P, torch.float32)
         return grad_x, grad_cw, grad_cb
 
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
