@@ -4,8 +4,8 @@ Contract (G groups, S samples, T task vectors, P partitions):
     x (S, ..., in) · index (S,) int64 in [0, G): sample s runs with coefficients coef[index[s]]
     coef_w, coef_b (G, T, P) float32 (float64 for gradcheck) · θ0, τ, keys as in base.Backend
     y[s] = x[s] (W0 + Σ_t coef_w[g, t, k] τ_t)ᵀ + (b0 + Σ_t coef_b[g, t, k] τ'_t),   g = index[s]
-Backward: dx[s] = dy[s] W(c[g]);  dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] G_g[i] with G_g = Σ_{s : index[s] = g} dy[s]ᵀ x[s]
-(summed over every row of those samples); groups without samples get dc = 0.
+Backward: dx[s] = dy[s] W(c[g]);  dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] G_g[i]  with the weight gradient of group g
+G_g = Σ_{s : index[s] = g} dy[s]ᵀ x[s] summed over every row of those samples; groups without samples get dc = 0.
 
 The torch implementation chooses per call between two ways of computing a linear block:
     "merge":     for each group present, merge W(c[g]) (one layer, freed at once) and run its rows through one
