@@ -620,11 +620,12 @@ def plot_point(variants, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [v for v in variants if v["step_time_s"] is not None]
-    names = [v["name"] for v in timed]
+    timed_all = [v for v in variants if v["step_time_s"] is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in ((axes[0], "step_time_s", "step time (s), median ± half range"),
                               (axes[1], "peak_extra_mb", "extra peak memory (MB)")):
+        timed = [v for v in timed_all if metric == "step_time_s" or v["name"] != "floor"]  # the floor has no memory
+        names = [v["name"] for v in timed]
         values = [v[metric] or 0.0 for v in timed]
         colors = {"floor": "#ffffff"}
         bars = ax.bar(names, values, color=[colors.get(n, "#999999" if n in BASELINES else "#1f77b4") for n in names],
@@ -633,12 +634,12 @@ def plot_point(variants, path, title):
         if metric == "step_time_s":
             ax.errorbar(names, values, yerr=spread, fmt="none", ecolor="black", capsize=4)
         bases = ("floor", "naive") if metric == "step_time_s" else ("naive",)
+        prefix = "time" if metric == "step_time_s" else "mem"
         for bar, v, top in zip(bars, timed, spread):
-            prefix = "time" if metric == "step_time_s" else "mem"
-            label = "\n".join(f"×{v[f'{prefix}_vs_{b}']:.2f} {b}" for b in bases
-                              if v.get(f"{prefix}_vs_{b}") is not None and v["name"] != b)
-            if label:
-                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + top),
+            text = "\n".join(f"×{v[f'{prefix}_vs_{b}']:.2f} {b}" for b in bases
+                             if v.get(f"{prefix}_vs_{b}") is not None and v["name"] != b)
+            if text:
+                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + top),
                             ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_ylabel(label)
         ax.margins(y=0.15)
