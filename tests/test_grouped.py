@@ -20,6 +20,7 @@ from atlas_fast.hashing import block_key
 from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
+from conftest import DEVICE
 from helpers import TOL, assert_rel, merged_reference, random_bank, reference_call
 
 T = 3
@@ -28,6 +29,16 @@ KEY_W, KEY_B = block_key(7, 1), block_key(7, 2)
 
 def _coefs(G, P, dtype=torch.float32):
     return (torch.rand(G, T, P, dtype=dtype) * 1.6 - 0.8).requires_grad_()
+
+
+def _device(backend):
+    """Triton runs on the GPU where there is one (else on the CPU under the interpreter); torch on the CPU."""
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def _to(device, *tensors):
+    """The tensors on `device`, leaves that required gradients still leaves requiring them."""
+    return [t if t is None else t.detach().to(device).requires_grad_(t.requires_grad) for t in tensors]
 
 
 @pytest.fixture
@@ -51,14 +62,14 @@ def _reference_grads(fn, inputs, grad_out):
 INDEX = [0, 2, 0, 3, 0, 2, 0]
 
 
-def _linear_case(bias, bank_dtype, P, S_rows=5, N=70, K=37):
+def _linear_case(bias, bank_dtype, P, S_rows=5, N=70, K=37, device="cpu"):
     x = torch.randn(len(INDEX), S_rows, K)
     weight = torch.randn(N, K) / K ** 0.5
     b = torch.randn(N) if bias else None
     tau_w = random_bank((N, K), T, bank_dtype, scale=0.05)
     tau_b = random_bank((N,), T, bank_dtype, scale=0.05) if bias else None
     cw, cb = _coefs(4, P), (_coefs(4, P) if bias else None)
-    return x, torch.tensor(INDEX), weight, b, tau_w, tau_b, cw, cb
+    return _to(device, x, torch.tensor(INDEX), weight, b, tau_w, tau_b, cw, cb)
 
 
 def _linear_ref(x, weight, bias, tau_w, tau_b, cw, cb, index):
@@ -67,7 +78,7 @@ def _linear_ref(x, weight, bias, tau_w, tau_b, cw, cb, index):
 
 
 def _check_linear(backend, bias, bank_dtype, P, tol=TOL[torch.float32]):
-    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(bias, bank_dtype, P)
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(bias, bank_dtype, P, device=_device(backend))
     x.requires_grad_()
     y = atlas_linear_grouped(x, index, weight, b, tau_w, tau_b, cw, cb, KEY_W, KEY_B, backend=backend)
     dy = torch.randn_like(y)
@@ -129,10 +140,10 @@ def test_linear_gradcheck(strategy):
 def test_triton_kernels_write_every_row():
     """Launchers given NaN-filled outputs: rows of every group, across tiles, are overwritten."""
     from atlas_fast.kernels import atlas_linear_grouped as kernels
-    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1, S_rows=9)
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1, S_rows=9, device=DEVICE)
     x2, rows = x.reshape(-1, x.shape[-1]), index.repeat_interleave(9)
     y = kernels.forward(x2, rows, weight, b, tau_w, tau_b, cw.detach(), cb.detach(), KEY_W, KEY_B,
-                        out=torch.full((x2.shape[0], weight.shape[0]), float("nan")))
+                        out=torch.full((x2.shape[0], weight.shape[0]), float("nan"), device=x.device))
     assert_rel(y, _linear_ref(x, weight, b, tau_w, tau_b, cw, cb, index).reshape(y.shape), 1e-5, "output")
     dy = torch.randn_like(y)
     dx = kernels.grad_input(dy, rows, weight, tau_w, cw.detach(), KEY_W, out=torch.full_like(x2, float("nan")))
@@ -144,8 +155,8 @@ def test_triton_kernels_write_every_row():
 def test_linear_under_vmap(backend):
     """An unbatched index under vmap names the group of each vmapped sample, all of whose rows (here two
     sub-batches of five) belong to it."""
-    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1)
-    x = x.view(len(INDEX), 1, 5, -1).expand(-1, 2, -1, -1) * torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 1, device=_device(backend))
+    x = x.view(len(INDEX), 1, 5, -1).expand(-1, 2, -1, -1) * torch.tensor([1.0, -2.0], device=x.device).view(1, 2, 1, 1)
     op = torch.ops.atlas_fast.atlas_linear_grouped
     y = torch.func.vmap(lambda xs: op(xs, index, weight, b, tau_w, tau_b, cw, cb, KEY_W, KEY_B, backend))(x)
     ref = torch.stack([_linear_ref(x[:, i], weight, b, tau_w, tau_b, cw, cb, index) for i in range(2)], 1)
@@ -187,6 +198,7 @@ def test_conv2d(backend, patchify):
     weight, bias = torch.randn(N, C, k, k) / (C * k * k) ** 0.5, torch.randn(N)
     tau_w, tau_b = random_bank(weight.shape, T, scale=0.05), random_bank((N,), T, scale=0.05)
     cw, cb = _coefs(3, 2), _coefs(3, 2)
+    x, index, weight, bias, tau_w, tau_b, cw, cb = _to(_device(backend), x, index, weight, bias, tau_w, tau_b, cw, cb)
     y = atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, cw, cb, KEY_W, KEY_B, stride, padding,
                              backend=backend)
     dy = torch.randn_like(y)
@@ -240,7 +252,9 @@ def bank(vit):
 
 
 def _compose(vit, bank, backend="torch", granularity="block", partitions=1):
-    return atlas_fast.compose(copy.deepcopy(vit), bank, granularity, partitions, backend=backend, seed=5)
+    device = _device(backend)
+    return atlas_fast.compose(copy.deepcopy(vit).to(device), bank.to(device), granularity, partitions,
+                              backend=backend, seed=5)
 
 
 def _separate_runs(model, coef, index, images, weight, input_grad=False):
@@ -284,7 +298,8 @@ def test_vit_groups_match_separate_compositions(vit, bank, backend, granularity,
     coef = torch.rand(G, *model.coefficients.shape) * 1.6 - 0.8
     index = torch.tensor([2, 0, 3, 2, 0])          # group 1 unused
     images, weight = torch.randn(5, 3, 32, 32), torch.randn(5, 24)
-    y, g, dx = _grouped_run(model, coef, index, images, weight, input_grad=True)
+    dev = model.coefficients.device
+    y, g, dx = (t.cpu() for t in _grouped_run(model, *_to(dev, coef, index, images, weight), input_grad=True))
     y_ref, g_ref, dx_ref = _separate_runs(_compose(vit, bank, "torch", granularity, partitions), coef, index, images,
                                           weight, input_grad=True)
     tol_out, tol_grad = TOL[torch.float32]
