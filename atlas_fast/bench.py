@@ -68,6 +68,7 @@ class Settings:
     mode: str = "step"
     device: str = "cpu"
     seed: int = 0
+    threads: Optional[int] = None  # torch.set_num_threads in every worker; None keeps torch's default
     sweep: Optional[Tuple[str, List[int]]] = None
     out: str = "bench_out"
 
@@ -103,6 +104,8 @@ def validate(s: Settings) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(s, name)}")
     if s.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {s.warmup}")
+    if s.threads is not None and s.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {s.threads}")
     for name, allowed in (("bank_dtype", BANK_DTYPES), ("granularity", ("block", "task")), ("mode", ("step", "tta"))):
         if getattr(s, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: expected one of {', '.join(allowed)}")
@@ -338,7 +341,7 @@ def _time(s: Settings, variant, tick):
         if i >= s.warmup:
             times.append(elapsed)
         tick()
-    result = {"step_times_s": times}
+    result = {"step_times_s": times, "torch_threads": torch.get_num_threads()}
     if cuda:
         runner.release()
         torch.cuda.synchronize()
@@ -408,6 +411,9 @@ def _worker(job_path, result_path):
     with open(job_path) as f:
         job = json.load(f)
     s = Settings(**job["settings"])
+    if s.threads is not None:
+        import torch
+        torch.set_num_threads(s.threads)
 
     def tick():
         print("tick", flush=True)
@@ -612,7 +618,8 @@ def _describe(s: Settings) -> str:
     tasks = ",".join(map(str, values)) if param == "tasks" else s.tasks
     batch = ",".join(map(str, values)) if param == "batch" else s.batch
     return (f"{os.path.basename(s.model)}, T={tasks}, batch {batch}, bank {s.bank_dtype}, {amp}, "
-            f"{s.granularity}{partitions}, {s.mode} mode, {s.device}")
+            f"{s.granularity}{partitions}, {s.mode} mode, {s.device}"
+            + (f", {s.threads} thread{'s' if s.threads > 1 else ''}" if s.threads else ""))
 
 
 def plot_point(variants, path, title):
@@ -697,6 +704,8 @@ def run(s: Settings) -> int:
     param, values = s.sweep if s.sweep else (None, [None])
     settings = [dataclasses.replace(s, **{param: x}) if param else s for x in values]
     results = {"machine": machine_info(s.device), "versions": versions(), "settings": dataclasses.asdict(s)}
+    if s.threads is not None:
+        results["machine"]["torch_threads"] = s.threads
     json_path = os.path.join(s.out, "results.json")
     for note in warnings(s):
         print(f"atlas-fast bench: warning: {note}", file=sys.stderr)

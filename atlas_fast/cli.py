@@ -36,6 +36,9 @@ def _add_bench(sub):
                         "over a stream of batches")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--seed", type=int, help="seed of the weights, task vectors, coefficients and data")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per worker (default: torch's own); on cores shared with other work, 1 can be "
+                        "faster than more, whose parallel regions stall when a thread is descheduled")
     p.set_defaults(run=_run_bench, parser=p)
 
 
@@ -45,7 +48,7 @@ def _run_bench(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     s = bench.default_settings(device)
     for name in ("model", "tasks", "batch", "bank_dtype", "amp", "backends", "granularity", "partitions", "steps",
-                 "warmup", "out", "mode", "seed"):
+                 "warmup", "out", "mode", "seed", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)

@@ -67,14 +67,15 @@ def test_bench_end_to_end(tmp_path, tiny_model):
 def test_bench_sweep_tta(tmp_path, tiny_model):
     out = tmp_path / "out"
     _bench("--model", tiny_model, "--batch", "2", "--steps", "2", "--warmup", "0", "--backends", "torch",
-           "--sweep", "tasks=1,2", "--mode", "tta", "--device", "cpu", "--out", str(out))
+           "--sweep", "tasks=1,2", "--mode", "tta", "--device", "cpu", "--threads", "1", "--out", str(out))
     results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["threads"] == 1 and results["machine"]["torch_threads"] == 1
     assert results["sweep"] == {"param": "tasks", "values": [1, 2]} and results["settings"]["mode"] == "tta"
     assert [p["tasks"] for p in results["points"]] == [1, 2]
     for p in results["points"]:
         assert [v["name"] for v in p["variants"]] == ["torch"]
         _check_variant(p["variants"][0], steps=2)
-        assert p["variants"][0]["tasks"] == p["tasks"]
+        assert p["variants"][0]["tasks"] == p["tasks"] and p["variants"][0]["torch_threads"] == 1
     assert _is_png(out / "sweep_tasks.png")
 
 
@@ -88,6 +89,7 @@ def test_bench_sweep_tta(tmp_path, tiny_model):
     (["--mode", "train"], "--mode"),
     (["--granularity", "task", "--partitions", "4"], "--partitions"),
     (["--partitions", "0"], "--partitions"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_option_names_it(args, option, capsys, tmp_path, monkeypatch):
     """Every option is checked before anything runs: a bad one exits with status 2 and names itself."""
