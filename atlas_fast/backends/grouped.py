@@ -30,10 +30,11 @@ from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import merge_and_reduce, merge_block, reduce_block
 
 # The cost ratio of a merge multiply-add (it streams its bank element from memory) to a GEMM multiply-add (it
-# reuses its operands from cache). Measured with the torch implementation on a 2-core CPU, one 3072×768 layer,
-# T = 8, 4 groups: "rowscale" is 3-6x faster at 8 rows per group; at 32 "merge" is 1.4x faster for a float32
-# bank and 1.2x slower for a bfloat16 one; at 128 "merge" is faster for both. Not measured on a GPU.
-ROWS_PER_MERGE = 32
+# reuses its operands from cache), measured with the torch implementation on a 2-core CPU. One 3072×768 layer,
+# T = 8, 4 groups: "rowscale" 3-6x faster at 8 rows per group, "merge" faster for both bank dtypes at 128. The
+# whole ViT-B/32, T = 4, 16 groups of one image (50 rows each): "rowscale" 3.2x (float32 bank) and 4x (bfloat16)
+# faster; 4 groups of 100 rows: within noise of each other. Not measured on a GPU.
+ROWS_PER_MERGE = 128
 
 
 def _groups(index, G):
