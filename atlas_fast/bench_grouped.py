@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -29,9 +30,12 @@ class GroupSettings:
     device: str = "cpu"
     backend: str = "auto"
     bank_dtype: str = "fp32"
+    granularity: str = "block"
+    partitions: int = 1
     steps: int = 3
     warmup: int = 1
     seed: int = 0
+    threads: Optional[int] = None  # torch.set_num_threads in every worker; None keeps torch's default
     out: str = "bench_out"
 
 
@@ -44,7 +48,7 @@ def _build(s: GroupSettings, vit=None):
         vit = open_clip.create_model(s.model, pretrained=None).visual.eval()
     vit = vit.to(s.device)
     bank = atlas_fast.synthetic_task_vectors(vit, s.tasks, dtype=BANK_DTYPES[s.bank_dtype], seed=s.seed)
-    model = atlas_fast.compose(vit, bank, backend=s.backend, seed=s.seed)
+    model = atlas_fast.compose(vit, bank, s.granularity, s.partitions, backend=s.backend, seed=s.seed)
     coef = torch.rand(s.groups, *model.coefficients.shape, device=s.device) * 0.6 - 0.3
     index = torch.arange(s.batch, device=s.device) % s.groups
     size = vit.image_size[0] if isinstance(vit.image_size, tuple) else vit.image_size
@@ -116,6 +120,8 @@ def _rss_kb(field):
 
 def measure(variant, s: GroupSettings, vit=None):
     """One variant in this process: {"infer_s": [...], "train_s": [...] or None, "peak_extra_mb": float}."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
     model, coef, index, images = _build(s, vit)
     cuda = str(s.device).startswith("cuda")
     if cuda:
@@ -142,7 +148,7 @@ def _fmt(times):
 
 def format_table(results, s: GroupSettings):
     lines = [f"{s.model}, T={s.tasks}, batch {s.batch} in {s.groups} groups, {s.device}, backend={s.backend}, "
-             f"bank {s.bank_dtype}",
+             f"bank {s.bank_dtype}, {s.granularity}" + (f" x{s.partitions}" if s.partitions > 1 else ""),
              f"{'variant':10} {'inference':>20} {'training step':>20} {'peak extra':>12} {'vs grouped':>11}"]
     ref = statistics.median(results["grouped"]["infer_s"]) if "grouped" in results else None
     for name, r in results.items():
