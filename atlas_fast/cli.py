@@ -39,6 +39,9 @@ def _add_bench(sub):
     p.add_argument("--threads", type=int,
                    help="torch threads per worker (default: torch's own); on cores shared with other work, 1 can be "
                         "faster than more, whose parallel regions stall when a thread is descheduled")
+    p.add_argument("--groups", type=int,
+                   help="instead: one batch carrying G coefficient sets (AtlasModel.groups) against G separate "
+                        "composed runs and G merged models, on the first backend of --backends (default auto)")
     p.set_defaults(run=_run_bench, parser=p)
 
 
@@ -58,7 +61,21 @@ def _run_bench(args):
         bench.validate(s)
     except ValueError as e:
         args.parser.error(str(e))
+    if args.groups is not None:
+        return _run_bench_groups(args, s)
     return bench.run(s)
+
+
+def _run_bench_groups(args, s):
+    from . import bench_grouped
+    if not 1 <= args.groups <= s.batch or s.model.endswith(".json"):
+        args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
+    backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
+    g = bench_grouped.GroupSettings(model=s.model, tasks=s.tasks, batch=s.batch, groups=args.groups, device=s.device,
+                                    backend=backend, bank_dtype=s.bank_dtype, granularity=s.granularity,
+                                    partitions=s.partitions, steps=s.steps, warmup=s.warmup, seed=s.seed,
+                                    threads=s.threads, out=s.out)
+    return bench_grouped.run(g)
 
 
 def _user_errors():

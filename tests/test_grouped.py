@@ -425,3 +425,14 @@ def test_token_model_groups():
     model.train()
     with model.groups(index, coef):
         assert model(tokens).shape == (5, 3), "dropout draws per sample under the grouped call"
+
+
+def test_cli_bench_groups(monkeypatch):
+    from atlas_fast import bench_grouped, cli
+    seen = []
+    monkeypatch.setattr(bench_grouped, "run", lambda s: seen.append(s) or 0)
+    assert cli.main(["bench", "--groups", "3", "--batch", "6", "--tasks", "2", "--device", "cpu",
+                     "--backends", "naive,torch"]) == 0
+    assert (seen[0].groups, seen[0].batch, seen[0].tasks, seen[0].backend) == (3, 6, 2, "torch")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--groups", "7", "--batch", "6", "--device", "cpu"])
