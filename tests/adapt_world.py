@@ -7,6 +7,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -137,3 +138,15 @@ class single_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The world's paths, for the test modules that import this fixture."""
+    return get_world(tmp_path_factory)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield

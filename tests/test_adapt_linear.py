@@ -10,15 +10,9 @@ from atlas_fast.adapt import LinearHead, adapt, evaluate
 from atlas_fast.adapt.models import load_clip
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return adapt_world.get_world(tmp_path_factory)
+from adapt_world import one_thread, world  # noqa: F401 (fixtures)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with adapt_world.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_linear_probe_head_and_a_torchvision_dataset(world, tmp_path):

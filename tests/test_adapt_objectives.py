@@ -7,15 +7,9 @@ import adapt_world
 from atlas_fast.adapt import adapt, evaluate
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return adapt_world.get_world(tmp_path_factory)
+from adapt_world import one_thread, world  # noqa: F401 (fixtures)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with adapt_world.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(world, tmp_path, data, objective, pretrained="theta0", **kw):
