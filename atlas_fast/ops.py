@@ -196,14 +196,15 @@ def _check_block(what: str, theta0: Tensor, tau: Tensor, coef: Tensor):
                          f"{coef.device}; move them to one device")
 
 
-def _check_bias(bias, tau_b, coef_b, coef_w):
+def _check_bias(bias, tau_b, coef_b, coef_w, check_block=_check_block):
+    """The bias arguments go together; check_block validates the bias block (per-group for grouped ops)."""
     if tau_b is None:
         if coef_b is not None:
             raise ValueError("bias: coef_b given without tau_b")
         return
     if bias is None or coef_b is None:
         raise ValueError("bias: tau_b needs both bias and coef_b")
-    _check_block("bias", bias, tau_b, coef_b)
+    check_block("bias", bias, tau_b, coef_b)
     if coef_b.shape != coef_w.shape:
         raise ValueError(f"bias: coef_b of shape {tuple(coef_b.shape)} differs from coef_w {tuple(coef_w.shape)}")
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .backends.grouped import implementation, merge_blocks_grouped as _merge_grouped_impl
 from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
-from .ops import _autocast, _check_block
+from .ops import _autocast, _check_bias, _check_block
 
 _EMPTY = (0,)
 
@@ -233,25 +233,13 @@ def _check_index(index, S, G, device):
         raise ValueError(f"index holds group ids outside [0, {G})")
 
 
-def _check_grouped_bias(bias, tau_b, coef_b, coef_w):
-    if tau_b is None:
-        if coef_b is not None:
-            raise ValueError("bias: coef_b given without tau_b")
-        return
-    if bias is None or coef_b is None:
-        raise ValueError("bias: tau_b needs both bias and coef_b")
-    _check_grouped("bias", bias, tau_b, coef_b)
-    if coef_b.shape != coef_w.shape:
-        raise ValueError(f"bias: coef_b of shape {tuple(coef_b.shape)} differs from coef_w {tuple(coef_w.shape)}")
-
-
 def atlas_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, key_b=0,
                          backend="auto"):
     """y[s] = x[s] (W0 + Σ_t c_w[g, t, k] τ_w,t)ᵀ + (b0 + Σ_t c_b[g, t, k] τ_b,t), g = index[s].
 
     x (S, ..., in): samples on dim 0 · index (S,) int64 · coef_w, coef_b (G, T, K)."""
     _check_grouped("weight", weight, tau_w, coef_w)
-    _check_grouped_bias(bias, tau_b, coef_b, coef_w)
+    _check_bias(bias, tau_b, coef_b, coef_w, _check_grouped)
     if weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} (samples first) does not match weight {tuple(weight.shape)}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
@@ -263,7 +251,7 @@ def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
                          stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, backend="auto"):
     """F.conv2d of sample s on the weight and bias merged with coefficients coef[index[s]]; x (S, C, H, W)."""
     _check_grouped("weight", weight, tau_w, coef_w)
-    _check_grouped_bias(bias, tau_b, coef_b, coef_w)
+    _check_bias(bias, tau_b, coef_b, coef_w, _check_grouped)
     if weight.dim() != 4 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
