@@ -63,6 +63,7 @@ class _Variant:
         self.samples = [(g, s) for g, s in self.samples if s.numel()]
         self.merged = {}
         if name == "merged":
+            _check_room(model, len(self.samples), images.device)
             for g, _ in self.samples:
                 self._set(g)
                 self.merged[g] = model.merge()
@@ -93,6 +94,18 @@ class _Variant:
             self._set(g)
             self.model.coefficients.grad = None
             self.model(self.images[s]).float().square().mean().backward()
+
+
+def _check_room(model, copies, device):
+    """Refuse to build `copies` merged models that cannot fit, rather than swap or be killed."""
+    need = copies * sum(p0.numel() * p0.element_size() for _, p0, _ in model._theta0_and_tau())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    if need > 0.9 * free:
+        raise MemoryError(f"{copies} merged models need {need / 1e9:.1f} GB; {free / 1e9:.1f} GB available")
 
 
 def _sync(device):
