@@ -185,7 +185,7 @@ def _add_adapt(sub):
 
 
 def _run_adapt(args):
-    from .adapt import adapt
+    from .adapt import adapt, distributed
     options = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "weight_decay", "seed",
                                              "init", "select", "threshold", "trusted_per_class", "keep", "augment",
                                              "amp", "workers", "checkpoint_every")}
@@ -198,6 +198,10 @@ def _run_adapt(args):
                        progress=not args.no_progress, **options)
     except _user_errors() as e:
         _fail(args, e)
+    finally:
+        distributed.finish()
+    if not distributed.is_main():
+        return 0
     s = result.summary
     print(f"selected epoch {s['selected_epoch']} ({s['select']}); validation accuracy, initial -> adapted:")
     for name, a, b in zip(s["tasks"], s["initial"], s["selected"]):

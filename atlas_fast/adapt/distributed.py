@@ -1,0 +1,91 @@
+"""Data-parallel coefficient learning on torch.distributed, for runs launched by torchrun.
+
+The coefficients are the only trainable tensor, so a step all-reduces kilobytes: their gradient, the loss and
+the objective's statistics, in one call. Rank r of W takes its contiguous share of every stream's global batch,
+with the augmentation seeds the global batch gives those items, so W processes compute the step that one
+process computes on the same global batch, up to the float32 rounding of the sum. Evaluation is shared the same
+way and its counts summed. Rank 0 writes every file; a checkpoint holds nothing that depends on W, so a run
+resumes with another process count.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class Ranks:
+    """This process's place among the W processes of a run (W = 1: a plain single-process run)."""
+
+    def __init__(self, rank=0, world=1):
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def share(self, items):
+        """This rank's contiguous share of `items` (all of them when W = 1)."""
+        n = len(items)
+        return items[n * self.rank // self.world: n * (self.rank + 1) // self.world]
+
+    def sum_(self, tensor):
+        """Sum `tensor` over the ranks, in place; returns it."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def mean_(self, tensor):
+        return self.sum_(tensor).div_(self.world) if self.world > 1 else tensor
+
+    def broadcast_(self, tensor):
+        """Rank 0's values of `tensor` on every rank, in place; returns it."""
+        if self.world > 1:
+            dist.broadcast(tensor, 0)
+        return tensor
+
+    def check_divides(self, what, size):
+        """Raise unless a global batch of `size` items splits evenly: only then is the mean of the ranks'
+        mean losses the mean over the global batch."""
+        if size % self.world:
+            raise ValueError(f"{what}={size}: a global batch must split evenly across the {self.world} "
+                             f"processes; use a multiple of {self.world}")
+
+
+def launched():
+    """True in a process that torchrun started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main():
+    """True unless this process is a torchrun rank other than 0 (for printing and writing files)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def local_device(device):
+    """Under torchrun, a bare "cuda" device becomes this process's own GPU, cuda:LOCAL_RANK."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def ranks(device):
+    """The Ranks of this process. Under torchrun it joins (or first creates) the default process group:
+    NCCL for a run on GPUs, gloo on CPUs."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    if not launched():
+        return Ranks()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def finish():
+    """Leave the default process group, if this process is in one (at the end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
