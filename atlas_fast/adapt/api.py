@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset
 
 from ..compose import compose
 from ..task_vectors import DTYPES, TaskVectors, atomic_write, read_state_dict
+from . import distributed
 from .checkpoint import torch_save
 from .data import (DataError, ImageFolderData, ViewData, check_classnames, dataset_targets, few_shot_indices,
                    folder_classnames, split_indices)
@@ -42,7 +43,7 @@ class LoadedModel:
 
 
 def _device(device):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.local_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_model(model, pretrained=None, preprocess=None, device=None):
@@ -229,6 +230,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     shots: labelled images per class for ce / negation (None: all training images).
     options: TrainConfig fields (epochs, batch_size, lr, seed, init, threshold, workers, ...).
     Returns an AdaptResult (summary dict, the composed model, the tasks).
+    Under `torchrun --nproc-per-node N` every process runs adapt() with the same arguments: data-parallel
+    training (gloo on CPUs, NCCL on GPUs, one GPU per process), batch_size being the global batch.
     """
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
@@ -264,7 +267,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
              for s, h, tr, a in zip(specs, head_list, train_sets, ft)]
     atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend)
     os.makedirs(out, exist_ok=True)
-    save_heads(os.path.join(out, "heads.pt"), tasks)
+    if distributed.is_main():
+        save_heads(os.path.join(out, "heads.pt"), tasks)
     summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step)
     return AdaptResult(summary, atlas, tasks, loaded.module)
 

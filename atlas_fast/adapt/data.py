@@ -133,12 +133,15 @@ def _perm(n, seed):
 
 class StreamBatches:
     """Batches of positions into a subset for steps [start, stop): the subset's endless stream of seeded
-    permutations, cut into batches of `batch_size`. Yields lists of (subset position, augmentation seed)."""
+    permutations, cut into batches of `batch_size`. Yields lists of (subset position, augmentation seed).
+    share(items) picks a process's part of each batch (data-parallel runs); the seeds stay those of the
+    whole batch, so the views do not depend on the number of processes."""
 
-    def __init__(self, size, batch_size, seed, start, stop):
+    def __init__(self, size, batch_size, seed, start, stop, share=None):
         if size < 1:
             raise DataError("a training subset is empty")
         self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
+        self.share = share or (lambda items: items)
 
     def positions(self, step):
         first, last = step * self.batch_size, (step + 1) * self.batch_size
@@ -152,7 +155,7 @@ class StreamBatches:
 
     def __iter__(self):
         for step in range(self.start, self.stop):
-            yield [(p, mix_seed(self.seed, 4, step, slot)) for slot, p in enumerate(self.positions(step))]
+            yield self.share([(p, mix_seed(self.seed, 4, step, slot)) for slot, p in enumerate(self.positions(step))])
 
     def __len__(self):
         return self.stop - self.start
@@ -206,9 +209,15 @@ class ViewData(Dataset):
         return (*out, int(label), self.indices[pos])
 
 
-def stream_loader(data, batch_size, seed, start, stop, workers=0, pin_memory=False):
-    """A DataLoader over `data` (a ViewData) for steps [start, stop) of its seeded stream."""
-    sampler = StreamBatches(len(data), min(batch_size, len(data)), seed, start, stop)
+def stream_batch_size(data, batch_size):
+    """The global batch size of `data`'s stream: batch_size, or the whole subset when it is smaller."""
+    return min(batch_size, len(data))
+
+
+def stream_loader(data, batch_size, seed, start, stop, workers=0, pin_memory=False, share=None):
+    """A DataLoader over `data` (a ViewData) for steps [start, stop) of its seeded stream; share(batch) picks
+    this process's part of each batch."""
+    sampler = StreamBatches(len(data), stream_batch_size(data, batch_size), seed, start, stop, share)
     return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
 

@@ -14,10 +14,11 @@ import torch.distributed as dist
 
 
 class Ranks:
-    """This process's place among the W processes of a run (W = 1: a plain single-process run)."""
+    """This process's place among the W processes of a run (W = 1: a plain single-process run), and the device
+    its reductions run on (the GPU for NCCL)."""
 
-    def __init__(self, rank=0, world=1):
-        self.rank, self.world = rank, world
+    def __init__(self, rank=0, world=1, device="cpu"):
+        self.rank, self.world, self.device = rank, world, torch.device(device)
 
     @property
     def main(self):
@@ -42,6 +43,10 @@ class Ranks:
         if self.world > 1:
             dist.broadcast(tensor, 0)
         return tensor
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
 
     def check_divides(self, what, size):
         """Raise unless a global batch of `size` items splits evenly: only then is the mean of the ranks'
@@ -74,15 +79,14 @@ def local_device(device):
 def ranks(device):
     """The Ranks of this process. Under torchrun it joins (or first creates) the default process group:
     NCCL for a run on GPUs, gloo on CPUs."""
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size())
-    if not launched():
-        return Ranks()
     device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    if not (dist.is_available() and dist.is_initialized()):
+        if not launched():
+            return Ranks(device=device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
 
 
 def finish():

@@ -4,6 +4,8 @@ checkpoints, a JSON-lines log and plots.
 
 A run is a pure function of its config and seed: batches and augmentations are fixed by (seed, step)
 (see data.py), so a run killed and resumed from its checkpoint ends exactly where an uninterrupted one does.
+Under torchrun the same loop runs data-parallel (distributed.py): each process takes its share of every global
+batch, and the coefficients' gradient is all-reduced.
 """
 import json
 import math
@@ -19,7 +21,8 @@ from torch.utils.data import Dataset
 
 from ..task_vectors import atomic_write
 from . import checkpoint as ckpt
-from .data import ViewData, mix_seed, eval_loader, stream_loader
+from . import distributed
+from .data import ViewData, mix_seed, eval_loader, stream_batch_size, stream_loader
 from .objectives import get_objective
 from .plots import coefficient_summary, plot_coefficients, plot_curves
 
@@ -109,8 +112,9 @@ def predict(fn, data, cfg):
 
 
 @torch.no_grad()
-def evaluate(fn, data, cfg):
-    """{"accuracy", "loss", "n"} of fn on a labelled ViewData."""
+def evaluate(fn, data, cfg, ranks=None):
+    """{"accuracy", "loss", "n"} of fn on a labelled ViewData; with `ranks` (a data-parallel run), `data` is
+    this process's share and the counts are summed over the processes."""
     correct, loss, n = 0, 0.0, 0
     for x, y, _ in eval_loader(data, cfg.eval_batch_size, cfg.workers):
         logits = fn(x).float()
@@ -118,6 +122,9 @@ def evaluate(fn, data, cfg):
         correct += (logits.argmax(-1) == y).sum().item()
         loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         n += len(y)
+    if ranks is not None and ranks.world > 1:
+        totals = ranks.sum_(torch.tensor([correct, loss, n], dtype=torch.float64, device=ranks.device))
+        correct, loss, n = int(totals[0].item()), totals[1].item(), int(totals[2].item())
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
 
 
@@ -132,8 +139,9 @@ def make_classify(encoder, tasks, device, amp):
     return classify
 
 
-def evaluate_tasks(classify, tasks, preprocess, cfg):
-    return [evaluate(lambda x, i=i: classify(i, x), ViewData(t.data, t.val, preprocess), cfg)
+def evaluate_tasks(classify, tasks, preprocess, cfg, ranks=None):
+    share = ranks.share if ranks is not None else list
+    return [evaluate(lambda x, i=i: classify(i, x), ViewData(t.data, share(t.val), preprocess), cfg, ranks)
             for i, t in enumerate(tasks)]
 
 
@@ -141,8 +149,9 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
     """Learn atlas.coefficients on `tasks` with cfg.objective; write checkpoint.pt, log.jsonl,
     coefficients.safetensors (the selected epoch's), summary.json, curves.png and coefficients.png to `out`.
 
-    resume=True continues from out/checkpoint.pt when there is one (same config required).
-    on_step(step) is called after every optimiser step. Returns the summary dict.
+    resume=True continues from out/checkpoint.pt when there is one (same config required), whatever the number
+    of processes that wrote it. on_step(step) is called after every optimiser step. Returns the summary dict.
+    Under torchrun every process calls train(); cfg.batch_size is the global batch, split evenly across them.
     """
     from tqdm.auto import tqdm
     cfg.validate()
@@ -153,6 +162,7 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
     path = os.path.join(out, ckpt.CHECKPOINT)
     coef = atlas.coefficients
     device = coef.device
+    ranks = distributed.ranks(device)
     classify = make_classify(atlas, tasks, device, cfg.amp)
     spe = cfg.steps_per_epoch or math.ceil(max(len(t.train) for t in tasks) / cfg.batch_size)
     total = cfg.epochs * spe
@@ -160,7 +170,9 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, round(cfg.warmup * total)))
     atlas.eval()
 
-    if resume and os.path.isfile(path):
+    resuming = resume and os.path.isfile(path)
+    ranks.barrier()  # every process has decided before rank 0 writes a first checkpoint
+    if resuming:
         state = ckpt.load(path)
         if state["config"] != cfg.result_fields():
             diff = [k for k in cfg.result_fields() if state["config"].get(k) != cfg.result_fields()[k]]
@@ -177,48 +189,54 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
     else:
         with torch.no_grad():
             coef.fill_(cfg.init)
-        evals = evaluate_tasks(classify, tasks, preprocess, cfg)
+        evals = evaluate_tasks(classify, tasks, preprocess, cfg, ranks)
         score = objective.score(evals, evals, tasks, cfg)
         state = {"config": cfg.result_fields(), "step": 0, "epoch_loss": [0.0, 0], "epoch_stats": {},
                  "history": [{"epoch": 0, "step": 0, "loss": None, "eval": evals, "score": score}],
                  "best": {"epoch": 0, "score": score, "coefficients": coef.detach().cpu().clone()},
                  "objective_state": objective.prepare(classify, tasks, cfg, {}, preprocess)}
-        _save(path, state, coef, opt, sched)
+        if ranks.main:
+            _save(path, state, coef, opt, sched)
+    with torch.no_grad():
+        ranks.broadcast_(coef)
 
     streams = objective.streams(tasks, cfg, preprocess, state["objective_state"])
+    for data, bs in streams:
+        ranks.check_divides("batch_size" if bs == cfg.batch_size else f"{cfg.objective} batch size",
+                            stream_batch_size(data, bs))
     step = state["step"]
-    bar = tqdm(total=total, initial=step, desc=f"adapt ({cfg.objective})", disable=not cfg.progress)
+    bar = tqdm(total=total, initial=step, desc=f"adapt ({cfg.objective})", disable=not (cfg.progress and ranks.main))
     pin = device.type == "cuda"
     started = time.time()
     while step < total:
         epoch = step // spe + 1
-        loaders = [stream_loader(data, bs, mix_seed(cfg.seed, 7, k), step, epoch * spe, cfg.workers, pin)
-                   for k, (data, bs) in enumerate(streams)]
+        loaders = [stream_loader(data, bs, mix_seed(cfg.seed, 7, k), step, epoch * spe, cfg.workers, pin,
+                                 ranks.share) for k, (data, bs) in enumerate(streams)]
         for batches in zip(*loaders):
             batches = [[t.to(device, non_blocking=True) for t in b] for b in batches]
             loss, stats = objective.loss(classify, batches, cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the {cfg.objective} loss is {loss.item()}; "
-                                         f"lower lr={cfg.lr}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss, stats = _reduce_step(ranks, coef, loss, stats)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the {cfg.objective} loss is {loss}; lower lr={cfg.lr}")
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([coef], cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
             state["step"] = step
-            state["epoch_loss"][0] += loss.item()
+            state["epoch_loss"][0] += loss
             state["epoch_loss"][1] += 1
             for k, v in stats.items():
                 state["epoch_stats"][k] = state["epoch_stats"].get(k, 0.0) + v
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe and ranks.main:
                 _save(path, state, coef, opt, sched)
             if on_step is not None:
                 on_step(step)
-        evals = evaluate_tasks(classify, tasks, preprocess, cfg)
+        evals = evaluate_tasks(classify, tasks, preprocess, cfg, ranks)
         score = objective.score(evals, state["history"][0]["eval"], tasks, cfg)
         n = max(state["epoch_loss"][1], 1)
         state["history"].append({"epoch": epoch, "step": step, "loss": state["epoch_loss"][0] / n,
@@ -228,12 +246,28 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
         best = state["best"]
         if score is not None and (best["score"] is None or score > best["score"]):
             state["best"] = {"epoch": epoch, "score": score, "coefficients": coef.detach().cpu().clone()}
-        _save(path, state, coef, opt, sched)
-        _write_log(out, state["history"])
+        if ranks.main:
+            _save(path, state, coef, opt, sched)
+            _write_log(out, state["history"])
         bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}",
                         acc=" ".join(f"{e['accuracy']:.3f}" for e in evals))
     bar.close()
-    return _finish(atlas, tasks, cfg, out, state, select, time.time() - started)
+    return _finish(atlas, tasks, cfg, out, state, select, time.time() - started, ranks)
+
+
+def _reduce_step(ranks, coef, loss, stats):
+    """(loss, stats) as floats, averaged over the processes with the coefficients' gradient in one all-reduce:
+    each process's loss is the mean over its equal share of the global batch, so the average is the global
+    batch's."""
+    if ranks.world == 1:
+        return loss.item(), stats
+    grad = coef.grad.reshape(-1)
+    flat = torch.cat([grad, loss.detach().float().reshape(1).to(grad.device),
+                      torch.tensor(list(stats.values()), dtype=grad.dtype, device=grad.device)])
+    ranks.mean_(flat)
+    coef.grad.copy_(flat[:grad.numel()].view_as(coef.grad))
+    values = flat[grad.numel():].tolist()
+    return values[0], dict(zip(stats, values[1:]))
 
 
 def _save(path, state, coef, opt, sched):
@@ -252,19 +286,22 @@ def _write_log(out, history):
     write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
 
 
-def _finish(atlas, tasks, cfg, out, state, select, seconds):
+def _finish(atlas, tasks, cfg, out, state, select, seconds, ranks):
     history = state["history"]
     chosen = state["best"]["epoch"] if select == "best" else history[-1]["epoch"]
     if select == "best":
         with torch.no_grad():
             atlas.coefficients.copy_(state["best"]["coefficients"])
-    atlas.save_coefficients(os.path.join(out, "coefficients.safetensors"))
     names = [t.name for t in tasks]
     entry = history[chosen]
     summary = {"objective": cfg.objective, "select": select, "selected_epoch": chosen,
                "tasks": names, "initial": history[0]["eval"], "selected": entry["eval"],
                "last": history[-1]["eval"], "coefficients": coefficient_summary(atlas.coefficients),
-               "sources": list(atlas.sources), "config": asdict(cfg), "train_seconds_this_run": seconds}
+               "sources": list(atlas.sources), "config": asdict(cfg), "processes": ranks.world,
+               "train_seconds_this_run": seconds}
+    if not ranks.main:
+        return summary
+    atlas.save_coefficients(os.path.join(out, "coefficients.safetensors"))
     write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     _write_log(out, history)
     plot_curves(history, names, os.path.join(out, "curves.png"))
