@@ -147,7 +147,8 @@ def _add_adapt(sub):
                        description="Learns the coefficients of a task-vector bank for an open_clip model on image "
                                    "folders and writes to --out: coefficients.safetensors (the selected epoch), "
                                    "checkpoint.pt (resumable), log.jsonl, summary.json, heads.pt, curves.png and "
-                                   "coefficients.png.")
+                                   "coefficients.png. Under `torchrun --nproc-per-node N -m atlas_fast adapt ...` it "
+                                   "trains data-parallel, --batch-size being the global batch.")
     _model_options(p)
     _data_options(p)
     p.add_argument("--objective", default="ce", choices=("ce", "entropy", "ufm", "negation"),
