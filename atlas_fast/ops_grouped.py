@@ -9,7 +9,7 @@ leading group axis, (G, T, P) per block ((G, T, B, P) for merge_blocks_grouped).
     dx[s]       = dy[s] · W(c[index[s]])
     dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] G_g[i],   G_g the weight gradient of group g's samples alone
 Shapes and the torch implementation's strategy: backends/grouped.py; Triton kernels:
-kernels/atlas_linear_grouped.py.
+kernels/atlas_linear_grouped.py; CUDA kernels: csrc/atlas_linear.cu (torch.ops.atlas_fast.atlas_linear_grouped_cuda_*).
 
 Under torch.func.vmap (AtlasModel runs a grouped forward as a vmap over samples) the linear and conv ops
 accept a batched activation with an unbatched index of the vmap's batch size: index[n] is the group of the

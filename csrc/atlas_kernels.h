@@ -10,6 +10,27 @@ namespace atlas {
 
 enum class DType { f32, bf16, f16 };
 
+// The rows of a grouped linear call (atlas_linear_grouped_*), sorted into one-group segments and cut into tiles
+// of one group; device int64 arrays built by bindings.cpp:
+//   rows (M)            row indices sorted by group (stable); group g owns rows[seg_start[g] : seg_start[g + 1]]
+//   seg_start (G + 1)
+//   tile_group, tile_start (tiles)  the group and first position in `rows` of each tile of `height` positions
+//   first_tile (G + 1)  group g owns tiles [first_tile[g], first_tile[g + 1])
+// A default-constructed Segments (seg_start null) is the ungrouped call: one group, rows in order.
+struct Segments {
+    const int64_t* rows = nullptr;
+    const int64_t* seg_start = nullptr;
+    const int64_t* tile_group = nullptr;
+    const int64_t* tile_start = nullptr;
+    const int64_t* first_tile = nullptr;
+    int64_t groups = 1, tiles = 0, height = 0;
+};
+
+// Tile height of the forward and input-gradient kernels: the `height` of their Segments.
+constexpr int64_t kLinearTileRows = 64;
+// The most coefficient-gradient tiles (Segments.tiles, or token splits) one call takes: CUDA's grid z limit.
+constexpr int64_t kMaxGridZ = 65535;
+
 // Linear op. Row-major contiguous operands:
 //   x, dy (M, N or Kin) in act; w0 (N, Kin) fp32; tau (T, N, Kin) in bank; coef (T, P) fp32;
 //   bias (N) fp32 or null; tau_b (T, N) in bank or null; coef_b (T, P) fp32 or null.
@@ -32,6 +53,33 @@ int64_t linear_grad_coef_workspace(int64_t M, int64_t N, int64_t Kin, int64_t T,
 cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
                              const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, float* workspace,
                              int num_sms, float* dc, cudaStream_t stream);
+
+// Grouped linear op: as above with coef, coef_b (G, T, P) and row m computed on the coefficients of its group.
+// The forward and input gradient take Segments of height kLinearTileRows and write only the rows of the groups
+// that have tiles; the coefficient gradient takes Segments of height linear_grouped_grad_coef_rows and writes
+// dc (G, T, P), zero for groups without rows.
+cudaError_t linear_grouped_forward(const void* x, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
+                                   const void* tau, DType bank, int64_t T, const float* coef, int64_t P,
+                                   uint32_t key, const float* bias, const void* tau_b, const float* coef_b,
+                                   uint32_t key_b, const Segments& seg, void* y, cudaStream_t stream);
+
+cudaError_t linear_grouped_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin,
+                                      const float* w0, const void* tau, DType bank, int64_t T, const float* coef,
+                                      int64_t P, uint32_t key, const Segments& seg, void* dx, cudaStream_t stream);
+
+// The tile height of the grouped coefficient gradient's Segments (rows one block accumulates), and the floats
+// its `workspace` needs for seg.tiles such tiles.
+int64_t linear_grouped_grad_coef_rows(int64_t M, int64_t N, int64_t Kin, int num_sms);
+int64_t linear_grouped_grad_coef_workspace(int64_t N, int64_t Kin, int64_t T, int64_t P, int64_t tiles);
+
+cudaError_t linear_grouped_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
+                                     const void* tau, DType bank, int64_t T, int64_t P, uint32_t key,
+                                     const Segments& seg, float* workspace, float* dc, cudaStream_t stream);
+
+// sums (G, N) fp32: sums[g] = Σ of the rows of dy (M, N) in act of group g, on the coefficient gradient's Segments
+// (its height); workspace holds seg.tiles·N floats. Summed in a fixed order, as dc is.
+cudaError_t linear_grouped_row_sums(const void* dy, DType act, int64_t N, const Segments& seg, float* workspace,
+                                    float* sums, cudaStream_t stream);
 
 // W(c) = θ0 + Σ_t coef[t, k(i)] τ_t[i] for one block of `numel` elements (the merge-once strategy of the linear
 // op): θ0 in `value`, τ (T, numel) in `bank`, coef (T, P) fp32, out in `out_dtype` (the activation dtype).

@@ -9,6 +9,12 @@
 // each τ_t into per-block partial sums, and a second kernel adds the partials in a fixed order, so dc is
 // bitwise reproducible. bf16/fp16 activations use tensor cores (WMMA, sm_80+); fp32 uses a plain SIMT
 // product, so the fp32 path is exact fp32 and never tf32.
+//
+// The grouped op (G coefficient sets, a group per row) runs the same kernels on Segments (atlas_kernels.h): as
+// multi-adapter serving kernels take an adapter id per request, the rows are sorted into one-group segments and
+// every forward/dx block takes a tile of one group's rows, gathered through the sorted row list, and merges its
+// tile with that group's coefficients; every dc block accumulates G_g = dyᵀx over a tile of one group's rows.
+// The partial sums of a group's blocks are contiguous, and a second kernel adds them in order per group.
 #include <mma.h>
 
 #include "atlas_common.cuh"
@@ -18,6 +24,7 @@ namespace {
 
 // One block computes a BM×BN tile of C, stepping BK along the reduction; four warps, each a 32×32 quarter.
 constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128;
+static_assert(BM == kLinearTileRows, "grouped forward/dx tiles are cut at the kernels' tile height");
 // Shared-memory row lengths. The pads keep every WMMA fragment pointer 32-byte aligned (16-row steps of
 // LDA·2 and LDB·2 bytes, 16-column steps of 32 bytes) and the leading dimensions multiples of 8 (4 for Cs).
 constexpr int LDA = BK + 8, LDB = BN + 8, LDC = BN + 4;
@@ -93,25 +100,30 @@ struct TileMath<float> {  // fp32: thread (ty, tx) = (tid / 16, tid % 16) owns r
 };
 static_assert(THREADS == 128 && BM == 64 && BN == 64, "TileMath assumes four warps on a 64×64 tile");
 
-// dst[r·LD + c] = src[(row0 + r)·ld + col0 + c] for an R×C tile; zero where row ≥ row_end or col ≥ col_end.
+// The row of src at position pos: rows[pos] for a grouped call's sorted rows, else pos itself.
+__device__ __forceinline__ int64_t row_at(const int64_t* __restrict__ rows, int64_t pos) {
+    return rows != nullptr ? rows[pos] : pos;
+}
+
+// dst[r·LD + c] = src[row(row0 + r)·ld + col0 + c] for an R×C tile; zero where position ≥ row_end or col ≥ col_end.
 template <int R, int C, int LD, typename T>
 __device__ void load_tile(T* dst, const T* __restrict__ src, int64_t ld, int64_t row0, int64_t col0,
-                          int64_t row_end, int64_t col_end) {
+                          int64_t row_end, int64_t col_end, const int64_t* __restrict__ rows) {
     for (int e = threadIdx.x; e < R * C; e += THREADS) {
         const int r = e / C, c = e % C;
         const int64_t gr = row0 + r, gc = col0 + c;
-        dst[r * LD + c] = (gr < row_end && gc < col_end) ? src[gr * ld + gc] : from_float<T>(0.f);
+        dst[r * LD + c] = (gr < row_end && gc < col_end) ? src[row_at(rows, gr) * ld + gc] : from_float<T>(0.f);
     }
 }
 
-// dst[r·LD + c] = src[(row0 + c)·ld + col0 + r]: the transpose of a tile of row-major src, read along src rows.
+// dst[r·LD + c] = src[row(row0 + c)·ld + col0 + r]: the transpose of a tile of row-major src, read along src rows.
 template <int R, int C, int LD, typename T>
 __device__ void load_tile_transposed(T* dst, const T* __restrict__ src, int64_t ld, int64_t row0, int64_t col0,
-                                     int64_t row_end, int64_t col_end) {
+                                     int64_t row_end, int64_t col_end, const int64_t* __restrict__ rows) {
     for (int e = threadIdx.x; e < R * C; e += THREADS) {
         const int r = e % R, c = e / R;
         const int64_t gr = row0 + c, gc = col0 + r;
-        dst[r * LD + c] = (gr < row_end && gc < col_end) ? src[gr * ld + gc] : from_float<T>(0.f);
+        dst[r * LD + c] = (gr < row_end && gc < col_end) ? src[row_at(rows, gr) * ld + gc] : from_float<T>(0.f);
     }
 }
 
@@ -143,25 +155,35 @@ __device__ void load_merged_tile(act_t* Bs, const float* __restrict__ w0, const 
 
 // Pointers (row-major, contiguous):
 //   a     (M, R)   act    x (forward, R = Kin) or dy (input gradient, R = N)
-//   w0    (N, Kin) fp32   pre-trained weight;  tau (T, N, Kin) bank;  coef (T, P) fp32
-//   bias  (N) fp32, tau_b (T, N) bank, coef_b (T, P) fp32: the merged bias added in the forward, or null
+//   w0    (N, Kin) fp32   pre-trained weight;  tau (T, N, Kin) bank;  coef (G, T, P) fp32
+//   bias  (N) fp32, tau_b (T, N) bank, coef_b (G, T, P) fp32: the merged bias added in the forward, or null
 //   out   (M, C)   act    y (C = N) or dx (C = Kin)
+// Block x takes BM consecutive rows (ungrouped: G = 1, seg null) or tile x of seg: BM positions of one group's
+// segment, whose rows it gathers and scatters through seg.rows, with that group's coefficients.
 template <bool TRANS, typename act_t, typename bank_t>
 __global__ void __launch_bounds__(THREADS)
 merged_gemm_kernel(const act_t* __restrict__ a, int64_t M, int64_t N, int64_t Kin, const float* __restrict__ w0,
                    const bank_t* __restrict__ tau, int64_t T, const float* __restrict__ coef, int64_t P,
                    uint32_t key, const float* __restrict__ bias, const bank_t* __restrict__ tau_b,
-                   const float* __restrict__ coef_b, uint32_t key_b, act_t* __restrict__ out) {
+                   const float* __restrict__ coef_b, uint32_t key_b, Segments seg, act_t* __restrict__ out) {
     __shared__ __align__(128) act_t As[BM * LDA];
     __shared__ __align__(128) act_t Bs[BK * LDB];
     __shared__ __align__(128) float Cs[BM * LDC];
     const int64_t R = TRANS ? Kin : N, C = TRANS ? N : Kin;
-    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM, col0 = static_cast<int64_t>(blockIdx.y) * BN;
+    int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM, row_end = M;
+    const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
+    if (seg.seg_start != nullptr) {
+        const int64_t g = seg.tile_group[blockIdx.x];
+        row0 = seg.tile_start[blockIdx.x];
+        row_end = seg.seg_start[g + 1];
+        coef += g * T * P;
+        if (coef_b != nullptr) coef_b += g * T * P;
+    }
 
     TileMath<act_t> math;
     math.zero();
     for (int64_t k0 = 0; k0 < R; k0 += BK) {
-        load_tile<BM, BK, LDA>(As, a, R, row0, k0, M, R);
+        load_tile<BM, BK, LDA>(As, a, R, row0, k0, row_end, R, seg.rows);
         load_merged_tile<TRANS>(Bs, w0, tau, T, coef, P, key, N, Kin, k0, col0);
         __syncthreads();
         math.step(As, Bs);
@@ -173,7 +195,7 @@ merged_gemm_kernel(const act_t* __restrict__ a, int64_t M, int64_t N, int64_t Ki
     for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
         const int r = e / BN, c = e % BN;
         const int64_t m = row0 + r, col = col0 + c;
-        if (m >= M || col >= C) continue;
+        if (m >= row_end || col >= C) continue;
         float v = Cs[r * LDC + c];
         if (bias != nullptr) {
             float b = bias[col];
@@ -183,32 +205,37 @@ merged_gemm_kernel(const act_t* __restrict__ a, int64_t M, int64_t N, int64_t Ki
             }
             v += b;
         }
-        out[m * C + col] = from_float<act_t>(v);
+        out[row_at(seg.rows, m) * C + col] = from_float<act_t>(v);
     }
 }
 
 // Per-block partials of dc. Block (bx, by, bz) forms the G = dyᵀx tile of rows n0 = 64·bx, columns
-// kk0 = 64·by over the token range [bz·m_chunk, (bz + 1)·m_chunk), then writes
+// kk0 = 64·by over the token range [bz·m_chunk, (bz + 1)·m_chunk) (grouped: the positions of seg's tile bz, of
+// one group's rows), then writes
 //   partial[slot, t, k] = Σ_{i in tile, k(i) = k} τ_t[i] G[i],  slot = (bz·gridDim.y + by)·gridDim.x + bx.
 // dy (M, N) act; x (M, Kin) act; tau (T, N, Kin) bank; partial (slots, T, P) fp32.
 template <typename act_t, typename bank_t>
 __global__ void __launch_bounds__(THREADS)
 grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int64_t M, int64_t N, int64_t Kin,
-                 const bank_t* __restrict__ tau, int64_t T, int64_t P, uint32_t key, int64_t m_chunk,
+                 const bank_t* __restrict__ tau, int64_t T, int64_t P, uint32_t key, int64_t m_chunk, Segments seg,
                  float* __restrict__ partial) {
     __shared__ __align__(128) act_t As[BM * LDA];
     __shared__ __align__(128) act_t Bs[BK * LDB];
     __shared__ __align__(128) float Cs[BM * LDC];
     __shared__ float scratch[THREADS / 32];
     const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BM, kk0 = static_cast<int64_t>(blockIdx.y) * BN;
-    const int64_t m_begin = static_cast<int64_t>(blockIdx.z) * m_chunk;
-    const int64_t m_end = m_begin + m_chunk < M ? m_begin + m_chunk : M;
+    int64_t m_begin = static_cast<int64_t>(blockIdx.z) * m_chunk, m_end = M;
+    if (seg.seg_start != nullptr) {
+        m_begin = seg.tile_start[blockIdx.z];
+        m_end = seg.seg_start[seg.tile_group[blockIdx.z] + 1];
+    }
+    m_end = m_begin + m_chunk < m_end ? m_begin + m_chunk : m_end;
 
     TileMath<act_t> math;
     math.zero();
     for (int64_t m0 = m_begin; m0 < m_end; m0 += BK) {
-        load_tile_transposed<BM, BK, LDA>(As, dy, N, m0, n0, m_end, N);  // As[n][m] = dy[m][n]
-        load_tile<BK, BN, LDB>(Bs, x, Kin, m0, kk0, m_end, Kin);         // Bs[m][kk] = x[m][kk]
+        load_tile_transposed<BM, BK, LDA>(As, dy, N, m0, n0, m_end, N, seg.rows);  // As[n][m] = dy[row(m)][n]
+        load_tile<BK, BN, LDB>(Bs, x, Kin, m0, kk0, m_end, Kin, seg.rows);         // Bs[m][kk] = x[row(m)][kk]
         __syncthreads();
         math.step(As, Bs);
         __syncthreads();
@@ -242,14 +269,31 @@ grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int6
     }
 }
 
-// out[j] = Σ_s partial[s, j] for j < width, summed over s in order.
-__global__ void sum_partials_kernel(const float* __restrict__ partial, int64_t slots, int64_t width,
-                                    float* __restrict__ out) {
+// out[g, j] = Σ_s partial[s, j] for j < width over the slots s of group g, summed in order: every slot when
+// first_tile is null (one group), else [first_tile[g]·per_tile, first_tile[g + 1]·per_tile).
+__global__ void sum_partials_kernel(const float* __restrict__ partial, int64_t slots, const int64_t* first_tile,
+                                    int64_t per_tile, int64_t groups, int64_t width, float* __restrict__ out) {
     const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (j >= width) return;
+    if (j >= groups * width) return;
+    const int64_t g = j / width, w = j % width;
+    const int64_t begin = first_tile != nullptr ? first_tile[g] * per_tile : 0;
+    const int64_t end = first_tile != nullptr ? first_tile[g + 1] * per_tile : slots;
     float s = 0.f;
-    for (int64_t k = 0; k < slots; ++k) s += partial[k * width + j];
+    for (int64_t k = begin; k < end; ++k) s += partial[k * width + w];
     out[j] = s;
+}
+
+// partial[tile, n] = Σ_p dy[rows[p], n] in fp32 over the positions p of seg's tile `tile` = blockIdx.y, n < N: a
+// group's share of Σ_m dy[m] for its bias coefficients, tile by tile so that a large group is summed in parallel.
+template <typename act_t>
+__global__ void row_sums_kernel(const act_t* __restrict__ dy, int64_t N, Segments seg, float* __restrict__ partial) {
+    const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const int64_t tile = blockIdx.y, begin = seg.tile_start[tile], seg_end = seg.seg_start[seg.tile_group[tile] + 1];
+    const int64_t end = begin + seg.height < seg_end ? begin + seg.height : seg_end;
+    float s = 0.f;
+    for (int64_t p = begin; p < end; ++p) s += to_float(dy[seg.rows[p] * N + n]);
+    partial[tile * N + n] = s;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -270,18 +314,37 @@ int64_t grad_coef_slots(int64_t M, int64_t N, int64_t Kin, int num_sms) {
     return ceil_div(N, BM) * ceil_div(Kin, BN) * splits;
 }
 
+// Grid rows: ⌈M / BM⌉ row tiles, or seg's tiles for a grouped call.
 template <typename act_t, typename bank_t, bool TRANS>
 cudaError_t launch_merged_gemm(const void* a, int64_t M, int64_t N, int64_t Kin, const float* w0, const void* tau,
                                int64_t T, const float* coef, int64_t P, uint32_t key, const float* bias,
-                               const void* tau_b, const float* coef_b, uint32_t key_b, void* out,
-                               cudaStream_t stream) {
-    const int64_t C = TRANS ? N : Kin;
-    if (M == 0 || C == 0) return cudaSuccess;
-    const dim3 grid(static_cast<unsigned>(ceil_div(M, BM)), static_cast<unsigned>(ceil_div(C, BN)));
+                               const void* tau_b, const float* coef_b, uint32_t key_b, const Segments& seg,
+                               void* out, cudaStream_t stream) {
+    const int64_t C = TRANS ? N : Kin, tiles = seg.seg_start != nullptr ? seg.tiles : ceil_div(M, BM);
+    if (tiles == 0 || C == 0) return cudaSuccess;
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(C, BN)));
     merged_gemm_kernel<TRANS, act_t, bank_t><<<grid, THREADS, 0, stream>>>(
         static_cast<const act_t*>(a), M, N, Kin, w0, static_cast<const bank_t*>(tau), T, coef, P, key, bias,
-        static_cast<const bank_t*>(tau_b), coef_b, key_b, static_cast<act_t*>(out));
+        static_cast<const bank_t*>(tau_b), coef_b, key_b, seg, static_cast<act_t*>(out));
     return cudaGetLastError();
+}
+
+// The dc kernel on a (⌈N / BM⌉, ⌈Kin / BN⌉, splits) grid, token ranges of m_chunk rows (seg's tiles when grouped).
+cudaError_t launch_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
+                             const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, int64_t m_chunk,
+                             int64_t splits, const Segments& seg, float* workspace, cudaStream_t stream) {
+    if (splits > kMaxGridZ) return cudaErrorInvalidConfiguration;
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM)), static_cast<unsigned>(ceil_div(Kin, BN)),
+                    static_cast<unsigned>(splits));
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
+        using act_t = decltype(a_t);
+        using bank_t = decltype(b_t);
+        grad_coef_kernel<act_t, bank_t><<<grid, THREADS, 0, stream>>>(
+            static_cast<const act_t*>(dy), static_cast<const act_t*>(x), M, N, Kin,
+            static_cast<const bank_t*>(tau), T, P, key, m_chunk, seg, workspace);
+        return cudaGetLastError();
+    });
 }
 
 }  // namespace
@@ -290,19 +353,14 @@ cudaError_t linear_forward(const void* x, DType act, int64_t M, int64_t N, int64
                            const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
                            const float* bias, const void* tau_b, const float* coef_b, uint32_t key_b, void* y,
                            cudaStream_t stream) {
-    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
-        return launch_merged_gemm<decltype(a_t), decltype(b_t), true>(x, M, N, Kin, w0, tau, T, coef, P, key, bias,
-                                                                      tau_b, coef_b, key_b, y, stream);
-    });
+    return linear_grouped_forward(x, act, M, N, Kin, w0, tau, bank, T, coef, P, key, bias, tau_b, coef_b, key_b,
+                                  Segments{}, y, stream);
 }
 
 cudaError_t linear_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
                               const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
                               void* dx, cudaStream_t stream) {
-    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
-        return launch_merged_gemm<decltype(a_t), decltype(b_t), false>(dy, M, N, Kin, w0, tau, T, coef, P, key,
-                                                                       nullptr, nullptr, nullptr, 0, dx, stream);
-    });
+    return linear_grouped_grad_input(dy, act, M, N, Kin, w0, tau, bank, T, coef, P, key, Segments{}, dx, stream);
 }
 
 int64_t linear_grad_coef_workspace(int64_t M, int64_t N, int64_t Kin, int64_t T, int64_t P, int num_sms) {
@@ -316,20 +374,71 @@ cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M
     if (N == 0 || Kin == 0) return cudaMemsetAsync(dc, 0, sizeof(float) * T * P, stream);
     const int64_t chunk = grad_coef_chunk(M, N, Kin, num_sms);
     const int64_t splits = M > 0 ? ceil_div(M, chunk) : 1;
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM)), static_cast<unsigned>(ceil_div(Kin, BN)),
-                    static_cast<unsigned>(splits));
-    const cudaError_t err = dispatch2(act, bank, [&](auto a_t, auto b_t) {
-        using act_t = decltype(a_t);
-        using bank_t = decltype(b_t);
-        grad_coef_kernel<act_t, bank_t><<<grid, THREADS, 0, stream>>>(
-            static_cast<const act_t*>(dy), static_cast<const act_t*>(x), M, N, Kin,
-            static_cast<const bank_t*>(tau), T, P, key, chunk, workspace);
-        return cudaGetLastError();
-    });
+    const cudaError_t err = launch_grad_coef(dy, x, act, M, N, Kin, tau, bank, T, P, key, chunk, splits, Segments{},
+                                             workspace, stream);
     if (err != cudaSuccess) return err;
     const int64_t width = T * P, slots = grad_coef_slots(M, N, Kin, num_sms);
-    sum_partials_kernel<<<static_cast<unsigned>(ceil_div(width, 128)), 128, 0, stream>>>(workspace, slots, width,
-                                                                                          dc);
+    sum_partials_kernel<<<static_cast<unsigned>(ceil_div(width, 128)), 128, 0, stream>>>(workspace, slots, nullptr,
+                                                                                          0, 1, width, dc);
+    return cudaGetLastError();
+}
+
+cudaError_t linear_grouped_forward(const void* x, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
+                                   const void* tau, DType bank, int64_t T, const float* coef, int64_t P,
+                                   uint32_t key, const float* bias, const void* tau_b, const float* coef_b,
+                                   uint32_t key_b, const Segments& seg, void* y, cudaStream_t stream) {
+    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
+        return launch_merged_gemm<decltype(a_t), decltype(b_t), true>(x, M, N, Kin, w0, tau, T, coef, P, key, bias,
+                                                                      tau_b, coef_b, key_b, seg, y, stream);
+    });
+}
+
+cudaError_t linear_grouped_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin,
+                                      const float* w0, const void* tau, DType bank, int64_t T, const float* coef,
+                                      int64_t P, uint32_t key, const Segments& seg, void* dx, cudaStream_t stream) {
+    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
+        return launch_merged_gemm<decltype(a_t), decltype(b_t), false>(dy, M, N, Kin, w0, tau, T, coef, P, key,
+                                                                       nullptr, nullptr, nullptr, 0, seg, dx, stream);
+    });
+}
+
+int64_t linear_grouped_grad_coef_rows(int64_t M, int64_t N, int64_t Kin, int num_sms) {
+    return N > 0 && Kin > 0 ? grad_coef_chunk(M, N, Kin, num_sms) : BK;  // an empty weight has no dc tiles to fill
+}
+
+int64_t linear_grouped_grad_coef_workspace(int64_t N, int64_t Kin, int64_t T, int64_t P, int64_t tiles) {
+    return ceil_div(N, BM) * ceil_div(Kin, BN) * tiles * T * P;
+}
+
+cudaError_t linear_grouped_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
+                                     const void* tau, DType bank, int64_t T, int64_t P, uint32_t key,
+                                     const Segments& seg, float* workspace, float* dc, cudaStream_t stream) {
+    const int64_t width = T * P;
+    if (seg.groups * width == 0) return cudaSuccess;
+    const cudaError_t err = launch_grad_coef(dy, x, act, M, N, Kin, tau, bank, T, P, key, seg.height, seg.tiles, seg,
+                                             workspace, stream);
+    if (err != cudaSuccess) return err;
+    // A group without tiles (no rows, or N·Kin = 0) sums an empty range: dc = 0.
+    sum_partials_kernel<<<static_cast<unsigned>(ceil_div(seg.groups * width, 128)), 128, 0, stream>>>(
+        workspace, 0, seg.first_tile, ceil_div(N, BM) * ceil_div(Kin, BN), seg.groups, width, dc);
+    return cudaGetLastError();
+}
+
+cudaError_t linear_grouped_row_sums(const void* dy, DType act, int64_t N, const Segments& seg, float* workspace,
+                                    float* sums, cudaStream_t stream) {
+    if (seg.groups * N == 0) return cudaSuccess;
+    if (seg.tiles > kMaxGridZ) return cudaErrorInvalidConfiguration;
+    if (seg.tiles > 0) {
+        const cudaError_t err = dispatch1(act, [&](auto a_t) {
+            using act_t = decltype(a_t);
+            const dim3 grid(static_cast<unsigned>(ceil_div(N, 128)), static_cast<unsigned>(seg.tiles));
+            row_sums_kernel<act_t><<<grid, 128, 0, stream>>>(static_cast<const act_t*>(dy), N, seg, workspace);
+            return cudaGetLastError();
+        });
+        if (err != cudaSuccess) return err;
+    }
+    sum_partials_kernel<<<static_cast<unsigned>(ceil_div(seg.groups * N, 128)), 128, 0, stream>>>(
+        workspace, 0, seg.first_tile, 1, seg.groups, N, sums);
     return cudaGetLastError();
 }
 

@@ -1,7 +1,8 @@
 // The CUDA kernel ops, registered with TORCH_LIBRARY so they exist as torch.ops.atlas_fast.* once the library
 // is loaded. Each checks its tensors (naming the offending argument), makes them contiguous in the dtypes the
 // kernels take (θ0 and biases in fp32, τ_b in τ's dtype, the gradient in the activation dtype), allocates the
-// outputs and launches on the current stream. Shapes follow atlas_fast/backends/base.py.
+// outputs and launches on the current stream. Shapes follow atlas_fast/backends/base.py (the grouped ops:
+// atlas_fast/backends/grouped.py, on rows: x (M, in) and a group per row).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -304,6 +305,174 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad
     return {dx, dcw, dcb};
 }
 
+// ---------------------------------------------------------------- grouped linear
+
+// Validated operands of a grouped call on rows x (M, in): the linear op's, with coef_w, coef_b (G, T, P).
+struct GroupedLinear {
+    Linear L;
+    int64_t G;
+};
+
+GroupedLinear check_grouped(const Tensor& x, const Tensor& row_group, const Tensor& weight,
+                            const std::optional<Tensor>& bias, const Tensor& tau_w, const std::optional<Tensor>& tau_b,
+                            const Tensor& coef_w, const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b,
+                            const std::optional<Tensor>& skip) {
+    TORCH_CHECK(coef_w.dim() == 3 && coef_w.size(0) >= 1, "coef_w must be float32 (G, T, P) with G >= 1, got ",
+                coef_w.scalar_type(), " ", coef_w.sizes());
+    TORCH_CHECK(x.dim() == 2, "x must be (rows, in), got shape ", x.sizes());
+    const bool with_coef_b = coef_b.has_value() && tau_b.has_value();
+    if (with_coef_b)
+        TORCH_CHECK(coef_b->sizes() == coef_w.sizes(), "coef_b must be float32 shaped like coef_w ", coef_w.sizes(),
+                    ", got ", coef_b->scalar_type(), " ", coef_b->sizes());
+    const std::optional<Tensor> coef_b0 = with_coef_b ? std::optional<Tensor>((*coef_b)[0]) : std::nullopt;
+    GroupedLinear out{check_linear(x, weight, bias, tau_w, tau_b, coef_w[0], coef_b0, key_w, key_b), coef_w.size(0)};
+    out.L.coef_w = coef_w.contiguous();
+    if (with_coef_b) out.L.coef_b = coef_b->contiguous();
+    check_device(row_group, "row_group", x.device());
+    TORCH_CHECK(row_group.scalar_type() == at::kLong && row_group.dim() == 1 && row_group.size(0) == x.size(0),
+                "row_group must be int64 (", x.size(0), ",), one group per row of x, got ", row_group.scalar_type(),
+                " ", row_group.sizes());
+    if (skip.has_value()) {
+        check_device(*skip, "skip", x.device());
+        TORCH_CHECK(skip->scalar_type() == at::kBool && skip->dim() == 1 && skip->size(0) == out.G,
+                    "skip must be bool (G=", out.G, ",), got ", skip->scalar_type(), " ", skip->sizes());
+    }
+    return out;
+}
+
+// The rows sorted by group: the tables of atlas::Segments that do not depend on the tile height.
+struct SortedRows {
+    Tensor counts, rows, seg_start;
+};
+
+SortedRows sort_rows(const Tensor& row_group, int64_t G) {
+    SortedRows s;
+    s.counts = at::bincount(row_group, std::nullopt, G);  // refuses negative ids; more than G bins for ids >= G
+    TORCH_CHECK(s.counts.size(0) == G, "row_group holds group ids outside [0, G=", G, ")");
+    s.rows = at::argsort(row_group, /*stable=*/true);
+    s.seg_start = at::zeros({G + 1}, row_group.options());
+    s.seg_start.slice(0, 1).copy_(s.counts.cumsum(0));
+    return s;
+}
+
+// Each group's rows cut into tiles of `height` positions (none for the groups in `skip`), with their tables;
+// one host sync sizes the grid. seg points into `s` too, which must outlive the launch.
+struct Tiles {
+    Tensor tile_group, tile_start, first_tile;
+    atlas::Segments seg;
+};
+
+Tiles cut_tiles(const SortedRows& s, int64_t height, const std::optional<Tensor>& skip) {
+    Tiles t;
+    const int64_t G = s.counts.size(0);
+    Tensor per_group = at::div(s.counts + (height - 1), height, "floor");
+    if (skip.has_value()) per_group.masked_fill_(*skip, 0);
+    t.first_tile = at::zeros({G + 1}, s.counts.options());
+    t.first_tile.slice(0, 1).copy_(per_group.cumsum(0));
+    const int64_t tiles = t.first_tile[G].item<int64_t>();
+    t.tile_group = at::repeat_interleave(per_group, tiles);
+    const Tensor within = at::arange(tiles, s.counts.options()) - t.first_tile.index_select(0, t.tile_group);
+    t.tile_start = s.seg_start.index_select(0, t.tile_group) + within * height;
+    t.seg.rows = s.rows.data_ptr<int64_t>();
+    t.seg.seg_start = s.seg_start.data_ptr<int64_t>();
+    t.seg.tile_group = t.tile_group.data_ptr<int64_t>();
+    t.seg.tile_start = t.tile_start.data_ptr<int64_t>();
+    t.seg.first_tile = t.first_tile.data_ptr<int64_t>();
+    t.seg.groups = G;
+    t.seg.tiles = tiles;
+    t.seg.height = height;
+    return t;
+}
+
+// y (M, out): row m = x[m] W(coef_w[g])ᵀ + b(coef_b[g]) with g = row_group[m]. The rows of the groups in `skip`
+// are left unwritten (the caller computes them another way).
+Tensor atlas_linear_grouped_cuda_forward(const Tensor& x, const Tensor& row_group, const Tensor& weight,
+                                         const std::optional<Tensor>& bias, const Tensor& tau_w,
+                                         const std::optional<Tensor>& tau_b, const Tensor& coef_w,
+                                         const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b,
+                                         const std::optional<Tensor>& skip) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const GroupedLinear grouped = check_grouped(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w,
+                                                key_b, skip);
+    const Linear& L = grouped.L;
+    const Tensor x2 = x.contiguous();
+    const int64_t M = x2.size(0);
+    Tensor y = at::empty({M, L.N}, x.options());
+    const SortedRows sorted = sort_rows(row_group, grouped.G);
+    const Tiles tiles = cut_tiles(sorted, atlas::kLinearTileRows, skip);
+    check_launch(atlas::linear_grouped_forward(x2.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
+                                               L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(), L.P,
+                                               L.key_w, fptr_or_null(L.bias), ptr_or_null(L.tau_b),
+                                               fptr_or_null(L.coef_b), L.key_b, tiles.seg, y.data_ptr(),
+                                               at::cuda::getCurrentCUDAStream()),
+                 "atlas_linear_grouped_cuda_forward");
+    return y;
+}
+
+// (dx (M, in) or empty, dc_w (G, T, P), dc_b (G, T, P) or empty). The rows of dx of the groups in `skip` are left
+// unwritten; dc covers every group (zero for a group without rows).
+std::tuple<Tensor, Tensor, Tensor> atlas_linear_grouped_cuda_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& row_group, const Tensor& weight, const Tensor& tau_w,
+    const std::optional<Tensor>& tau_b, const Tensor& coef_w, int64_t key_w, int64_t key_b, bool needs_input_grad,
+    const std::optional<Tensor>& skip) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const GroupedLinear grouped = check_grouped(x, row_group, weight, std::nullopt, tau_w, std::nullopt, coef_w,
+                                                std::nullopt, key_w, key_b, skip);
+    const Linear& L = grouped.L;
+    const int64_t G = grouped.G, M = x.size(0);
+    check_device(grad_out, "grad_out", x.device());
+    TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == L.N, "grad_out must be (", M,
+                ", ", L.N, "), got ", grad_out.sizes());
+    if (tau_b.has_value())
+        TORCH_CHECK(tau_b->dim() == 2 && tau_b->size(0) == L.T && tau_b->size(1) == L.N, "tau_b must be (T=", L.T,
+                    ", ", L.N, "), got ", tau_b->sizes());
+    const Tensor x2 = x.contiguous();
+    const Tensor dy = grad_out.to(x.scalar_type()).contiguous();
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto f32 = x.options().dtype(at::kFloat);
+    const SortedRows sorted = sort_rows(row_group, G);
+
+    Tensor dx = x.new_empty({0});
+    if (needs_input_grad) {
+        dx = at::empty_like(x2);
+        const Tiles tiles = cut_tiles(sorted, atlas::kLinearTileRows, skip);
+        check_launch(atlas::linear_grouped_grad_input(dy.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
+                                                      L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(),
+                                                      L.P, L.key_w, tiles.seg, dx.data_ptr(), stream),
+                     "atlas_linear_grouped_cuda_backward (grad x)");
+    }
+
+    const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t height = atlas::linear_grouped_grad_coef_rows(M, L.N, L.Kin, num_sms);
+    const Tiles dc_tiles = cut_tiles(sorted, height, std::nullopt);
+    TORCH_CHECK(dc_tiles.seg.tiles <= atlas::kMaxGridZ, "atlas_linear_grouped: ", G, " groups of ", M, " rows make ",
+                dc_tiles.seg.tiles, " coefficient-gradient tiles of ", height, " rows, more than one launch takes (",
+                atlas::kMaxGridZ, "); split the batch");
+    Tensor workspace = at::empty(
+        {atlas::linear_grouped_grad_coef_workspace(L.N, L.Kin, L.T, L.P, dc_tiles.seg.tiles)}, f32);
+    Tensor dcw = at::empty({G, L.T, L.P}, f32);
+    check_launch(atlas::linear_grouped_grad_coef(dy.data_ptr(), x2.data_ptr(), L.act, M, L.N, L.Kin,
+                                                 L.tau_w.data_ptr(), L.bank, L.T, L.P, L.key_w, dc_tiles.seg,
+                                                 workspace.data_ptr<float>(), dcw.data_ptr<float>(), stream),
+                 "atlas_linear_grouped_cuda_backward (grad coef_w)");
+
+    Tensor dcb = coef_w.new_empty({0});
+    if (tau_b.has_value()) {
+        // dc_b[g, t, k] = Σ_{n in partition k} τ_b,t[n] Σ_{m in group g} dy[m, n]: the per-group row sums of dy,
+        // then one merge_blocks_backward launch with a block per group.
+        Tensor sums = at::empty({G, L.N}, f32);
+        Tensor sums_workspace = at::empty({dc_tiles.seg.tiles * L.N}, f32);
+        check_launch(atlas::linear_grouped_row_sums(dy.data_ptr(), L.act, L.N, dc_tiles.seg,
+                                                    sums_workspace.data_ptr<float>(), sums.data_ptr<float>(), stream),
+                     "atlas_linear_grouped_cuda_backward (grad coef_b)");
+        dcb = merge_blocks_cuda_backward(sums.unbind(0), std::vector<Tensor>(G, *tau_b),
+                                         std::vector<int64_t>(G, key_b), L.P)
+                  .permute({1, 0, 2})
+                  .contiguous();
+    }
+    return {dx, dcw, dcb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
@@ -314,6 +483,11 @@ TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
     m.def("atlas_linear_cuda_merge(Tensor weight, Tensor tau_w, Tensor coef_w, int key_w, ScalarType dtype) -> Tensor");
     m.def("merge_blocks_cuda(Tensor[] theta0, Tensor[] tau, Tensor coef, int[] keys) -> Tensor[]");
     m.def("merge_blocks_cuda_backward(Tensor[] grads, Tensor[] tau, int[] keys, int partitions) -> Tensor");
+    m.def("atlas_linear_grouped_cuda_forward(Tensor x, Tensor row_group, Tensor weight, Tensor? bias, Tensor tau_w, "
+          "Tensor? tau_b, Tensor coef_w, Tensor? coef_b, int key_w, int key_b, Tensor? skip) -> Tensor");
+    m.def("atlas_linear_grouped_cuda_backward(Tensor grad_out, Tensor x, Tensor row_group, Tensor weight, "
+          "Tensor tau_w, Tensor? tau_b, Tensor coef_w, int key_w, int key_b, bool needs_input_grad, Tensor? skip) "
+          "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(atlas_fast, CUDA, m) {
@@ -322,4 +496,6 @@ TORCH_LIBRARY_IMPL(atlas_fast, CUDA, m) {
     m.impl("atlas_linear_cuda_merge", &atlas_linear_cuda_merge);
     m.impl("merge_blocks_cuda", &merge_blocks_cuda);
     m.impl("merge_blocks_cuda_backward", &merge_blocks_cuda_backward);
+    m.impl("atlas_linear_grouped_cuda_forward", &atlas_linear_grouped_cuda_forward);
+    m.impl("atlas_linear_grouped_cuda_backward", &atlas_linear_grouped_cuda_backward);
 }

@@ -1,10 +1,12 @@
 """The cuda backend: lazy loading and clear refusals on any machine; every kernel against the float64 reference
-on a GPU (forward and gradients, odd shapes, fp32/bf16/fp16 activations, fp32/bf16 banks, 1 and 3 partitions).
+on a GPU (forward and gradients, odd shapes, fp32/bf16/fp16 activations, fp32/bf16 banks, 1 and 3 partitions),
+the grouped ops (a coefficient set per group of samples) among them.
 
 Low-precision results follow the flash-attention rule: the error against float64 may be at most about twice
 that of the torch backend in the same dtype.
 """
 import copy
+import dataclasses
 import fnmatch
 import os
 import subprocess
@@ -15,9 +17,11 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast.backends import BackendUnavailable, get_backend
+from atlas_fast.backends import BackendUnavailable, get_backend, plan
 from atlas_fast.backends import cuda_backend
+from atlas_fast.backends import grouped as grouped_impl
 from atlas_fast.hashing import block_key
+from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
 from helpers import TOL, assert_coef_grad, assert_rel, random_bank, random_coef, reference_outputs_and_grad, rel_err
@@ -105,6 +109,48 @@ def test_extension_builds_and_registers_its_ops(monkeypatch):
     assert "Tensor? bias" in schema and "int key_w" in schema
     for op in ("atlas_linear_cuda_backward", "merge_blocks_cuda", "merge_blocks_cuda_backward"):
         assert hasattr(torch.ops.atlas_fast, op)
+    for op in ("atlas_linear_grouped_cuda_forward", "atlas_linear_grouped_cuda_backward"):
+        schema = str(getattr(torch.ops.atlas_fast, op).default._schema)
+        assert "Tensor row_group" in schema and "Tensor? skip" in schema, schema
+
+
+def _grouped_cpu_args(dtype=torch.float32):
+    x, index = torch.randn(3, 2, 5, dtype=dtype), torch.tensor([1, 0, 1])
+    w, tw = torch.randn(4, 5, dtype=dtype), torch.randn(2, 4, 5, dtype=dtype)
+    return x, index, w, None, tw, None, torch.rand(2, 2, 1, dtype=dtype)
+
+
+def test_grouped_dispatch_takes_the_cuda_kernels(monkeypatch):
+    """A grouped call that resolves to the cuda backend runs CudaGrouped (the segmented CUDA kernels), not the
+    torch implementation."""
+    for name, impl in (("cuda", grouped_impl.CUDA), ("triton", grouped_impl.TRITON), ("torch", grouped_impl.TORCH)):
+        monkeypatch.setattr(grouped_impl, "resolve", lambda backend, device, dtype, n=name: get_backend(n))
+        assert grouped_impl.implementation("auto", torch.device("cpu"), torch.float32) is impl
+    assert grouped_impl.CUDA.name == "cuda" and grouped_impl.CUDA._block_m() == cuda_backend.BLOCK_M
+
+
+def test_grouped_on_cpu_tensors_raises_backend_unavailable():
+    x, index, w, b, tw, tb, cw = _grouped_cpu_args()
+    with pytest.raises(BackendUnavailable, match="backend='cuda' cannot run on cpu: the CUDA kernels run on CUDA"):
+        atlas_linear_grouped(x, index, w, b, tw, tb, cw, backend="cuda")
+
+
+def test_grouped_without_the_extension_names_the_reason(monkeypatch):
+    """Where CUDA is there but the kernels cannot be loaded, the grouped dispatch raises with the loader's reason."""
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_backend, "_load_result", ["compiling the CUDA extension in /x failed: nvcc error"])
+    with pytest.raises(BackendUnavailable, match="backend='cuda' cannot run on cuda: compiling .* nvcc error"):
+        grouped_impl.implementation("cuda", torch.device("cuda"), torch.float32)
+
+
+def test_grouped_float64_is_refused_with_the_way_out():
+    x, index, w, b, tw, tb, cw = _grouped_cpu_args(torch.float64)
+    with pytest.raises(ValueError, match="backend='torch' for float64"):
+        grouped_impl.CUDA.atlas_linear(x, index, w, b, tw, tb, cw, None, 0, 0)
+    with pytest.raises(ValueError, match="backend='torch' for float64"):
+        grouped_impl.CUDA.atlas_linear_backward(torch.randn(3, 2, 4, dtype=torch.float64), x, index, w, tw, tb, cw,
+                                                0, 0, True)
 
 
 # ---------------------------------------------------------------- GPU: helpers
@@ -328,3 +374,191 @@ def test_composed_model_reference_check_on_cpu():
 @pytest.mark.gpu
 def test_composed_model_matches_reference():
     _composed_model_against_reference("cuda", "cuda")
+
+
+# ---------------------------------------------------------------- GPU: grouped linear and conv
+
+# The group of each sample (G = 4): group 1 gets no sample, group 0 spans several 64-row tiles of the kernels.
+GROUPED_INDEX = [0, 2, 0, 3, 0, 2, 0, 0]
+
+
+@pytest.fixture
+def strategy(request, monkeypatch):
+    """The cost model's per-group choice, forced: every group "fused", every group "merge_once", or "mixed"
+    (groups of at most 80 rows merge-once: groups 2 and 3 below, group 0 fused)."""
+    real = plan.for_linear
+
+    def for_linear(M, *args):
+        merge = request.param == "merge_once" or (request.param == "mixed" and M <= 80)
+        choice = "merge_once" if merge else "fused"
+        return dataclasses.replace(real(M, *args), forward=choice, dx=choice)
+    monkeypatch.setattr(plan, "for_linear", for_linear)
+    return request.param
+
+
+def _grouped_case(act, bank, P, bias, index=GROUPED_INDEX, G=4, rows=37, K=45, N=70, T=3, device="cuda"):
+    x = torch.randn(len(index), rows, K, device=device).to(act).requires_grad_()
+    w = torch.randn(N, K, device=device) / K ** 0.5
+    b = torch.randn(N, device=device) * 0.1 if bias else None
+    tw = random_bank((N, K), T, bank, 1e-2 / K ** 0.5, device)
+    tb = random_bank((N,), T, bank, 1e-3, device) if bias else None
+    cw = (torch.rand(G, T, P, device=device) * 1.6 - 0.8).requires_grad_()
+    cb = (torch.rand(G, T, P, device=device) * 1.6 - 0.8).requires_grad_() if bias else None
+    return x, torch.tensor(index, dtype=torch.int64, device=device), w, b, tw, tb, cw, cb
+
+
+def _grouped_reference(case, keys, g):
+    """Float64 outputs and gradients (x, coef_w, coef_b): every sample through linear_ref with its group's
+    coefficients."""
+    x, index, w, b, tw, tb, cw, cb = case
+    leaves = [t.detach().double().requires_grad_() for t in (x, cw, cb) if t is not None]
+    x64, cw64, cb64 = leaves[0], leaves[1], leaves[2] if cb is not None else None
+    y = torch.stack([linear_ref(x64[s], w, b, tw, tb, cw64[k], cb64[k] if cb64 is not None else None, *keys)
+                     for s, k in enumerate(index.tolist())])
+    return (y, *torch.autograd.grad(y, leaves, g))
+
+
+def _grouped_run(backend, case, keys, g):
+    x, index, w, b, tw, tb, cw, cb = case
+    if x.is_cuda:
+        _poison_allocator()
+    y = atlas_linear_grouped(x, index, w, b, tw, tb, cw, cb, *keys, backend=backend)
+    return (y, *torch.autograd.grad(y, [t for t in (x, cw, cb) if t is not None], g.to(y.dtype)))
+
+
+def _check_grouped(case, keys, act, backend="cuda"):
+    """`backend` against the float64 reference: TOL in fp32, else at most twice the torch backend's error in the
+    same dtype (plus a floor)."""
+    names = ("output", "grad x", "grad coef_w", "grad coef_b")
+    g = torch.randn(*case[0].shape[:-1], case[2].shape[0], device=case[0].device).to(act).double()
+    refs = _grouped_reference(case, keys, g)
+    got = _grouped_run(backend, case, keys, g)
+    assert got[2][1].abs().max() == 0, "a group without samples got a coefficient gradient"
+    if act == torch.float32:
+        for name, out, ref in zip(names, got, refs):
+            assert_rel(out, ref, TOL[torch.float32][0 if name == "output" else 1], name)
+        return
+    plain = _grouped_run("torch", case, keys, g)
+    for name, out, ref, base in zip(names, got, refs, plain):
+        assert out.dtype == (torch.float32 if name.startswith("grad coef") else act), name
+        assert_rel(out, ref, _low_precision_budget(base, ref, 1e-4), name)
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_grouped_reference_check_on_cpu(act):
+    """The grouped check below, on the torch backend and the CPU: what the CUDA run is held to."""
+    case = _grouped_case(act, torch.bfloat16, 3, True, device="cpu")
+    _check_grouped(case, (block_key(1, 4), block_key(1, 5)), act, backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused"], indirect=True)
+@pytest.mark.parametrize("act", ACT_DTYPES)
+@pytest.mark.parametrize("bank,P,bias", [(torch.float32, 1, True), (torch.bfloat16, 3, True),
+                                         (torch.bfloat16, 1, False)])
+def test_linear_grouped_matches_reference(strategy, act, bank, P, bias):
+    _check_grouped(_grouped_case(act, bank, P, bias), (block_key(1, 4), block_key(1, 5)), act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["merge_once", "mixed"], indirect=True)
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_linear_grouped_merge_once_groups(strategy, act):
+    """Groups the cost model runs merge-once are left out of the kernels and computed on a merged layer."""
+    _check_grouped(_grouped_case(act, torch.bfloat16, 3, True), (block_key(1, 4), block_key(1, 5)), act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused"], indirect=True)
+def test_linear_grouped_many_groups(strategy):
+    """Per-sample groups in a random order, some groups unused: the segments of 40 groups of 3 rows."""
+    index = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    case = _grouped_case(torch.float32, torch.float32, 2, True, index=index, G=50, rows=3, K=33, N=65)
+    g = torch.randn(40, 3, 65, device="cuda").double()
+    refs = _grouped_reference(case, (5, 6), g)
+    for name, out, ref in zip(("output", "grad x", "grad coef_w", "grad coef_b"), _grouped_run("cuda", case, (5, 6), g),
+                              refs):
+        assert_rel(out, ref, TOL[torch.float32][0 if name == "output" else 1], name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACT_DTYPES)
+def test_linear_grouped_coef_grad_is_deterministic(act):
+    x, index, w, b, tw, tb, cw, cb = _grouped_case(act, torch.bfloat16, 3, True, rows=97)
+    x2, rows = x.detach().reshape(-1, x.shape[-1]), index.repeat_interleave(97)
+    g = torch.randn(x2.shape[0], w.shape[0], device="cuda").to(act)
+    runs = [torch.ops.atlas_fast.atlas_linear_grouped_cuda_backward(g, x2, rows, w, tw, tb, cw.detach(), 1, 2, True,
+                                                                    None) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b_ in zip(runs[0], run):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.gpu
+def test_linear_grouped_empty_batch():
+    x, index, w, b, tw, tb, cw, cb = _grouped_case(torch.float32, torch.float32, 1, True, index=[])
+    y = atlas_linear_grouped(x, index, w, b, tw, tb, cw, cb, backend="cuda")
+    assert y.shape == (0, 37, 70)
+    dcw, dcb = torch.autograd.grad(y, (cw, cb), torch.ones_like(y))
+    assert torch.equal(dcw, torch.zeros_like(cw)) and torch.equal(dcb, torch.zeros_like(cb))
+
+
+@pytest.mark.gpu
+def test_linear_grouped_opcheck():
+    x, index, w, b, tw, tb, cw, cb = _grouped_case(torch.bfloat16, torch.bfloat16, 2, True, rows=3, K=11, N=7)
+    x, cw, cb = x.detach(), cw.detach(), cb.detach()
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_grouped.default,
+                          (x.requires_grad_(), index, w, b, tw, tb, cw.requires_grad_(), cb, 1, 2, "cuda"))
+    x2, rows, cw = x.detach().reshape(-1, 11), index.repeat_interleave(3), cw.detach()
+    skip = torch.tensor([False, False, True, False], device="cuda")
+    g = torch.randn(x2.shape[0], 7, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_grouped_cuda_forward.default,
+                          (x2, rows, w, b, tw, tb, cw, cb, 1, 2, None))
+    for tau_b, need, sk in ((tb, True, None), (None, False, None), (tb, True, skip)):
+        torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_grouped_cuda_backward.default,
+                              (g, x2, rows, w, tw, tau_b, cw, 1, 2, need, sk))
+
+
+@pytest.mark.gpu
+def test_linear_grouped_bad_arguments_are_named():
+    x, index, w, b, tw, tb, cw, cb = _grouped_case(torch.float32, torch.float32, 1, True, rows=2)
+    x2, rows, cw, cb = x.detach().reshape(-1, x.shape[-1]), index.repeat_interleave(2), cw.detach(), cb.detach()
+    fwd = torch.ops.atlas_fast.atlas_linear_grouped_cuda_forward
+    with pytest.raises(RuntimeError, match="row_group must be int64"):
+        fwd(x2, rows.int(), w, b, tw, tb, cw, cb, 0, 0, None)
+    with pytest.raises(RuntimeError, match="row_group holds group ids outside"):
+        fwd(x2, rows + 4, w, b, tw, tb, cw, cb, 0, 0, None)
+    with pytest.raises(RuntimeError, match=r"coef_w must be float32 \(G, T, P\)"):
+        fwd(x2, rows, w, b, tw, tb, cw[0], cb, 0, 0, None)
+    with pytest.raises(RuntimeError, match="coef_b must be float32 shaped like coef_w"):
+        fwd(x2, rows, w, b, tw, tb, cw, cb[:2], 0, 0, None)
+    with pytest.raises(RuntimeError, match="skip must be bool"):
+        fwd(x2, rows, w, b, tw, tb, cw, cb, 0, 0, torch.zeros(3, dtype=torch.bool, device="cuda"))
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.atlas_fast.atlas_linear_grouped_cuda_backward(x2, x2, rows, w, tw, tb, cw, 0, 0, True, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "merge_once"], indirect=True)
+@pytest.mark.parametrize("patchify", [True, False])
+def test_conv2d_grouped_matches_reference(strategy, patchify):
+    """A conv runs the grouped linear kernels on its im2col rows: every patch row in its sample's group."""
+    S, C, N = 5, 3, 7
+    x = torch.randn(S, C, 17, 13, device="cuda", requires_grad=True)
+    index = torch.tensor([2, 0, 2, 2, 0], device="cuda")
+    k, stride, padding = (4, (4, 4), (0, 0)) if patchify else (3, (2, 1), (1, 1))
+    w, b = torch.randn(N, C, k, k, device="cuda") / (C * k * k) ** 0.5, torch.randn(N, device="cuda")
+    tw, tb = random_bank(w.shape, 3, torch.bfloat16, 1e-2, "cuda"), random_bank((N,), 3, torch.bfloat16, 1e-2, "cuda")
+    cw = (torch.rand(3, 3, 2, device="cuda") * 1.6 - 0.8).requires_grad_()
+    cb = (torch.rand(3, 3, 2, device="cuda") * 1.6 - 0.8).requires_grad_()
+    _poison_allocator()
+    y = atlas_conv2d_grouped(x, index, w, b, tw, tb, cw, cb, 5, 6, stride, padding, backend="cuda")
+    g = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, (x, cw, cb), g))
+    leaves = [t.detach().double().requires_grad_() for t in (x, cw, cb)]
+    ref = torch.cat([conv2d_ref(leaves[0][s:s + 1], w, b, tw, tb, leaves[1][k_], leaves[2][k_], 5, 6, stride, padding)
+                     for s, k_ in enumerate(index.tolist())])
+    refs = (ref, *torch.autograd.grad(ref, leaves, g.double()))
+    for name, out, r in zip(("output", "grad x", "grad coef_w", "grad coef_b"), got, refs):
+        assert_rel(out, r, TOL[torch.float32][0 if name == "output" else 1], name)
+    assert got[2][1].abs().max() == 0

@@ -10,10 +10,13 @@ and keeps the fused dc kernel. A conv2d with
 groups=1 runs the same kernels on its im2col view (im2col.Im2colConv, as the triton backend does).
 Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
 (csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
-backend='torch').
+backend='torch'). Grouped compositions (G coefficient sets, a group per sample) run the same fused kernels on
+rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward; the Python side is
+grouped.CudaGrouped).
 
 The kernels are registered as torch.ops.atlas_fast.{atlas_linear_cuda_forward, atlas_linear_cuda_backward,
-atlas_linear_cuda_merge, merge_blocks_cuda, merge_blocks_cuda_backward} by a shared library: the ahead-of-time
+atlas_linear_cuda_merge, merge_blocks_cuda, merge_blocks_cuda_backward, atlas_linear_grouped_cuda_forward,
+atlas_linear_grouped_cuda_backward} by a shared library: the ahead-of-time
 build atlas_fast._C (`ATLAS_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .`) when installed, otherwise
 compiled with ninja on first use into ~/.cache/atlas_fast/. Importing this module compiles nothing and touches no GPU.
 """
@@ -123,6 +126,16 @@ def _register_fakes():
     @torch.library.register_fake("atlas_fast::merge_blocks_cuda_backward")
     def _(grads, tau, keys, partitions):
         return tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
+
+    @torch.library.register_fake("atlas_fast::atlas_linear_grouped_cuda_forward")
+    def _(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("atlas_fast::atlas_linear_grouped_cuda_backward")
+    def _(grad_out, x, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip):
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else empty(x)
+        dcb = coef_w.new_empty(coef_w.shape) if tau_b is not None else empty(coef_w)
+        return dx, coef_w.new_empty(coef_w.shape), dcb
 
 
 def _load():

@@ -15,11 +15,14 @@ The torch implementation chooses per call between two ways of computing a linear
 Counted in multiply-adds "merge" always looks cheaper (M ≥ G'), but a merge multiply-add streams one bank
 element from memory while a GEMM multiply-add reuses operands from cache. The rule: "rowscale" when P = 1 and
 groups average fewer than ROWS_PER_MERGE rows (M < ROWS_PER_MERGE · G'), else "merge". Convolutions and
-partitioned blocks always merge per group. The triton implementation runs the grouped kernels of
-kernels/atlas_linear_grouped.py (rows sorted into one-group segments; the merged tile built per tile's group),
-except for the groups whose own row count the cost model of plan.py would run merge-once: their layer is merged
-by the merge kernel and their rows go through a stock GEMM, in the forward and again for dx; dc is the fused
-per-group reduction for every group. The cuda backend has no grouped kernels and runs the torch implementation.
+partitioned blocks always merge per group. The triton and cuda implementations (KernelGrouped) run segmented
+kernels: kernels/atlas_linear_grouped.py and csrc/atlas_linear.cu (rows sorted into one-group segments; the
+merged tile built per tile's group), except for the groups whose own row count the cost model of plan.py would
+run merge-once: their layer is merged by the backend's merge kernel and their rows go through a stock GEMM, in
+the forward and again for dx; dc is the fused per-group reduction for every group. Convs with groups=1 run the
+same kernels on their im2col rows; grouped (depthwise) convs and the generic blocks (merge_blocks_grouped: one
+(G, T)·(T, numel) GEMM per block, on whatever device the tensors are) take the torch implementation on every
+backend.
 """
 import torch
 import torch.nn.functional as F
@@ -242,95 +245,70 @@ def merge_blocks_grouped_backward(grads, tau, keys, partitions):
                        dim=2)
 
 
-class TritonGrouped(TorchGrouped):
-    """The grouped linear ops on the kernels of kernels/atlas_linear_grouped.py; a conv with groups=1 runs them
-    on its im2col view (every patch row in its sample's group); grouped convs take the torch implementation."""
+class KernelGrouped(TorchGrouped):
+    """The grouped linear ops of a backend with segmented kernels (rows sorted into one-group segments, each tile
+    merged with its group's coefficients); a conv with groups=1 runs them on its im2col view (every patch row in
+    its sample's group); grouped convs take the torch implementation. The groups whose own row count the cost
+    model of plan.py would run merge-once are left out of the kernels' forward and dx: their layer is merged once
+    and their rows go through a stock GEMM. A subclass supplies the kernels: _forward, _backward, _merge,
+    _block_m and _check."""
 
-    name = "triton"
-
-    @staticmethod
-    def _kernels():
-        from atlas_fast.kernels import atlas_linear_grouped
-        return atlas_linear_grouped
-
-    @staticmethod
-    def _merge_once(counts, weight, tau_w, coef_w, dtype, which):
+    def _merge_once(self, counts, weight, tau_w, coef_w, dtype, which):
         """bool (G,): the groups whose rows the cost model would run merge-once (`which`: "forward" or "dx")."""
-        from atlas_fast.kernels.atlas_linear_grouped import BLOCK_M
-        choice = {m: getattr(plan.for_linear(m, weight, tau_w, coef_w[0], dtype, BLOCK_M), which) != "fused"
+        block_m = self._block_m()
+        choice = {m: getattr(plan.for_linear(m, weight, tau_w, coef_w[0], dtype, block_m), which) != "fused"
                   for m in set(counts) if m}
         return torch.tensor([bool(m) and choice[m] for m in counts], device=coef_w.device)
 
-    def _merged_rows(self, out, a, rows_of, merge_groups, weight, tau_w, coef_w, key_w, transpose, bias=None):
+    def _merged_rows(self, out, a, row_group, merge_groups, weight, tau_w, coef_w, key_w, transpose, bias=None):
         """out[rows of g] = a[rows of g] · W(c[g])ᵀ (+ b(c[g])), or · W(c[g]) when `transpose`, for the merge-once
         groups: one merged layer at a time, freed at once."""
-        from atlas_fast.kernels import atlas_linear
         for g in merge_groups:
-            rows_g = rows_of(g)
-            w = atlas_linear.merge(weight, tau_w, coef_w[g], key_w, a.dtype)
+            rows_g = (row_group == g).nonzero().squeeze(1)
+            w = self._merge(weight, tau_w, coef_w[g], key_w, a.dtype)
             out.index_copy_(0, rows_g, a.index_select(0, rows_g) @ w if transpose
                             else F.linear(a.index_select(0, rows_g), w, bias(g) if bias else None))
 
-    @staticmethod
-    def _check(x, coef_w):
-        if coef_w.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"backend='triton' takes float32 coefficients and float32/bfloat16/float16 "
-                             f"activations, got {coef_w.dtype} and {x.dtype}; use backend='torch' for float64")
-
     def atlas_linear(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
-        self._check(x, coef_w)
+        self._check(x, weight, tau_w, coef_w)
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // x.shape[0] if x.shape[0] else 1
         return self._linear_rows(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b, key_w,
                                  key_b).view(*x.shape[:-1], weight.shape[0])
 
     def _linear_rows(self, x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
-        kernels = self._kernels()
-        G = coef_w.shape[0]
-        counts = torch.bincount(row_group, minlength=G).tolist()
+        counts = torch.bincount(row_group, minlength=coef_w.shape[0]).tolist()
         skip = self._merge_once(counts, weight, tau_w, coef_w, x2.dtype, "forward")
-        seg = kernels.Segments(row_group, G, skip=skip)
-        y = kernels.forward(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, segments=seg)
+        y = self._forward(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip)
         merge_groups = skip.nonzero().squeeze(1).tolist()
         if merge_groups:
-            from atlas_fast.kernels import atlas_linear
-            starts = seg.seg_start.tolist()
-            bias_g = (lambda g: atlas_linear.merge(bias, tau_b, coef_b[g], key_b, x2.dtype) if tau_b is not None
+            bias_g = (lambda g: self._merge(bias, tau_b, coef_b[g], key_b, x2.dtype) if tau_b is not None
                       else bias.to(x2.dtype)) if bias is not None else None
-            self._merged_rows(y, x2, lambda g: seg.rows[starts[g]:starts[g + 1]].long(), merge_groups, weight,
-                              tau_w, coef_w, key_w, False, bias_g)
+            self._merged_rows(y, x2, row_group, merge_groups, weight, tau_w, coef_w, key_w, False, bias_g)
         return y
 
     def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
                               needs_input_grad):
-        self._check(x, coef_w)
-        kernels = self._kernels()
-        G, T, P = coef_w.shape
+        self._check(x, weight, tau_w, coef_w)
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         row_group = _row_groups(index, x2.shape[0] // x.shape[0] if x.shape[0] else 1)
-        counts = torch.bincount(row_group, minlength=G).tolist()
-        segments = kernels.Segments(row_group, G)
-        grad_x = None
+        skip, merge_groups = None, []
         if needs_input_grad:
+            counts = torch.bincount(row_group, minlength=coef_w.shape[0]).tolist()
             skip = self._merge_once(counts, weight, tau_w, coef_w, gy.dtype, "dx")
-            seg_dx = kernels.Segments(row_group, G, skip=skip) if bool(skip.any()) else segments
-            grad_x = kernels.grad_input(gy, row_group, weight, tau_w, coef_w, key_w, segments=seg_dx)
-            starts = segments.seg_start.tolist()
-            self._merged_rows(grad_x, gy, lambda g: segments.rows[starts[g]:starts[g + 1]].long(),
-                              skip.nonzero().squeeze(1).tolist(), weight, tau_w, coef_w, key_w, True)
+            merge_groups = skip.nonzero().squeeze(1).tolist()
+        grad_x, grad_cw, grad_cb = self._backward(gy, x2, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b,
+                                                  needs_input_grad, skip)
+        if needs_input_grad:
+            self._merged_rows(grad_x, gy, row_group, merge_groups, weight, tau_w, coef_w, key_w, True)
             grad_x = grad_x.view(x.shape)
-        grad_cw = kernels.grad_coef(gy, x2, row_group, tau_w, G, P, key_w, segments=segments)
-        grad_cb = None
-        if tau_b is not None:
-            sums = torch.zeros(G, gy.shape[1], dtype=torch.float32, device=gy.device)
-            sums.index_add_(0, row_group, gy.float())
-            grad_cb = _reduce_grouped_block(sums, tau_b, key_b, P, torch.float32)
         return grad_x, grad_cw, grad_cb
 
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
         if conv[3] != 1:
             return super().atlas_conv2d(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
+        self._check(x, weight, tau_w, coef_w)
         N = weight.shape[0]
         Ho, Wo = out_size(conv, weight, x)
         cols = patches(x, weight, conv)
@@ -354,10 +332,90 @@ class TritonGrouped(TorchGrouped):
         return grad_x, grad_cw, grad_cb
 
 
-TORCH, TRITON = TorchGrouped(), TritonGrouped()
+class TritonGrouped(KernelGrouped):
+    """The kernels of kernels/atlas_linear_grouped.py on their Segments (built in Python); the coefficient
+    gradient of the bias reduced by the torch implementation from per-group sums of dy."""
+
+    name = "triton"
+
+    @staticmethod
+    def _kernels():
+        from atlas_fast.kernels import atlas_linear_grouped
+        return atlas_linear_grouped
+
+    def _block_m(self):
+        return self._kernels().BLOCK_M
+
+    @staticmethod
+    def _merge(weight, tau, coef, key, dtype):
+        from atlas_fast.kernels import atlas_linear
+        return atlas_linear.merge(weight, tau, coef, key, dtype)
+
+    @staticmethod
+    def _check(x, weight, tau_w, coef_w):
+        if coef_w.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"backend='triton' takes float32 coefficients and float32/bfloat16/float16 "
+                             f"activations, got {coef_w.dtype} and {x.dtype}; use backend='torch' for float64")
+
+    def _forward(self, x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip):
+        kernels = self._kernels()
+        seg = kernels.Segments(row_group, coef_w.shape[0], skip=skip)
+        return kernels.forward(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, segments=seg)
+
+    def _backward(self, gy, x2, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip):
+        kernels = self._kernels()
+        G, T, P = coef_w.shape
+        segments = kernels.Segments(row_group, G)
+        grad_x = None
+        if needs_input_grad:
+            seg_dx = kernels.Segments(row_group, G, skip=skip) if bool(skip.any()) else segments
+            grad_x = kernels.grad_input(gy, row_group, weight, tau_w, coef_w, key_w, segments=seg_dx)
+        grad_cw = kernels.grad_coef(gy, x2, row_group, tau_w, G, P, key_w, segments=segments)
+        grad_cb = None
+        if tau_b is not None:
+            sums = torch.zeros(G, gy.shape[1], dtype=torch.float32, device=gy.device)
+            sums.index_add_(0, row_group, gy.float())
+            grad_cb = _reduce_grouped_block(sums, tau_b, key_b, P, torch.float32)
+        return grad_x, grad_cw, grad_cb
+
+
+class CudaGrouped(KernelGrouped):
+    """The CUDA C++ kernels of csrc/atlas_linear.cu (torch.ops.atlas_fast.atlas_linear_grouped_cuda_*): the same
+    fused forward, dx and dc kernels as the ungrouped op, on rows sorted into one-group segments by the op itself;
+    the coefficient gradient of the bias is per-group row sums of dy reduced by the merge_blocks backward kernel.
+    The merge-once groups are merged by the one-block merge kernel (atlas_linear_cuda_merge)."""
+
+    name = "cuda"
+
+    @staticmethod
+    def _block_m():
+        from .cuda_backend import BLOCK_M
+        return BLOCK_M
+
+    @staticmethod
+    def _merge(weight, tau, coef, key, dtype):
+        return torch.ops.atlas_fast.atlas_linear_cuda_merge(weight, tau, coef, key, dtype)
+
+    @staticmethod
+    def _check(x, weight, tau_w, coef_w):
+        from .cuda_backend import _check_dtypes
+        _check_dtypes(coef_w, x, weight, tau_w)
+
+    def _forward(self, x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip):
+        return torch.ops.atlas_fast.atlas_linear_grouped_cuda_forward(x2, row_group, weight, bias, tau_w, tau_b,
+                                                                      coef_w, coef_b, key_w, key_b, skip)
+
+    def _backward(self, gy, x2, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip):
+        grad_x, grad_cw, grad_cb = torch.ops.atlas_fast.atlas_linear_grouped_cuda_backward(
+            gy, x2, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip)
+        return (grad_x if needs_input_grad else None), grad_cw, (grad_cb if tau_b is not None else None)
+
+
+TORCH, TRITON, CUDA = TorchGrouped(), TritonGrouped(), CudaGrouped()
+_KERNELS = {"triton": TRITON, "cuda": CUDA}
 
 
 def implementation(backend, device, dtype):
-    """The grouped implementation for a backend name: the Triton kernels where that backend resolves to
-    "triton", else the torch implementation (the cuda backend has no grouped kernels)."""
-    return TRITON if resolve(backend, device, dtype).name == "triton" else TORCH
+    """The grouped implementation for a backend name: the kernels of the backend it resolves to ("triton" or
+    "cuda"), else the torch implementation."""
+    return _KERNELS.get(resolve(backend, device, dtype).name, TORCH)
