@@ -4,29 +4,44 @@ One stacked tensor (T, *param_shape) per block, in float32, bfloat16 or float16.
 float32 and stored in the bank's dtype. Saved and loaded as safetensors; every write is atomic. Every bank,
 however it is made or read, holds finite values only.
 
+Quantised banks (dtype=torch.int8, or "int4" / torch.int4) hold a quant.QuantizedBlock per block of two or more
+dimensions: int8 with one float32 absmax scale per output row, or int4 with one per group of `group_size`
+columns (default 128). 1-D blocks (biases, LayerNorm scales, class embeddings: a fraction of a percent of a
+model) stay float32. The relative quantisation error of every block, ‖τ − deq(q(τ))‖ / ‖τ‖ over its T task
+vectors, is measured when the bank is built: `quant_errors`, `quantization_report()`, and logged at INFO.
+
 Buffers are not task vectors: aTLAS composes parameters, and compose() never composes a buffer. from_models
 takes parameters only, and state dicts lose their BatchNorm statistics (running_mean, running_var), unless
 include_buffers=True asks for them.
 """
 import json
+import logging
+import math
 import os
 import tempfile
 
 import torch
 
+from . import quant
 from .checkpoints import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT = "atlas_fast.task_vectors/1"
+QUANT_FORMAT = "atlas_fast.task_vectors/2"   # quantised banks: data and scale tensors, group size, shapes
+SCALE_SUFFIX = "::scale"                     # the file key of a block's scales: its name + this
+_log = logging.getLogger("atlas_fast")
 # Entry names that are BatchNorm statistics (buffers) in any torch state dict.
 BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _dtype_name(dtype):
+    fmt = quant.format_of(dtype)
+    if fmt is not None:
+        return fmt
     for name, d in DTYPES.items():
         if d == dtype:
             return name
-    raise ValueError(f"dtype={dtype}: task vectors are stored as float32, bfloat16 or float16")
+    raise ValueError(f"dtype={dtype}: task vectors are stored as float32, bfloat16, float16, int8 or int4")
 
 
 def _select(state_dict, prefix, source):
@@ -56,36 +71,54 @@ def atomic_write(path, write):
 class TaskVectors:
     """A bank of T task vectors: `tv[name]` is the stacked (T, *shape) tensor of block `name`."""
 
-    def __init__(self, vectors, sources=None, skipped=None, check_finite=True):
-        """vectors: {name: (T, *shape) tensor}. check_finite=False skips the scan for NaN/Inf, for callers that
-        checked every value already."""
+    def __init__(self, vectors, sources=None, skipped=None, check_finite=True, quant_errors=None):
+        """vectors: {name: (T, *shape) tensor or quant.QuantizedBlock}. check_finite=False skips the scan for
+        NaN/Inf, for callers that checked every value already. quant_errors: {name: relative error} of the
+        quantised blocks, as measured when they were quantised."""
         if not vectors:
             raise ValueError("TaskVectors: no blocks")
         T = {v.shape[0] for v in vectors.values()}
         if len(T) != 1:
             raise ValueError(f"TaskVectors: blocks stack different numbers of task vectors {sorted(T)}")
-        dtypes = {v.dtype for v in vectors.values()}
-        if len(dtypes) != 1:
-            raise ValueError(f"TaskVectors: blocks have mixed dtypes {sorted(map(str, dtypes))}")
-        _dtype_name(dtypes.pop())
+        quantized = {k: v for k, v in vectors.items() if quant.is_quantized(v)}
+        self.group_size = None
+        if quantized:
+            kinds = {(v.format, v.group) for v in quantized.values()}
+            if len(kinds) != 1:
+                raise ValueError(f"TaskVectors: quantised blocks of mixed formats and group sizes {sorted(kinds)}")
+            self.format, group = kinds.pop()
+            self.group_size = group or None
+            for k, v in vectors.items():
+                if k not in quantized and v.dtype != torch.float32:
+                    raise ValueError(f"TaskVectors: a quantised bank keeps its unquantised blocks in float32; "
+                                     f"block {k!r} is {v.dtype}")
+        else:
+            dtypes = {v.dtype for v in vectors.values()}
+            if len(dtypes) != 1:
+                raise ValueError(f"TaskVectors: blocks have mixed dtypes {sorted(map(str, dtypes))}")
+            self.format = _dtype_name(dtypes.pop())
         self.vectors = dict(vectors)
         self.num_tasks = T.pop()
         self.sources = list(sources) if sources is not None else [f"task{t}" for t in range(self.num_tasks)]
         if len(self.sources) != self.num_tasks:
             raise ValueError(f"TaskVectors: {len(self.sources)} source names for {self.num_tasks} task vectors")
         self.skipped = dict(skipped or {})
+        self.quant_errors = dict(quant_errors or {})
         if check_finite:
             for name, v in self.vectors.items():
-                _check_finite(v, name, self.sources)
+                _check_finite(v.scale if quant.is_quantized(v) else v, name, self.sources)
 
     # -- construction
 
     @classmethod
     def from_state_dicts(cls, pretrained_sd, finetuned_sds, dtype=torch.float32, prefix=None, sources=None,
-                         include_buffers=False):
+                         include_buffers=False, group_size=None):
         """τ_t = finetuned_sds[t] − pretrained_sd for every floating entry except BatchNorm statistics
         (unless include_buffers=True). The fine-tuned state dicts may be an iterator (e.g. loading one
-        checkpoint at a time): each is read once, into its slot of the bank."""
+        checkpoint at a time): each is read once, into its slot of the bank. dtype torch.int8 or "int4"
+        quantises each difference as it is read (group_size: columns per int4 scale, default 128)."""
+        fmt = quant.format_of(dtype)
+        group = _group_size(fmt, group_size)
         _dtype_name(dtype)
         base = _select(pretrained_sd, prefix, "pretrained")
         skipped = {k: f"not floating ({v.dtype})" for k, v in base.items() if not v.is_floating_point()}
@@ -93,7 +126,7 @@ class TaskVectors:
             skipped.update({k: "BatchNorm statistic: a buffer, not composed (include_buffers=True keeps it)"
                             for k, v in base.items() if k not in skipped and k.rpartition(".")[2] in BATCHNORM_STATS})
         floats = {k: v for k, v in base.items() if k not in skipped}
-        bank, names = {k: [] for k in floats}, []
+        bank, names, errors = {k: [] for k in floats}, [], {}
         for t, sd in enumerate(finetuned_sds):
             source = sources[t] if sources is not None and t < len(sources) else f"finetuned[{t}]"
             sd = _select(sd, prefix, source)
@@ -110,15 +143,27 @@ class TaskVectors:
                 diff = v.to(torch.float32) - v0.to(torch.float32)
                 if not torch.isfinite(diff).all():
                     raise ValueError(f"{source}: parameter {k!r} has non-finite values")
-                bank[k].append(diff.to(dtype))
+                if fmt is not None and quant.quantizable(diff.shape):
+                    block = quant.quantize(diff[None], fmt, group)
+                    parts = quant.squared_error(diff[None], block)
+                    errors[k] = [a + b for a, b in zip(errors.get(k, (0.0, 0.0)), parts)]
+                    bank[k].append(block)
+                else:
+                    bank[k].append(diff.to(torch.float32 if fmt is not None else dtype))
             names.append(source)
         if not names:
             raise ValueError("TaskVectors: the list of fine-tuned models is empty")
-        vectors = {k: torch.stack(v) for k, v in bank.items()}
-        return cls(vectors, sources=names, skipped=skipped, check_finite=dtype != torch.float32)
+        vectors = {k: _stack(v) for k, v in bank.items()}
+        # Only a float16 bank can hold a non-finite value that the float32 difference did not have.
+        tv = cls(vectors, sources=names, skipped=skipped, check_finite=fmt is None and dtype != torch.float32,
+                 quant_errors={k: _relative(*e) for k, e in errors.items()})
+        if fmt is not None:
+            tv._log_quantization()
+        return tv
 
     @classmethod
-    def from_models(cls, pretrained, finetuned, dtype=torch.float32, prefix=None, include_buffers=False):
+    def from_models(cls, pretrained, finetuned, dtype=torch.float32, prefix=None, include_buffers=False,
+                    group_size=None):
         """From modules of one architecture: their parameters, matched by name (and their floating buffers
         with include_buffers=True)."""
         def entries(m):
@@ -129,18 +174,18 @@ class TaskVectors:
         finetuned = list(finetuned)
         return cls.from_state_dicts(entries(pretrained), (entries(m) for m in finetuned), dtype, prefix,
                                     sources=[f"model[{t}]" for t in range(len(finetuned))],
-                                    include_buffers=include_buffers)
+                                    include_buffers=include_buffers, group_size=group_size)
 
     @classmethod
     def from_checkpoints(cls, pretrained_path, finetuned_paths, dtype=torch.float32, prefix=None,
-                         allow_pickle=False, include_buffers=False):
+                         allow_pickle=False, include_buffers=False, group_size=None):
         """From checkpoint files, read one at a time: safetensors, torch state dicts, or (allow_pickle=True)
         pickled modules as the public aTLAS / task-vector checkpoints are, read without their code (a
         wrapper around one model, like their ImageEncoder, gives the wrapped model's names)."""
         paths = [os.fspath(p) for p in finetuned_paths]
         base = read_state_dict(pretrained_path, allow_pickle)
         return cls.from_state_dicts(base, (read_state_dict(p, allow_pickle) for p in paths), dtype, prefix,
-                                    sources=paths, include_buffers=include_buffers)
+                                    sources=paths, include_buffers=include_buffers, group_size=group_size)
 
     # -- access
 
@@ -159,34 +204,104 @@ class TaskVectors:
 
     @property
     def dtype(self):
-        return next(iter(self.vectors.values())).dtype
+        """The storage dtype: torch.float32, bfloat16, float16 or int8, or "int4" (torch has no 4-bit dtype
+        in every version this package supports)."""
+        if self.format == "int4":
+            return "int4"
+        return torch.int8 if self.format == "int8" else DTYPES[self.format]
 
     @property
     def nbytes(self):
-        return sum(v.numel() * v.element_size() for v in self.vectors.values())
+        """Bytes of the stored bank: values, and scales of quantised blocks."""
+        return sum(_nbytes(v) for v in self.vectors.values())
 
-    def to(self, device=None, dtype=None):
-        """A bank on another device or in another storage dtype (float32, bfloat16, float16)."""
-        if dtype is not None:
-            _dtype_name(dtype)
+    def to(self, device=None, dtype=None, group_size=None):
+        """A bank on another device or in another storage dtype: float32, bfloat16 or float16 from any bank (a
+        quantised one is dequantised block by block), int8 or "int4" from a float bank (see quantize)."""
+        target = self.format if dtype is None else _dtype_name(dtype)
+        if target in quant.FORMATS and (target != self.format or group_size not in (None, self.group_size)):
+            return self.quantize(target, group_size, device)
+        if group_size is not None and target not in quant.FORMATS:
+            raise ValueError(f"to(dtype={dtype}): group_size applies to int4 banks only")
+        if target == self.format:
+            return TaskVectors({k: v.to(device) if quant.is_quantized(v) else v.to(device=device)
+                                for k, v in self.vectors.items()}, self.sources, self.skipped, check_finite=False,
+                               quant_errors=self.quant_errors)
         # A narrower dtype can overflow to Inf (float16 above 65504): scan again only then.
-        narrower = dtype is not None and torch.finfo(dtype).max < torch.finfo(self.dtype).max
-        return TaskVectors({k: v.to(device=device, dtype=dtype) for k, v in self.vectors.items()},
-                           self.sources, self.skipped, check_finite=narrower)
+        source = torch.float32 if self.format in quant.FORMATS else self.dtype
+        narrower = torch.finfo(dtype).max < torch.finfo(source).max
+        return TaskVectors({k: (v.dequantize() if quant.is_quantized(v) else v).to(device=device, dtype=dtype)
+                            for k, v in self.vectors.items()}, self.sources, self.skipped, check_finite=narrower)
+
+    def quantize(self, dtype=torch.int8, group_size=None, device=None):
+        """This float bank quantised, block by block: dtype torch.int8 (one absmax scale per output row) or
+        "int4" / torch.int4 (one per group_size columns, default 128). Blocks of one dimension stay float32.
+        The relative error of each block is kept in `quant_errors` and logged (quantization_report())."""
+        fmt = quant.format_of(dtype)
+        if fmt is None:
+            raise ValueError(f"quantize: dtype={dtype}; expected torch.int8 or 'int4'")
+        if self.format in quant.FORMATS:
+            raise ValueError(f"quantize({fmt}): the bank is already {self.format}; quantising it again would add "
+                             f"both errors: quantise the float bank it came from")
+        group = _group_size(fmt, group_size)
+        vectors, errors = {}, {}
+        for k, v in self.vectors.items():
+            v = v.to(device=device)
+            if quant.quantizable(v.shape[1:]):
+                vectors[k] = quant.quantize(v, fmt, group)
+                errors[k] = _relative(*quant.squared_error(v, vectors[k]))
+            else:
+                vectors[k] = v.to(torch.float32)
+        tv = TaskVectors(vectors, self.sources, self.skipped, check_finite=False, quant_errors=errors)
+        tv._log_quantization()
+        return tv
+
+    def quantization_report(self, blocks=None):
+        """The quantisation of this bank in words: format, size against float32, and the relative error
+        ‖τ − deq(q(τ))‖ / ‖τ‖ of each quantised block (the `blocks` worst ones, or all), worst first."""
+        if self.format not in quant.FORMATS:
+            return f"{self.format} bank: not quantised"
+        fp32 = sum(4 * v.numel() for v in self.vectors.values())
+        scales = "one scale per row" if self.format == "int8" else f"one scale per {self.group_size} columns"
+        errs = sorted(self.quant_errors.items(), key=lambda kv: -kv[1])
+        kept = len(self.vectors) - sum(quant.is_quantized(v) for v in self.vectors.values())
+        lines = [f"{self.format} bank ({scales}): {self.nbytes / 2**20:.1f} MiB, {self.nbytes / max(1, fp32):.3f}x "
+                 f"float32; {len(self.vectors) - kept} blocks quantised, {kept} 1-D blocks kept float32"]
+        if errs:
+            values = sorted(e for _, e in errs)
+            lines.append(f"relative error per block: median {values[len(values) // 2]:.4f}, max {errs[0][1]:.4f} "
+                         f"({errs[0][0]})")
+            lines += [f"  {e:.4f}  {k}" for k, e in errs[:blocks]]
+        return "\n".join(lines)
+
+    def _log_quantization(self):
+        _log.info("%s", self.quantization_report(blocks=5))
 
     def __repr__(self):
-        return (f"TaskVectors(T={self.num_tasks}, blocks={len(self.vectors)}, dtype={self.dtype}, "
+        return (f"TaskVectors(T={self.num_tasks}, blocks={len(self.vectors)}, dtype={self.format}, "
                 f"{self.nbytes / 2**20:.1f} MiB)")
 
     # -- storage
 
     def save(self, path):
-        """Write the bank as safetensors (atomic: a temporary file renamed into place)."""
+        """Write the bank as safetensors (atomic: a temporary file renamed into place). A quantised block is
+        two entries, its data under its name and its scales under name + "::scale"."""
         from safetensors.torch import save_file
-        meta = {"format": FORMAT, "names": json.dumps(self.names), "num_tasks": str(self.num_tasks),
-                "dtype": _dtype_name(self.dtype), "sources": json.dumps(self.sources),
+        quantized = {k: v for k, v in self.vectors.items() if quant.is_quantized(v)}
+        meta = {"format": QUANT_FORMAT if quantized else FORMAT, "names": json.dumps(self.names),
+                "num_tasks": str(self.num_tasks), "dtype": self.format, "sources": json.dumps(self.sources),
                 "skipped": json.dumps(self.skipped)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.vectors.items()}
+        tensors = {}
+        for k, v in self.vectors.items():
+            if k in quantized:
+                if k + SCALE_SUFFIX in self.vectors:
+                    raise ValueError(f"save: block {k + SCALE_SUFFIX!r} collides with the scales of block {k!r}")
+                tensors[k], tensors[k + SCALE_SUFFIX] = v.data.cpu().contiguous(), v.scale.cpu().contiguous()
+            else:
+                tensors[k] = v.detach().cpu().contiguous()
+        if quantized:
+            meta.update(group_size=str(self.group_size or 0), quant_errors=json.dumps(self.quant_errors),
+                        shapes=json.dumps({k: list(v.shape) for k, v in quantized.items()}))
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -198,18 +313,60 @@ class TaskVectors:
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
+                if meta.get("format") not in (FORMAT, QUANT_FORMAT):
                     raise ValueError(f"{path}: not an atlas_fast task-vector file (format={meta.get('format')!r})")
                 names = json.loads(meta["names"])
-                vectors = {k: f.get_tensor(k) for k in names}
+                shapes = json.loads(meta.get("shapes", "{}"))
+                group = int(meta.get("group_size", "0"))
+                vectors = {}
+                for k in names:
+                    if k in shapes:
+                        vectors[k] = _read_block(path, k, f.get_tensor(k), f.get_tensor(k + SCALE_SUFFIX), group,
+                                                 shapes[k])
+                    else:
+                        vectors[k] = f.get_tensor(k)
         except ValueError:
             raise
         except Exception as e:
             raise ValueError(f"{path}: unreadable or truncated task-vector file ({e})") from e
-        tv = cls(vectors, sources=json.loads(meta["sources"]), skipped=json.loads(meta.get("skipped", "{}")))
-        if tv.num_tasks != int(meta["num_tasks"]) or _dtype_name(tv.dtype) != meta["dtype"]:
+        tv = cls(vectors, sources=json.loads(meta["sources"]), skipped=json.loads(meta.get("skipped", "{}")),
+                 quant_errors=json.loads(meta.get("quant_errors", "{}")))
+        if tv.num_tasks != int(meta["num_tasks"]) or tv.format != meta["dtype"]:
             raise ValueError(f"{path}: contents disagree with its metadata (T, dtype)")
         return tv
+
+
+def _read_block(path, name, data, scale, group, shape):
+    try:
+        return quant.QuantizedBlock(data, scale, group, shape)
+    except ValueError as e:
+        raise ValueError(f"{path}: block {name!r}: {e}") from e
+
+
+def _group_size(fmt, group_size):
+    """The int4 group size to use (default quant.DEFAULT_GROUP); refused for formats without groups."""
+    if fmt == "int4":
+        return quant.DEFAULT_GROUP if group_size is None else group_size
+    if group_size is not None:
+        raise ValueError(f"group_size={group_size}: only int4 banks have groups (int8 has one scale per row)")
+    return None
+
+
+def _stack(parts):
+    """The (T, *shape) stack of one block's per-task tensors or (1, *shape) QuantizedBlocks."""
+    if not quant.is_quantized(parts[0]):
+        return torch.stack(parts)
+    shape = (len(parts), *parts[0].shape[1:])
+    return quant.QuantizedBlock(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
+                                parts[0].group, shape)
+
+
+def _relative(err_sq, ref_sq):
+    return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0
+
+
+def _nbytes(v):
+    return v.nbytes if quant.is_quantized(v) else v.numel() * v.element_size()
 
 
 def _check_finite(v, name, sources):
