@@ -270,11 +270,61 @@ def _run_merge(args):
     return 0
 
 
+def _add_select(sub):
+    import os
+    p = sub.add_parser("select", help="keep the b most informative task vectors of each block as a bank of b",
+                       description="Scores every (task vector, block) by |dL/dc| at θ0 (cross-entropy over a few "
+                                   "labelled batches of --data), keeps the --keep best task vectors of each block "
+                                   "as a bank of --keep mixed task vectors, and writes it to --out with its record "
+                                   "(which task vector each slot of each block holds, and the scores) beside it as "
+                                   "<name>.selection.json. --method random chooses at random, for comparison, and "
+                                   "reads no data.")
+    _model_options(p)
+    _data_options(p)
+    p.add_argument("--keep", type=int, required=True, help="task vectors kept per block (1 <= keep <= T)")
+    p.add_argument("--method", default="gradient", choices=("gradient", "random"))
+    p.add_argument("--shots", type=int, help="labelled images per class, as for adapt with the same --seed "
+                                             "(default: all)")
+    p.add_argument("--batches", type=int, default=4, help="labelled batches the scores are taken over (4)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--head", default="zeroshot", choices=("zeroshot", "linear"),
+                   help="zero-shot head from the text tower, or a linear probe fitted on θ0's features")
+    p.add_argument("--heads", help="heads.pt of an adapt run, instead of --head")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shots and batches, or of the random choice")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--out", required=True, help="output bank file (.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_select, parser=p)
+
+
+def _run_select(args):
+    from .adapt import select_blocks, selection_path
+    try:
+        sel = select_blocks(args.model, args.bank, args.data, keep=args.keep, method=args.method, out=args.out,
+                            pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
+                            shots=args.shots, batches=args.batches, batch_size=args.batch_size, head=args.head,
+                            heads=args.heads, seed=args.seed, backend=args.backend, device=args.device,
+                            val_fraction=args.val_fraction, amp=args.amp, workers=args.workers,
+                            progress=not args.no_progress)
+    except _user_errors() as e:
+        _fail(args, e)
+    blocks = len(sel.record["blocks"])
+    first = "the best task vector" if args.method == "gradient" else "the first random pick"
+    print(f"{args.method} selection: {args.keep} of {len(sel.record['sources'])} task vectors in each of {blocks} "
+          f"blocks; slot 0 holds {first}:")
+    for t in sel.record["tasks"]:
+        kept = f", kept in {t['kept_blocks']}" if args.keep > 1 else ""
+        print(f"  {t['source']}: slot 0 in {t['slot0_blocks']} blocks{kept}")
+    print(f"wrote {args.out} and {selection_path(args.out)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="atlas-fast", description="aTLAS task-vector composition, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
-    for add in (_add_bank, _add_adapt, _add_eval, _add_merge):
+    for add in (_add_bank, _add_adapt, _add_eval, _add_merge, _add_select):
         add(sub)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -7,6 +7,8 @@ minimisation, unsupervised FixMatch (UFM) and task negation, with zero-shot or l
              coefficients="runs/cars/coefficients.safetensors")
     merge("ViT-B-32", "bank.safetensors", "runs/cars/coefficients.safetensors", "cars.pt",
           pretrained="zeroshot.pt")
+    select_blocks("ViT-B-32", "bank.safetensors", "data/cars", keep=2, pretrained="zeroshot.pt", shots=16,
+                  out="bank_cars_b2.safetensors")     # the 2 best task vectors of each block, by |dL/dc| at θ0
 """
 import sys
 
@@ -16,10 +18,12 @@ from .data import DataError
 from .heads import Classifier, LinearHead, ZeroShotHead, fit_linear_probe, zero_shot_head
 from .loop import Task, TrainConfig, train
 from .models import ModelSpecError
+from .select import Selection, save_selection, select_blocks, selection_path
 
 __all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "compose_from_file",
            "AdaptResult", "BankMismatchError", "DataError", "ModelSpecError", "Classifier", "LinearHead",
-           "ZeroShotHead", "fit_linear_probe", "zero_shot_head", "Task", "TrainConfig", "train"]
+           "ZeroShotHead", "fit_linear_probe", "zero_shot_head", "Task", "TrainConfig", "train", "select_blocks",
+           "save_selection", "selection_path", "Selection"]
 
 
 class _CallableModule(type(sys)):
