@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_help_lists_the_subcommands():
     out = subprocess.run([sys.executable, "-m", "atlas_fast", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("bank", "adapt", "eval", "merge"):
+    for cmd in ("bank", "adapt", "eval", "merge", "select"):
         assert cmd in out.stdout
 
 
