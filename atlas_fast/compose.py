@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import quant
 from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
 from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients, _AtlasBlocks
@@ -87,7 +88,7 @@ class GenericBlocks(nn.Module):
         super().__init__()
         self.entries = [(owner, attr, b) for _, owner, attr, b, _ in entries]
         for i, (name, *_) in enumerate(entries):
-            self.register_buffer(f"tau_{i}", bank[name], persistent=False)
+            quant.register_tau(self, f"tau_{i}", bank[name])
         # Each block is merged by its trigger's hooks when the trigger runs outside the composed model.
         self.triggers = []                                   # [(trigger module, block indices)]
         for i, (*_, trigger) in enumerate(entries):
@@ -104,13 +105,17 @@ class GenericBlocks(nn.Module):
         """Put θ0 + Σ c τ on the owners of these blocks, remembering θ0 to put back."""
         atlas = self.atlas_coefficients()
         theta0 = [self.entries[i][0]._parameters[self.entries[i][1]] for i in indices]
-        merged = merge_blocks(theta0, [getattr(self, f"tau_{i}") for i in indices],
+        merged = merge_blocks(theta0, [quant.get_tau(self, f"tau_{i}") for i in indices],
                               atlas.blocks([self.entries[i][2] for i in indices]),
                               [atlas.keys[self.entries[i][2]] for i in indices], atlas.backend)
         self._lent[slot] = [(self.entries[i][0], self.entries[i][1], p0) for i, p0 in zip(indices, theta0)]
         for i, m in zip(indices, merged):
             owner, attr, _ = self.entries[i]
             owner._parameters[attr] = m
+
+    def _apply(self, fn, recurse=True):
+        # The scales of quantised task vectors stay float32 through .half() / .bfloat16().
+        return quant.apply_keeping_scales(self, lambda f: super(GenericBlocks, self)._apply(f, recurse), fn)
 
     def give_back(self, slot):
         for owner, attr, p0 in self._lent.pop(slot, ()):
@@ -252,7 +257,11 @@ class AtlasModel(nn.Module):
         outputs and gradients are those of a model composed with its group's coefficients alone. Only a call of
         this AtlasModel is grouped, not a call of a submodule or of the wrapped model. Each sample runs as a
         batch of one: dropout draws per sample; statistics over the batch (BatchNorm in training mode) cannot
-        be grouped."""
+        be grouped. Not available with int8 or int4 task vectors (NotImplementedError)."""
+        fmt = self.atlas.bank_format
+        if fmt is not None:
+            raise NotImplementedError(f"groups: grouped compositions do not dequantise {fmt} task vectors yet; "
+                                      f"compose a float bank (task_vectors.to(dtype=torch.bfloat16)) to group")
         shape = tuple(self.coefficients.shape)
         if not isinstance(coefficients, torch.Tensor) or coefficients.dim() != len(shape) + 1 \
                 or tuple(coefficients.shape[1:]) != shape:
@@ -337,7 +346,7 @@ class AtlasModel(nn.Module):
 
     @backend.setter
     def backend(self, name):
-        _check_backend(name, self.coefficients.device)
+        _check_backend(name, self.coefficients.device, self.atlas.bank_format)
         self.atlas.backend = name
 
     @property
@@ -363,8 +372,7 @@ class AtlasModel(nn.Module):
     def _theta0_and_tau(self):
         """(name, θ0, τ) per block, in block order."""
         generic = self.atlas.generic
-        return [(name, self.model.get_parameter(name),
-                 (generic if in_generic else self.model).get_buffer(path))
+        return [(name, self.model.get_parameter(name), _tau_at(generic if in_generic else self.model, path))
                 for name, (in_generic, path) in ((n, self._tau_paths[n]) for n in self.block_names)]
 
     @torch.no_grad()
@@ -427,7 +435,7 @@ class AtlasModel(nn.Module):
         sq = torch.zeros(T, dtype=torch.float64)
         total = torch.zeros(T, dtype=torch.float64)
         for _, _, tau in self._theta0_and_tau():
-            flat = tau.reshape(T, -1)
+            flat = (tau.dequantize(torch.float64) if quant.is_quantized(tau) else tau).reshape(T, -1)
             sq += flat.double().pow(2).sum(1).cpu()
             total += flat.double().sum(1).cpu()
         return [[float(n), float(s)] for n, s in zip(sq.sqrt(), total)]
@@ -505,11 +513,18 @@ def _uninstall(root):
     root.__class__ = type(root).__mro__[2]
 
 
-def _check_backend(backend, device):
-    """Raise now, not at the first forward, if `backend` cannot run on `device`."""
+def _tau_at(root, path):
+    """The task vectors (tensor or QuantizedBlock) registered under the buffer path `path` of `root`."""
+    owner, _, name = path.rpartition(".")
+    return quant.get_tau(root.get_submodule(owner) if owner else root, name)
+
+
+def _check_backend(backend, device, bank_format=None):
+    """Raise now, not at the first forward, if `backend` cannot run on `device` with this bank (the format of a
+    quantised bank: a backend that does not dequantise it raises NotImplementedError)."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS + ('auto',)}")
-    resolve(backend, device, torch.float32)
+    resolve(backend, device, torch.float32, bank=bank_format)
 
 
 def _check_not_composed(model):
@@ -557,11 +572,14 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     model's (compose(clip.visual, bank_of_clip, prefix="visual.")); bank entries outside it are ignored.
     check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
     Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
+    An int8 or int4 bank runs on the torch and triton backends, dequantised inside each merge and reduction;
+    backend="cuda" and grouped calls raise NotImplementedError for it.
     """
     _check_not_composed(model)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    _check_backend(backend, device)
+    bank_format = task_vectors.format if task_vectors.format in quant.FORMATS else None
+    _check_backend(backend, device, bank_format)
     buffers = dict(model.named_buffers())
     bank_names = task_vectors.names
     if prefix:
@@ -601,6 +619,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     coefs.to(device)
     coefs.check_finite = bool(check_finite)
     coefs.block_names = list(names)
+    coefs.bank_format = bank_format
     requires_grad = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():
         p.requires_grad_(False)

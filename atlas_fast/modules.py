@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import quant
 from .hashing import block_key
 from . import ops_grouped  # noqa: F401  (registers the grouped ops the modules call in a grouped forward)
 from .ops import _autocast, atlas_conv2d, atlas_linear
@@ -48,6 +49,8 @@ class AtlasCoefficients(nn.Module):
         self.check_finite = True
 
     grouped = None
+    # "int8" or "int4" when compose() was given a quantised bank (grouped calls refuse it), else None.
+    bank_format = None
 
     def check_finite_values(self):
         """Raise if an optimizer step left NaN or Inf in c: one sync on this small tensor, skipped while
@@ -121,7 +124,11 @@ class _AtlasBlocks(nn.Module):
         object.__setattr__(self, "atlas", coefs)
         self.blocks = dict(blocks)
         for attr, (_, name) in self.blocks.items():
-            self.register_buffer(f"tau_{attr}", bank[name], persistent=False)
+            quant.register_tau(self, f"tau_{attr}", bank[name])
+
+    def _apply(self, fn, recurse=True):
+        # The scales of quantised task vectors stay float32 through .half() / .bfloat16().
+        return quant.apply_keeping_scales(self, lambda f: super(_AtlasBlocks, self)._apply(f, recurse), fn)
 
     def _block_args(self, attr):
         """(tau, coef, key) of this module's parameter `attr`, or (None, None, 0) if it is not composed."""
@@ -129,7 +136,7 @@ class _AtlasBlocks(nn.Module):
             return None, None, 0
         b = self.blocks[attr][0]
         coef = self.atlas.block(b) if self.atlas.grouped is None else self.atlas.group_block(b)
-        return getattr(self, f"tau_{attr}"), coef, self.atlas.keys[b]
+        return quant.get_tau(self, f"tau_{attr}"), coef, self.atlas.keys[b]
 
     def _linear(self, x, w, b, tw, tb, cw, cb, kw, kb):
         """atlas_linear, or in a grouped call the grouped op with the group index of x's samples (the

@@ -9,12 +9,18 @@ Backward math, for one block with weight gradient G (never needed as a whole by 
     dc[t, k] = Σ_{i : k(i) = k} τ_t[i] G[i]   with G = dyᵀx for a linear weight, Σ_n dy_n for a bias
 θ0 and τ are frozen: the ops give gradients for the input and the coefficients only.
 The `backend` argument ("torch", "triton", "cuda", "auto") picks the implementation at run time.
+
+Quantised weights (atlas_fast.quant): the functional entry points take a QuantizedBlock wherever a weight's
+task vectors go; the ops receive its data as tau_w with scale_w and group_w (int4's columns per scale), and
+hand the backend the QuantizedBlock again. Bias task vectors are 1-D and always float. Lists of blocks with
+quantised ones go through atlas_fast::merge_blocks_quant (a list of optional scales has no default in a schema).
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import quant
 from .backends import resolve
 
 _EMPTY = (0,)
@@ -24,49 +30,69 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
 
+def _tau(tau: Tensor, scale: Optional[Tensor], group: int, theta0: Tensor):
+    """The task vectors a backend receives: the tensor itself, or the QuantizedBlock of (data, scale)."""
+    return tau if scale is None else quant.QuantizedBlock(tau, scale, group, (tau.shape[0], *theta0.shape))
+
+
+def _backend(name: str, device, dtype, taus):
+    """resolve() for these task vectors: quantised ones need a backend that dequantises their format."""
+    formats = {t.format for t in taus if quant.is_quantized(t)}
+    return resolve(name, device, dtype, bank=formats.pop() if formats else None)
+
+
+def _unpack(tau):
+    """(data, scale, group) of a weight's task vectors for the op's arguments."""
+    return (tau.data, tau.scale, tau.group) if quant.is_quantized(tau) else (tau, None, 0)
+
+
 # ---------------------------------------------------------------- linear
 
 @torch.library.custom_op("atlas_fast::atlas_linear", mutates_args=())
 def _atlas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor, tau_b: Optional[Tensor],
-            coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int, backend: str) -> Tensor:
-    return resolve(backend, x.device, coef_w.dtype).atlas_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
+            coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int, backend: str,
+            scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    return _backend(backend, x.device, coef_w.dtype, [tau]).atlas_linear(x, weight, bias, tau, tau_b, coef_w, coef_b,
+                                                                         key_w, key_b)
 
 
 @_atlas_linear.register_fake
-def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend):
+def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend, scale_w=None, group_w=0):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("atlas_fast::atlas_linear_backward", mutates_args=())
 def _atlas_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, tau_w: Tensor, tau_b: Optional[Tensor],
                      coef_w: Tensor, key_w: int, key_b: int, needs_input_grad: bool,
-                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dcw, dcb = resolve(backend, x.device, coef_w.dtype).atlas_linear_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w,
-                                                              key_b, needs_input_grad)
+                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    dx, dcw, dcb = _backend(backend, x.device, coef_w.dtype, [tau]).atlas_linear_backward(
+        grad_out, x, weight, tau, tau_b, coef_w, key_w, key_b, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
 @_atlas_linear_backward.register_fake
-def _(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, backend):
+def _(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, backend, scale_w=None, group_w=0):
     dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
     dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
     return dx, torch.empty_like(coef_w), dcb
 
 
 def _atlas_linear_setup(ctx, inputs, output):
-    x, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, backend = inputs
-    ctx.save_for_backward(x, weight, tau_w, tau_b, coef_w)
-    ctx.extra = (key_w, key_b, backend)
+    x, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, backend, scale_w, group_w = inputs
+    ctx.save_for_backward(x, weight, tau_w, tau_b, coef_w, scale_w)
+    ctx.extra = (key_w, key_b, backend, group_w)
 
 
 def _atlas_linear_grad(ctx, grad):
-    x, weight, tau_w, tau_b, coef_w = ctx.saved_tensors
-    key_w, key_b, backend = ctx.extra
+    x, weight, tau_w, tau_b, coef_w, scale_w = ctx.saved_tensors
+    key_w, key_b, backend, group_w = ctx.extra
     need = ctx.needs_input_grad
     dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_backward(grad, x, weight, tau_w, tau_b, coef_w, key_w, key_b,
-                                                        need[0], backend)
+                                                        need[0], backend, scale_w, group_w)
     return (dx if need[0] else None, None, None, None, None, dcw if need[5] else None,
-            dcb if need[6] and tau_b is not None else None, None, None, None)
+            dcb if need[6] and tau_b is not None else None, None, None, None, None, None)
 
 
 _atlas_linear.register_autograd(_atlas_linear_grad, setup_context=_atlas_linear_setup)
@@ -77,9 +103,12 @@ _atlas_linear.register_autograd(_atlas_linear_grad, setup_context=_atlas_linear_
 @torch.library.custom_op("atlas_fast::atlas_conv2d", mutates_args=())
 def _atlas_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor, tau_b: Optional[Tensor],
             coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int, stride: List[int],
-            padding: List[int], dilation: List[int], groups: int, backend: str) -> Tensor:
+            padding: List[int], dilation: List[int], groups: int, backend: str,
+            scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    return resolve(backend, x.device, coef_w.dtype).atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    return _backend(backend, x.device, coef_w.dtype, [tau]).atlas_conv2d(x, weight, bias, tau, tau_b, coef_w, coef_b,
+                                                                         key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):
@@ -87,7 +116,8 @@ def _conv_out_size(size, k, s, p, d):
 
 
 @_atlas_conv2d.register_fake
-def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding, dilation, groups, backend):
+def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding, dilation, groups, backend,
+      scale_w=None, group_w=0):
     h, w = (_conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in (0, 1))
     return x.new_empty((x.shape[0], weight.shape[0], h, w))
 
@@ -96,35 +126,38 @@ def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, paddi
 def _atlas_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, tau_w: Tensor, tau_b: Optional[Tensor],
                      coef_w: Tensor, key_w: int, key_b: int, stride: List[int], padding: List[int],
                      dilation: List[int], groups: int, needs_input_grad: bool,
-                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    dx, dcw, dcb = resolve(backend, x.device, coef_w.dtype).atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w,
-                                                              key_b, conv, needs_input_grad)
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    dx, dcw, dcb = _backend(backend, x.device, coef_w.dtype, [tau]).atlas_conv2d_backward(
+        grad_out, x, weight, tau, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
 @_atlas_conv2d_backward.register_fake
 def _(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, padding, dilation, groups,
-      needs_input_grad, backend):
+      needs_input_grad, backend, scale_w=None, group_w=0):
     dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
     dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
     return dx, torch.empty_like(coef_w), dcb
 
 
 def _atlas_conv2d_setup(ctx, inputs, output):
-    x, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, stride, padding, dilation, groups, backend = inputs
-    ctx.save_for_backward(x, weight, tau_w, tau_b, coef_w)
-    ctx.extra = (key_w, key_b, stride, padding, dilation, groups, backend)
+    (x, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, stride, padding, dilation, groups, backend, scale_w,
+     group_w) = inputs
+    ctx.save_for_backward(x, weight, tau_w, tau_b, coef_w, scale_w)
+    ctx.extra = (key_w, key_b, stride, padding, dilation, groups, backend, group_w)
 
 
 def _atlas_conv2d_grad(ctx, grad):
-    x, weight, tau_w, tau_b, coef_w = ctx.saved_tensors
-    key_w, key_b, stride, padding, dilation, groups, backend = ctx.extra
+    x, weight, tau_w, tau_b, coef_w, scale_w = ctx.saved_tensors
+    key_w, key_b, stride, padding, dilation, groups, backend, group_w = ctx.extra
     need = ctx.needs_input_grad
     dx, dcw, dcb = torch.ops.atlas_fast.atlas_conv2d_backward(grad, x, weight, tau_w, tau_b, coef_w, key_w, key_b,
-                                                        stride, padding, dilation, groups, need[0], backend)
+                                                        stride, padding, dilation, groups, need[0], backend,
+                                                        scale_w, group_w)
     return (dx if need[0] else None, None, None, None, None, dcw if need[5] else None,
-            dcb if need[6] and tau_b is not None else None) + (None,) * 7
+            dcb if need[6] and tau_b is not None else None) + (None,) * 9
 
 
 _atlas_conv2d.register_autograd(_atlas_conv2d_grad, setup_context=_atlas_conv2d_setup)
@@ -170,6 +203,55 @@ def _merge_grad(ctx, grads):
 _merge_blocks.register_autograd(_merge_grad, setup_context=_merge_setup)
 
 
+def _taus(theta0, tau, scales, groups):
+    return [_tau(t, s, g, t0) for t0, t, s, g in zip(theta0, tau, scales, groups)]
+
+
+@torch.library.custom_op("atlas_fast::merge_blocks_quant", mutates_args=())
+def _merge_blocks_quant(theta0: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]], groups: List[int],
+                        coef: Tensor, keys: List[int], backend: str) -> List[Tensor]:
+    taus = _taus(theta0, tau, scales, groups)
+    return _backend(backend, coef.device, coef.dtype, taus).merge_blocks(theta0, taus, coef, keys)
+
+
+@_merge_blocks_quant.register_fake
+def _(theta0, tau, scales, groups, coef, keys, backend):
+    return [torch.empty_like(t) for t in theta0]
+
+
+@torch.library.custom_op("atlas_fast::merge_blocks_quant_backward", mutates_args=())
+def _merge_blocks_quant_backward(grads: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]],
+                                 groups: List[int], keys: List[int], partitions: int, backend: str) -> Tensor:
+    taus = _taus(grads, tau, scales, groups)   # each gradient has its θ0's shape
+    return _backend(backend, tau[0].device, grads[0].dtype, taus).merge_blocks_backward(grads, taus, keys, partitions)
+
+
+@_merge_blocks_quant_backward.register_fake
+def _(grads, tau, scales, groups, keys, partitions, backend):
+    return tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
+
+
+def _merge_quant_setup(ctx, inputs, output):
+    _, tau, scales, groups, coef, keys, backend = inputs
+    ctx.quantized = [s is not None for s in scales]
+    ctx.save_for_backward(*tau, *[s for s in scales if s is not None])
+    ctx.extra = (groups, keys, coef.shape[2], backend)
+
+
+def _merge_quant_grad(ctx, grads):
+    groups, keys, partitions, backend = ctx.extra
+    saved = list(ctx.saved_tensors)
+    tau, rest = saved[:len(groups)], iter(saved[len(groups):])
+    scales = [next(rest) if q else None for q in ctx.quantized]
+    dc = torch.ops.atlas_fast.merge_blocks_quant_backward(list(grads), tau, scales, groups, keys, partitions, backend)
+    # torch.library matches this structure to the inputs' pytree, where a list holding a None is one leaf.
+    no_scales = None if None in scales else [None] * len(scales)
+    return [None] * len(tau), [None] * len(tau), no_scales, None, dc, None, None
+
+
+_merge_blocks_quant.register_autograd(_merge_quant_grad, setup_context=_merge_quant_setup)
+
+
 # ---------------------------------------------------------------- functional entry points
 
 def _autocast(x: Tensor) -> Tensor:
@@ -187,8 +269,9 @@ def _check_block(what: str, theta0: Tensor, tau: Tensor, coef: Tensor):
         raise ValueError(f"{what}: coefficients of shape {tuple(coef.shape)}, expected (T={tau.shape[0]}, K)")
     if coef.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{what}: coefficients must be float32 (float64 for gradcheck), got {coef.dtype}")
-    if tau.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16, got {tau.dtype}")
+    if not quant.is_quantized(tau) and tau.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16 (int8 and int4 as a "
+                         f"quant.QuantizedBlock), got {tau.dtype}")
     if theta0.requires_grad or tau.requires_grad:
         raise ValueError(f"{what}: θ0 and the task vectors are frozen; only the coefficients take gradients")
     if not (theta0.device == tau.device == coef.device):
@@ -204,6 +287,8 @@ def _check_bias(bias, tau_b, coef_b, coef_w, check_block=_check_block):
         return
     if bias is None or coef_b is None:
         raise ValueError("bias: tau_b needs both bias and coef_b")
+    if quant.is_quantized(tau_b):
+        raise ValueError("bias: task vectors of a bias are 1-D and stay float (only weights are quantised)")
     check_block("bias", bias, tau_b, coef_b)
     if coef_b.shape != coef_w.shape:
         raise ValueError(f"bias: coef_b of shape {tuple(coef_b.shape)} differs from coef_w {tuple(coef_w.shape)}")
@@ -215,8 +300,9 @@ def atlas_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
     _check_bias(bias, tau_b, coef_b, coef_w)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    return torch.ops.atlas_fast.atlas_linear(_autocast(x), weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b,
-                                       backend)
+    data, scale, group = _unpack(tau_w)
+    return torch.ops.atlas_fast.atlas_linear(_autocast(x), weight, bias, data, tau_b, coef_w, coef_b, key_w, key_b,
+                                       backend, scale, group)
 
 
 def atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, key_b=0, stride=(1, 1),
@@ -227,15 +313,21 @@ def atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
     if weight.dim() != 4 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
-    return torch.ops.atlas_fast.atlas_conv2d(_autocast(x), weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b,
-                                       list(stride), list(padding), list(dilation), groups, backend)
+    data, scale, group = _unpack(tau_w)
+    return torch.ops.atlas_fast.atlas_conv2d(_autocast(x), weight, bias, data, tau_b, coef_w, coef_b, key_w, key_b,
+                                       list(stride), list(padding), list(dilation), groups, backend, scale, group)
 
 
 def merge_blocks(theta0, tau, coef, keys, backend="auto"):
-    """[θ0_b + Σ_t coef[t, b, k] τ_b,t] for lists of blocks; coef (T, B, K) float32."""
+    """[θ0_b + Σ_t coef[t, b, k] τ_b,t] for lists of blocks; coef (T, B, K) float32. A block's task vectors may
+    be a quant.QuantizedBlock."""
     if not (len(theta0) == len(tau) == len(keys) == coef.shape[1]):
         raise ValueError(f"merge_blocks: {len(theta0)} blocks, {len(tau)} task-vector stacks, {len(keys)} keys, "
                          f"coefficients for {coef.shape[1]}")
     for b, (t0, tv) in enumerate(zip(theta0, tau)):
         _check_block(f"block {b}", t0, tv, coef[:, b])
-    return torch.ops.atlas_fast.merge_blocks(list(theta0), list(tau), coef, list(keys), backend)
+    if not any(quant.is_quantized(t) for t in tau):
+        return torch.ops.atlas_fast.merge_blocks(list(theta0), list(tau), coef, list(keys), backend)
+    data, scales, groups = zip(*map(_unpack, tau))
+    return torch.ops.atlas_fast.merge_blocks_quant(list(theta0), list(data), list(scales), list(groups), coef,
+                                                   list(keys), backend)

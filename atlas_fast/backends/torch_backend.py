@@ -10,11 +10,16 @@ Half-precision banks are upcast one chunk at a time into a reused buffer, never 
 partitions (K > 1) a chunk merges as D = cᵀτ (K, n), keeping D[k(i), i], and reduces as τ · (g ⊙ onehot(k))ᵀ
 (T, K): no per-task gather, and the partition index k(i) is hashed once per block and cached as uint8
 (hashing.cached_partition_index).
+
+Quantised banks (quant.QuantizedBlock, int8 or int4) go through the same walk: each chunk, a whole number of
+rows, is dequantised into the reused buffer (QuantizedBlock.dequantize_rows) where a half-precision chunk is
+upcast, so the merge and the reduction read the int8/int4 bank and never a dequantised copy of a layer.
 """
 import torch
 import torch.nn.functional as F
 
 from ..hashing import cached_partition_index
+from ..quant import is_quantized
 from .base import Backend
 
 # Bytes of one chunk of the bank in the compute dtype. Large enough that a chunk costs a handful of BLAS calls
@@ -24,16 +29,26 @@ from .base import Backend
 CHUNK_BYTES = 16 << 20
 
 
+def _flat(tau):
+    """τ as (T, numel) rows of flat elements: a view of a tensor; a QuantizedBlock as it is (_walk reads it)."""
+    return tau if is_quantized(tau) else tau.reshape(tau.shape[0], -1)
+
+
 def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None):
-    """One pass over taus (T, numel), chunk by chunk: merged += Σ_t coef[t, k(i)] τ_t[i] when merged is given;
-    dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i] when g is given. merged, dc are in dtype acc; g in any float dtype.
-    Work buffers are allocated once per call and reused by every chunk: a fresh multi-megabyte tensor per chunk
-    would be faulted in page by page and cost more than the arithmetic."""
-    T, numel = taus.shape
+    """One pass over taus (T, numel) (a tensor, or a QuantizedBlock dequantised a chunk at a time), chunk by
+    chunk: merged += Σ_t coef[t, k(i)] τ_t[i] when merged is given; dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i] when
+    g is given. merged, dc are in dtype acc; g in any float dtype. Work buffers are allocated once per call and
+    reused by every chunk: a fresh multi-megabyte tensor per chunk would be faulted in page by page and cost
+    more than the arithmetic."""
+    T, numel = taus.shape[0], taus.numel() // max(1, taus.shape[0])
     K = (coef if coef is not None else dc).shape[1]
     n = min(numel, max(1, CHUNK_BYTES // (T * torch.finfo(acc).bits // 8)))
+    quantized = is_quantized(taus)
+    if quantized:  # whole rows: each row has its scales
+        cols = taus.cols
+        n = min(numel, max(cols, n // cols * cols))
     device = taus.device
-    upcast = None if taus.dtype == acc else torch.empty(T, n, dtype=acc, device=device)
+    upcast = None if not quantized and taus.dtype == acc else torch.empty(T, n, dtype=acc, device=device)
     if K > 1:
         part = cached_partition_index(numel, key, K, device)
         positions = torch.arange(n, device=device)
@@ -41,7 +56,10 @@ def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None):
         work = torch.empty(K * n, dtype=acc, device=device)
     for s in range(0, numel, n):
         e = min(s + n, numel)
-        tc = taus[:, s:e] if upcast is None else upcast[:, :e - s].copy_(taus[:, s:e])
+        if quantized:
+            tc = taus.dequantize_rows(s // cols, e // cols, upcast[:, :e - s])
+        else:
+            tc = taus[:, s:e] if upcast is None else upcast[:, :e - s].copy_(taus[:, s:e])
         if K > 1:
             m = e - s
             # k(i)·m + i: where element i's own entry sits in a row-major (K, m) matrix
@@ -66,8 +84,8 @@ def merge_block(theta0, tau, coef, key):
     """θ0 + Σ_t c[t, k(i)] τ_t[i] as a new tensor shaped like θ0, in coef's dtype (float32; float64 for
     gradcheck). coef: (T, K)."""
     T, K = coef.shape
-    taus = tau.reshape(T, -1)
-    if K == 1 and taus.dtype == coef.dtype:  # one BLAS call reads the bank once
+    taus = _flat(tau)
+    if K == 1 and not is_quantized(taus) and taus.dtype == coef.dtype:  # one BLAS call reads the bank once
         return torch.addmv(theta0.reshape(-1).to(coef.dtype), taus.t(), coef[:, 0]).view(theta0.shape)
     merged = theta0.reshape(-1).to(coef.dtype, copy=True)
     _walk(taus, key, coef.dtype, coef=coef, merged=merged)
@@ -77,9 +95,9 @@ def merge_block(theta0, tau, coef, key):
 def reduce_block(tau, g, key, partitions, acc=torch.float32):
     """dc (T, K) in dtype acc: dc[t, k] = Σ_{i : k(i) = k} τ_t[i] g[i]."""
     T = tau.shape[0]
-    taus = tau.reshape(T, -1)
+    taus = _flat(tau)
     g = g.reshape(-1)
-    if partitions == 1 and taus.dtype == acc == g.dtype:
+    if partitions == 1 and not is_quantized(taus) and taus.dtype == acc == g.dtype:
         return torch.mv(taus, g).unsqueeze(1)
     dc = torch.zeros(T, partitions, dtype=acc, device=g.device)
     _walk(taus, key, acc, g=g, dc=dc)
@@ -91,7 +109,7 @@ def merge_and_reduce(theta0, tau, coef, key, g):
     T, K = coef.shape
     merged = theta0.reshape(-1).to(coef.dtype, copy=True)
     dc = torch.zeros(T, K, dtype=coef.dtype, device=merged.device)
-    _walk(tau.reshape(T, -1), key, coef.dtype, coef=coef, merged=merged, g=g.reshape(-1), dc=dc)
+    _walk(_flat(tau), key, coef.dtype, coef=coef, merged=merged, g=g.reshape(-1), dc=dc)
     return merged.view(theta0.shape), dc
 
 

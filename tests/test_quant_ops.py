@@ -1,0 +1,295 @@
+"""The ops and compose() on int8 and int4 banks, against the float64 reference of the dequantised bank: the
+torch backend, and Triton (in its interpreter on a CPU); the CUDA backend and grouped calls refuse them; the
+composed models' outputs against the float32 bank's."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import atlas_fast
+from atlas_fast import compose, quant, synthetic_task_vectors
+from atlas_fast.backends import resolve
+from atlas_fast.hashing import block_key
+from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+
+from helpers import TOL, assert_coef_grad, assert_rel, random_coef, reference_outputs_and_grad
+
+FORMATS = [("int8", None), ("int4", 16)]   # group 16: several groups per row and a short last one at K = 70
+
+
+# ---------------------------------------------------------------- ops on quantised banks
+
+def _linear_case(fmt, group, M=23, K=70, N=45, T=3, P=1):
+    x = torch.randn(M, K)
+    w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N) * 0.1
+    tw = quant.quantize(torch.randn(T, N, K) * 1e-2 / K ** 0.5, fmt, group or quant.DEFAULT_GROUP)
+    tb = torch.randn(T, N) * 1e-3
+    return x, w, b, tw, tb, random_coef(T, P), random_coef(T, P)
+
+
+def _check_linear(backend, case, keys=(block_key(2, 0), block_key(2, 1))):
+    x, w, b, tw, tb, cw, cb = case
+    xl = x.clone().requires_grad_()
+    y = atlas_fast.atlas_linear(xl, w, b, tw, tb, cw, cb, *keys, backend=backend)
+    x64 = x.double().requires_grad_()
+    y_ref = linear_ref(x64, w, b, tw.dequantize(torch.float64), tb, cw, cb, *keys)
+    g = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, (xl, cw, cb), g.float())
+    grads_ref = torch.autograd.grad(y_ref, (x64, cw, cb), g)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    for name, got, ref in zip(("grad x", "grad coef_w", "grad coef_b"), grads, grads_ref):
+        assert_rel(got, ref, tol_grad, name)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("P", [1, 3])
+def test_linear_torch(fmt, group, P):
+    _check_linear("torch", _linear_case(fmt, group, P=P))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 100])
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_torch_chunks_of_whole_rows(monkeypatch, chunk_rows, fmt, group):
+    """The torch backend dequantises a chunk of whole rows at a time: one row, 4 rows (the last chunk short)
+    and the whole block, through the merge (forward), the merge-and-reduce pass (backward) and reduce alone."""
+    from atlas_fast.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_rows * 70 * 3 * 4)
+    for P in (1, 3):
+        _check_linear("torch", _linear_case(fmt, group, P=P))
+    x, w, b, tw, tb, cw, cb = _linear_case(fmt, group, P=2)
+    y = atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, 3, 4, backend="torch")
+    y_ref = linear_ref(x.double(), w, b, tw.dequantize(torch.float64), tb, cw, cb, 3, 4)
+    g = torch.randn_like(y_ref)
+    assert_rel(torch.autograd.grad(y, cw, g.float())[0], torch.autograd.grad(y_ref, cw, g)[0], TOL[torch.float32][1])
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("conv", [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+                                  dict(stride=(2, 2), padding=(0, 1), dilation=(1, 1), groups=2)])
+def test_conv2d_torch(fmt, group, conv):
+    T, P = 2, 2
+    x = torch.randn(3, 4, 9, 11)
+    w, b = torch.randn(6, 4 // conv["groups"], 3, 3) * 0.2, torch.randn(6) * 0.1
+    tw = quant.quantize(torch.randn(T, *w.shape) * 2e-3, fmt, group or quant.DEFAULT_GROUP)
+    tb = torch.randn(T, 6) * 1e-3
+    cw, cb = random_coef(T, P), random_coef(T, P)
+    xl = x.clone().requires_grad_()
+    y = atlas_fast.atlas_conv2d(xl, w, b, tw, tb, cw, cb, 5, 6, backend="torch", **conv)
+    x64 = x.double().requires_grad_()
+    y_ref = conv2d_ref(x64, w, b, tw.dequantize(torch.float64), tb, cw, cb, 5, 6, **conv)
+    g = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, (xl, cw, cb), g.float())
+    grads_ref = torch.autograd.grad(y_ref, (x64, cw, cb), g)
+    assert_rel(y, y_ref, TOL[torch.float32][0])
+    for name, got, ref in zip(("grad x", "grad coef_w", "grad coef_b"), grads, grads_ref):
+        assert_rel(got, ref, TOL[torch.float32][1], name)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("shapes", [[(7, 37), (11,), (5, 2, 3)], [(7, 37), (5, 2, 3)]])
+def test_merge_blocks_float_and_quantised(fmt, group, shapes):
+    T, P = 3, 2
+    theta0 = [torch.randn(s) for s in shapes]
+    taus = [quant.quantize(torch.randn(T, *s) * 1e-2, fmt, group or 128) if len(s) > 1 else torch.randn(T, *s) * 1e-2
+            for s in shapes]
+    coef = torch.randn(T, len(shapes), P, requires_grad=True)
+    keys = [block_key(1, b) for b in range(len(shapes))]
+    merged = atlas_fast.merge_blocks(theta0, taus, coef, keys, backend="torch")
+    c64 = coef.detach().double().requires_grad_()
+    refs = [merge_ref(t0, t.dequantize(torch.float64) if quant.is_quantized(t) else t, c64[:, b], keys[b])
+            for b, (t0, t) in enumerate(zip(theta0, taus))]
+    grads = [torch.randn_like(r) for r in refs]
+    for m, r in zip(merged, refs):
+        assert m.dtype == torch.float32
+        assert_rel(m, r, TOL[torch.float32][0])
+    dc = torch.autograd.grad(merged, coef, [g.float() for g in grads])[0]
+    assert_rel(dc, torch.autograd.grad(refs, c64, grads)[0], TOL[torch.float32][1], "dc")
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_gradcheck_float64(fmt, group):
+    d = dict(dtype=torch.float64)
+    x = torch.randn(5, 7, **d, requires_grad=True)
+    w, b = torch.randn(6, 7, **d), torch.randn(6, **d)
+    tw = quant.quantize(torch.randn(2, 6, 7, **d), fmt, group or 128)
+    tw = quant.QuantizedBlock(tw.data, tw.scale.double(), tw.group, tw.shape)
+    tb = torch.randn(2, 6, **d)
+    for P in (1, 3):
+        cw, cb = torch.randn(2, P, **d, requires_grad=True), torch.randn(2, P, **d, requires_grad=True)
+        f = lambda *a: atlas_fast.atlas_linear(a[0], w, b, tw, tb, a[1], a[2], 3, 4, backend="torch")  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, cw, cb))
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_opcheck(fmt, group):
+    x, w, b, tw, tb, cw, cb = _linear_case(fmt, group, M=9, K=11, N=7, P=2)
+    x.requires_grad_()
+    args = (x, w, b, tw.data, tb, cw, cb, 1, 2, "torch", tw.scale, tw.group)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear.default, args)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_backward.default,
+                          (torch.randn(9, 7), x.detach(), w, tw.data, tb, cw.detach(), 1, 2, True, "torch", tw.scale,
+                           tw.group))
+    theta0 = [torch.randn(7, 11), torch.randn(7)]
+    coef = torch.randn(3, 2, 2, requires_grad=True)
+    torch.library.opcheck(torch.ops.atlas_fast.merge_blocks_quant.default,
+                          ([theta0[0], theta0[1]], [tw.data, tb], [tw.scale, None], [tw.group, 0], coef, [1, 2],
+                           "torch"))
+
+
+def test_quantised_bias_is_refused():
+    x, w, b, tw, tb, cw, cb = _linear_case("int8", None)
+    with pytest.raises(ValueError, match="bias: task vectors of a bias are 1-D"):
+        atlas_fast.atlas_linear(x, w, b, tw, quant.quantize(tb[..., None], "int8").reshape(3, 45), cw, cb)
+
+
+def test_cuda_backend_refuses_quantised_banks():
+    with pytest.raises(NotImplementedError, match="backend='cuda' does not dequantise int4"):
+        resolve("cuda", "cpu", torch.float32, bank="int4")
+    x, w, b, tw, tb, cw, cb = _linear_case("int8", None)
+    with pytest.raises(NotImplementedError, match="int8"):
+        atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, backend="cuda")
+    with pytest.raises(NotImplementedError, match="backend='cuda' does not dequantise int8"):
+        compose(nn.Linear(9, 4), synthetic_task_vectors(nn.Linear(9, 4), 2).to(dtype=torch.int8), backend="cuda")
+
+
+# ---------------------------------------------------------------- compose
+
+class Mixed(nn.Module):
+    """Every kind of composed block: Conv2d, Linear and MultiheadAttention (fused), LayerNorm, a bare parameter
+    and an embedding (generic), at odd widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.lin = nn.Linear(6 * 5 * 5, 37)
+        self.ln = nn.LayerNorm(37)
+        self.proj = nn.Parameter(torch.randn(37, 36) * 0.1)
+        self.emb = nn.Embedding(11, 36)
+        self.attn = nn.MultiheadAttention(36, 4, batch_first=True)
+
+    def forward(self, x):
+        h = self.ln(self.lin(self.conv(x).flatten(1))) @ self.proj
+        h = h[:, None] + self.emb.weight[None, :3]
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
+def _dequantised(tv):
+    return {k: v.dequantize() if quant.is_quantized(v) else v for k, v in tv.vectors.items()}
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("granularity,partitions", [("block", 1), ("task", 1), ("block", 3)])
+def test_compose_torch_against_reference(fmt, group, granularity, partitions, backend="torch"):
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(4, 3, 5, 5)
+    bank = synthetic_task_vectors(model, 3, rel_scale=0.05).to(dtype=torch.int8 if fmt == "int8" else "int4",
+                                                                group_size=group)
+    atlas = compose(copy.deepcopy(model), bank, granularity=granularity, partitions=partitions, backend=backend)
+    assert set(atlas.report.fused) >= {"conv.weight", "lin.weight", "attn.in_proj_weight", "attn.out_proj.weight"}
+    assert set(atlas.report.generic) == {"ln.weight", "ln.bias", "proj", "emb.weight"}
+    with torch.no_grad():
+        atlas.coefficients.uniform_(-0.8, 0.8)
+    xl = x.clone().requires_grad_()
+    y = atlas(xl)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref, dc_ref, dx_ref = reference_outputs_and_grad(model, _dequantised(bank), atlas.coefficients, (x,),
+                                                       grad_out=g, granularity=granularity,
+                                                       partitions=partitions, input_grads=True)
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(xl.grad, dx_ref, tol_grad, "grad x")
+    assert_coef_grad(atlas.coefficients.grad, dc_ref, atlas.block_names, tol_grad, granularity, partitions)
+
+
+def test_composed_model_moves_keep_scales_and_copies():
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(2, 3, 5, 5)
+    bank = synthetic_task_vectors(model, 2, rel_scale=0.05).to(dtype="int4", group_size=16)
+    atlas = compose(model, bank, backend="torch")
+    with torch.no_grad():
+        atlas.coefficients.uniform_(-0.5, 0.5)
+    y = atlas(x)
+    assert not any("tau" in k for k in atlas.state_dict()), "task vectors are not state"
+    generic = {n: b.dtype for n, b in atlas.atlas.generic.named_buffers() if not n.endswith("_scale")}
+    assert sorted(map(str, generic.values())) == ["torch.float32"] * 2 + ["torch.uint8"] * 2, generic
+    twin = copy.deepcopy(atlas)
+    assert torch.equal(twin(x), y)
+    plain = atlas.merge()
+    assert_rel(plain(x), y, 1e-5, "merge()")
+    path_coef = atlas.bank_fingerprint()
+    assert all(n > 0 for n, _ in path_coef)
+    atlas.bfloat16()
+    scales = [b for n, b in atlas.model.named_buffers() if n.endswith("_scale")]
+    assert scales and all(s.dtype == torch.float32 for s in scales)
+    assert atlas.model.lin.tau_weight.dtype == torch.uint8 and atlas.model.lin.tau_bias.dtype == torch.bfloat16
+    assert_rel(atlas(x.bfloat16()).float(), y, 2e-2, "bfloat16 model")
+
+
+def test_groups_refuse_quantised_banks():
+    model = Mixed()
+    atlas = compose(model, synthetic_task_vectors(model, 2).to(dtype=torch.int8), backend="torch")
+    with pytest.raises(NotImplementedError, match="groups: grouped compositions do not dequantise int8"):
+        with atlas.groups(torch.zeros(2, dtype=torch.int64), atlas.group_coefficients(1)):
+            pass
+
+
+def test_auto_never_picks_cuda_for_quantised_banks(monkeypatch):
+    """On a GPU "auto" takes Triton, else CUDA; with a quantised bank it skips CUDA for the torch backend."""
+    from atlas_fast.backends import get_backend
+    monkeypatch.setattr(type(get_backend("triton")), "unavailable_reason", lambda self, device: "no triton")
+    monkeypatch.setattr(type(get_backend("cuda")), "unavailable_reason", lambda self, device: None)
+    assert resolve("auto", "cuda", torch.float32).name == "cuda"
+    assert resolve("auto", "cuda", torch.float32, bank="int8").name == "torch"
+
+
+# ---------------------------------------------------------------- accuracy of composed models
+
+def _composed_errors(model, x, T=4, seed=0):
+    """Relative errors of the int8 and int4 banks' outputs against the float32 bank's, for one composed model
+    with coefficients in [0, 1) and synthetic task vectors 1e-2 of each parameter's RMS: {format: (error
+    relative to the outputs, error relative to the task vectors' effect on them)}."""
+    torch.manual_seed(seed)
+    bank = synthetic_task_vectors(model, T, rel_scale=1e-2, seed=seed)
+    coef, outs = None, {}
+    with torch.no_grad():
+        y0 = model(x)
+        for fmt, dtype in (("float32", torch.float32), ("int8", torch.int8), ("int4", "int4")):
+            atlas = compose(copy.deepcopy(model), bank.to(dtype=dtype), backend="torch")
+            coef = torch.rand_like(atlas.coefficients) if coef is None else coef
+            atlas.coefficients.copy_(coef)
+            outs[fmt] = atlas(x)
+    ref = outs["float32"]
+    return {fmt: (((outs[fmt] - ref).norm() / ref.norm()).item(), ((outs[fmt] - ref).norm() / (ref - y0).norm()).item())
+            for fmt in quant.FORMATS}
+
+
+# Output error against the float32 bank: the requirement (int8 2%, int4 5%), and the error against what the task
+# vectors change (they move the outputs by a few percent), which the first bound alone would hardly test.
+ACCURACY = {"int8": (0.02, 0.02), "int4": (0.05, 0.12)}
+
+
+def test_small_vit_int8_int4_accuracy():
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, width=128, layers=2, heads=4, mlp_ratio=4.0,
+                              output_dim=64).eval()
+    errors = _composed_errors(model, torch.randn(4, 3, 32, 32))
+    for fmt, (out_err, effect_err) in errors.items():
+        assert out_err <= ACCURACY[fmt][0] and effect_err <= ACCURACY[fmt][1], (fmt, out_err, effect_err)
+
+
+@pytest.mark.slow
+def test_vit_b_32_int8_int4_accuracy():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    bank = synthetic_task_vectors(model, 1)
+    assert bank.to(dtype=torch.int8).nbytes <= 0.27 * bank.nbytes
+    assert bank.to(dtype="int4").nbytes <= 0.15 * bank.nbytes
+    del bank
+    errors = _composed_errors(model, torch.randn(2, 3, 224, 224))
+    for fmt, (out_err, effect_err) in errors.items():
+        assert out_err <= ACCURACY[fmt][0] and effect_err <= ACCURACY[fmt][1], (fmt, out_err, effect_err)
