@@ -11,6 +11,11 @@ W0, τ, b0, τ' are row-major contiguous, so element (n, k) of the weight has th
 partition hash of `atlas_fast.hashing` is defined on. Banks may be float32, bfloat16 or float16; activations
 float32, bfloat16 or float16. Merging and every reduction accumulate in float32; outputs have x's dtype.
 
+Weight banks may also be quantised (atlas_fast.quant.QuantizedBlock; the constexpr QUANT says which): int8
+(T, N, K) with float32 scales (T, N), or int4 packed two a byte (T, N, ⌈K/2⌉) with float32 scales
+(T, N, ⌈K/GROUP⌉). The kernels load the int8/int4 tile and its scales and dequantise in registers (_tau_tile);
+no dequantised τ exists in memory. Bias banks are always float.
+
 Under TRITON_INTERPRET=1 (CPU tests) every kernel runs one fixed tile configuration and upcasts both
 tl.dot operands to float32, because the interpreter's tl.dot on bfloat16 operands is wrong.
 """
@@ -21,6 +26,7 @@ import triton
 import triton.language as tl
 
 from atlas_fast.hashing import FMIX_C1, FMIX_C2
+from atlas_fast.quant import is_quantized
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _C1 = tl.constexpr(FMIX_C1)
@@ -62,27 +68,60 @@ def _partition(flat, key, P: tl.constexpr):
     return (h % P).to(tl.int32)
 
 
-@triton.jit
-def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, numel, T: tl.constexpr, P: tl.constexpr):
-    """θ0[flat] + Σ_t c[t, k(flat)] τ_t[flat] in float32, for a tile of flat indices of any shape.
+# Quantised weight banks (QUANT): none (a float bank), int8 with per-row scales, int4 with per-group scales.
+QUANT_NONE, QUANT_INT8, QUANT_INT4 = 0, 1, 2
 
-    theta_ptr: θ0 of the block, contiguous, `numel` elements · tau_ptr: τ (T, numel), contiguous ·
-    coef_ptr: c (T, P) float32, contiguous. Masked-off elements come out as 0. The loop over the task
-    vectors is unrolled (T is a compile-time constant), so the software pipeline of the caller's loop
-    prefetches all T tiles of the next step.
+
+@triton.jit
+def _tau_tile(tau_ptr, scale_ptr, flat, row, col, mask, K, QUANT: tl.constexpr, GROUP: tl.constexpr):
+    """One task vector's tile in float32 at flat indices `flat` = row·K + col (row and col broadcast to its
+    shape). tau_ptr, scale_ptr: that task vector's data and scales (module docstring); masked-off elements
+    are 0. int4: the byte of column c is c // 2 of its row, its low nibble the even column; values are
+    stored as q + 8."""
+    if QUANT == 0:
+        return tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    elif QUANT == 1:
+        q = tl.load(tau_ptr + flat, mask=mask, other=0).to(tl.float32)
+        return q * tl.load(scale_ptr + row, mask=mask, other=0.0)
+    else:
+        byte = tl.load(tau_ptr + row * ((K + 1) // 2) + col // 2, mask=mask, other=0).to(tl.int32)
+        q = ((byte >> ((col % 2) * 4)) & 15) - 8
+        return q.to(tl.float32) * tl.load(scale_ptr + row * tl.cdiv(K, GROUP) + col // GROUP, mask=mask, other=0.0)
+
+
+@triton.jit
+def _task_strides(rows, K, QUANT: tl.constexpr, GROUP: tl.constexpr):
+    """(data, scale) elements of one task vector of a (rows, K) block: where the next one starts."""
+    if QUANT == 2:
+        return rows * ((K + 1) // 2), rows * tl.cdiv(K, GROUP)
+    return rows * K, rows
+
+
+@triton.jit
+def _merged_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, row, col, mask, key, rows, K, T: tl.constexpr,
+                 P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
+    """θ0[flat] + Σ_t c[t, k(flat)] τ_t[flat] in float32, for a tile of flat indices flat = row·K + col of a
+    (rows, K) block, any tile shape.
+
+    theta_ptr: θ0 of the block, contiguous · tau_ptr: τ (T, rows, K), or its int8/int4 data, contiguous ·
+    scale_ptr: the scales of a quantised τ (unused when QUANT = 0) · coef_ptr: c (T, P) float32, contiguous.
+    Masked-off elements come out as 0. The loop over the task vectors is unrolled (T is a compile-time
+    constant), so the software pipeline of the caller's loop prefetches all T tiles of the next step.
     """
     acc = tl.load(theta_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     if P > 1:
         part = _partition(flat, key, P)
+    tau_stride, scale_stride = _task_strides(rows, K, QUANT, GROUP)
     for t in tl.static_range(T):
-        tau = tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+        tau = _tau_tile(tau_ptr, scale_ptr, flat, row, col, mask, K, QUANT, GROUP)
         if P == 1:
             c = tl.load(coef_ptr + t)
         else:
             c = tl.load(coef_ptr + t * P + part, mask=mask, other=0.0)
         acc += c * tau
-        # Advancing the pointer keeps the t-offset in 64-bit pointer arithmetic.
-        tau_ptr += numel
+        # Advancing the pointers keeps the t-offset in 64-bit pointer arithmetic.
+        tau_ptr += tau_stride
+        scale_ptr += scale_stride
     return acc
 
 
@@ -99,7 +138,8 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 def atlas_linear_fwd_kernel(
     x_ptr,       # x (M, K), strides (stride_xm, stride_xk), float32/bf16/fp16
     w_ptr,       # W0 (N, K) row-major contiguous
-    tau_w_ptr,   # τ (T, N, K) contiguous
+    tau_w_ptr,   # τ (T, N, K) contiguous; int8 (T, N, K) or int4 data (T, N, ⌈K/2⌉) uint8 when QUANT
+    scale_w_ptr,  # scales of a quantised τ: (T, N) or (T, N, ⌈K/GROUP⌉) float32; unused when QUANT = 0
     coef_w_ptr,  # c (T, P) float32 contiguous
     b_ptr,       # b0 (N,) contiguous; unused unless HAS_BIAS
     tau_b_ptr,   # τ' (T_B, N) contiguous; unused when T_B = 0
@@ -109,7 +149,7 @@ def atlas_linear_fwd_kernel(
     stride_xm, stride_xk, stride_ym,
     key_w, key_b,  # block keys as int32 bit patterns of the uint32 keys
     T: tl.constexpr, T_B: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Axis 0 (the fastest-launched) walks the M tiles, so the programs running together share one
@@ -128,10 +168,12 @@ def atlas_linear_fwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # The merged tile is loaded transposed, (BLOCK_K, BLOCK_N), indexed by the flat n·K + k.
         flat = offs_n[None, :] * K + offs_k[:, None]
-        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_k[:, None] & mask_n[None, :], key_w, N * K, T, P)
+        w = _merged_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[None, :], offs_k[:, None],
+                         mask_k[:, None] & mask_n[None, :], key_w, N, K, T, P, QUANT, GROUP)
         acc = _dot(x, w, acc, UPCAST, PRECISION)
     if HAS_BIAS:
-        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, N, T_B, P)
+        bias = _merged_tile(b_ptr, tau_b_ptr, tau_b_ptr, coef_b_ptr, offs_n, offs_n, 0, mask_n, key_b, N, 1, T_B, P,
+                            0, 1)
         acc += bias[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -141,13 +183,15 @@ def atlas_linear_fwd_kernel(
 def atlas_linear_dx_kernel(
     dy_ptr,      # dy (M, N), strides (stride_dym, stride_dyn), x's dtype
     w_ptr,       # W0 (N, K) row-major contiguous
-    tau_w_ptr,   # τ (T, N, K) contiguous
+    tau_w_ptr,   # τ (T, N, K) contiguous; int8 (T, N, K) or int4 data (T, N, ⌈K/2⌉) uint8 when QUANT
+    scale_w_ptr,  # scales of a quantised τ: (T, N) or (T, N, ⌈K/GROUP⌉) float32; unused when QUANT = 0
     coef_w_ptr,  # c (T, P) float32 contiguous
     dx_ptr,      # dx (M, K), row stride stride_dxm, unit column stride, x's dtype
     M, N, K,
     stride_dym, stride_dyn, stride_dxm,
     key_w,       # block key as the int32 bit pattern of the uint32 key
-    T: tl.constexpr, P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Same launch order as the forward: programs running together share one K tile of the bank.
@@ -164,7 +208,8 @@ def atlas_linear_dx_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         flat = offs_n[:, None] * K + offs_k[None, :]
-        w = _merged_tile(w_ptr, tau_w_ptr, coef_w_ptr, flat, mask_n[:, None] & mask_k[None, :], key_w, N * K, T, P)
+        w = _merged_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[:, None], offs_k[None, :],
+                         mask_n[:, None] & mask_k[None, :], key_w, N, K, T, P, QUANT, GROUP)
         acc = _dot(dy, w, acc, UPCAST, PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -174,13 +219,15 @@ def atlas_linear_dx_kernel(
 def atlas_linear_dc_kernel(
     dy_ptr,      # dy (M, N), strides (stride_dym, stride_dyn), x's dtype
     x_ptr,       # x (M, K), strides (stride_xm, stride_xk), x's dtype
-    tau_w_ptr,   # τ (T, N, K) contiguous
+    tau_w_ptr,   # τ (T, N, K) contiguous; int8 (T, N, K) or int4 data (T, N, ⌈K/2⌉) uint8 when QUANT
+    scale_w_ptr,  # scales of a quantised τ: (T, N) or (T, N, ⌈K/GROUP⌉) float32; unused when QUANT = 0
     dc_ptr,      # DETERMINISTIC: partials (programs, T, P) float32, one row per program, rows of idle programs
                  # left as they are (zero); else dc (T, P) float32, zeroed, accumulated atomically
     M, N, K, T,
     stride_dym, stride_dyn, stride_xm, stride_xk,
     key_w,       # block key as the int32 bit pattern of the uint32 key
-    P: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, DETERMINISTIC: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_M: tl.constexpr,
 ):
     # Axis 0: the (N, K) tile of G, K tiles fastest; axis 1: which of SPLIT_M slices of the rows m.
@@ -214,9 +261,10 @@ def atlas_linear_dc_kernel(
         out_ptr = dc_ptr + (pid_split * tl.num_programs(0) + pid_tile).to(tl.int64) * T * P
     else:
         out_ptr = dc_ptr
-    tau_ptr = tau_w_ptr
+    tau_ptr, scale_ptr = tau_w_ptr, scale_w_ptr
+    tau_stride, scale_stride = _task_strides(N, K, QUANT, GROUP)
     for t in range(T):
-        prod = tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32) * g
+        prod = _tau_tile(tau_ptr, scale_ptr, flat, offs_n[:, None], offs_k[None, :], mask, K, QUANT, GROUP) * g
         for p in tl.static_range(P):
             if P == 1:
                 s = tl.sum(prod)
@@ -226,7 +274,8 @@ def atlas_linear_dc_kernel(
                 tl.store(out_ptr + t * P + p, s)
             else:
                 tl.atomic_add(out_ptr + t * P + p, s)
-        tau_ptr += N * K
+        tau_ptr += tau_stride
+        scale_ptr += scale_stride
 
 
 # Merge once, for large M (atlas_fast/backends/plan.py decides per call): the fused kernels above rebuild
@@ -236,17 +285,19 @@ def atlas_linear_dc_kernel(
 # dc reduction above (dc[t, p] = Σ_{i : k(i) = p} τ_t[i] G[i]): the same kernel serves both strategies.
 @triton.jit(do_not_specialize=["key"])
 def atlas_linear_merge_kernel(
-    theta_ptr,   # θ0 of the block, contiguous, numel elements, float32/bf16/fp16
-    tau_ptr,     # τ (T, numel) contiguous, float32/bf16/fp16
+    theta_ptr,   # θ0 of the block, contiguous, numel = rows·K elements, float32/bf16/fp16
+    tau_ptr,     # τ (T, numel) contiguous, float32/bf16/fp16; int8 or int4 data (module docstring) when QUANT
+    scale_ptr,   # scales of a quantised τ (module docstring); unused when QUANT = 0
     coef_ptr,    # c (T, P) float32 contiguous
     out_ptr,     # W(c), numel elements contiguous, in the activation dtype
-    numel,
+    numel, K,    # K: the columns of a row (the input dimension; 1 for a float bank, where rows do not matter)
     key,         # block key as the int32 bit pattern of the uint32 key
-    T: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = flat < numel
-    merged = _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, numel, T, P)
+    merged = _merged_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, flat // K, flat % K, mask, key, numel // K,
+                          K, T, P, QUANT, GROUP)
     tl.store(out_ptr + flat, merged.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -290,13 +341,14 @@ def _fits_shared_memory(configs, named_args, **kwargs):
     forward = "x_ptr" in named_args
     act = named_args["x_ptr"] if forward else named_args["dy_ptr"]
     w, tau = named_args["w_ptr"], named_args["tau_w_ptr"]
+    tau_bytes = tau.element_size() / (2 if kwargs.get("QUANT") == QUANT_INT4 else 1)   # int4: two values a byte
     limit = _max_shared_memory(tau.device)
     kept = []
     for config in configs:
         c = config.kwargs
         reduction = c["BLOCK_K"] if forward else c["BLOCK_N"]
         stage = (c["BLOCK_M"] * reduction * act.element_size()
-                 + c["BLOCK_N"] * c["BLOCK_K"] * (w.element_size() + kwargs["T"] * tau.element_size()))
+                 + c["BLOCK_N"] * c["BLOCK_K"] * (w.element_size() + kwargs["T"] * tau_bytes))
         if config.num_stages == 1 or config.num_stages * stage <= limit:
             kept.append(config)
     return kept
@@ -319,9 +371,12 @@ MERGE_BLOCK, MERGE_WARPS = (8192, 4) if INTERPRET else (2048, 4)
 # T is part of every key: it sets the bytes read per K step. The dc kernel resets its output before each
 # timing run so that atomic mode measures (and leaves) a clean sum.
 _PRUNE = {"early_config_prune": _fits_shared_memory}
-_fwd = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"], prune_configs_by=_PRUNE)(atlas_linear_fwd_kernel)
-_dx = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P"], prune_configs_by=_PRUNE)(atlas_linear_dx_kernel)
-_dc = triton.autotune(_DC_CONFIGS, key=["M", "N", "K", "T", "P", "DETERMINISTIC"],
+# QUANT too: an int8/int4 bank reads fewer bytes per tile and dequantises more.
+_fwd = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P", "QUANT"],
+                       prune_configs_by=_PRUNE)(atlas_linear_fwd_kernel)
+_dx = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "T", "P", "QUANT"],
+                      prune_configs_by=_PRUNE)(atlas_linear_dx_kernel)
+_dc = triton.autotune(_DC_CONFIGS, key=["M", "N", "K", "T", "P", "DETERMINISTIC", "QUANT"],
                       reset_to_zero=["dc_ptr"])(atlas_linear_dc_kernel)
 
 
@@ -335,8 +390,19 @@ def _check_bank(what, theta0, tau, coef):
     if coef.dim() != 2 or coef.shape[0] != tau.shape[0] or coef.dtype != torch.float32:
         raise ValueError(f"{what}: coefficients must be float32 (T={tau.shape[0]}, P), got "
                          f"{coef.dtype} {tuple(coef.shape)}")
-    if tau.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16, got {tau.dtype}")
+    if not is_quantized(tau) and tau.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16 (or a QuantizedBlock), "
+                         f"got {tau.dtype}")
+
+
+def _bank_args(tau):
+    """(data, scales, QUANT, GROUP) for a kernel: a float bank's scales argument is the bank itself, unused.
+    Scales go to the kernels as float32 (a .double() model's are float64)."""
+    if not is_quantized(tau):
+        tau = tau.contiguous()
+        return tau, tau, QUANT_NONE, 1
+    quant = QUANT_INT8 if tau.format == "int8" else QUANT_INT4
+    return tau.data.contiguous(), tau.scale.to(torch.float32).contiguous(), quant, max(1, tau.group)
 
 
 def _check_out(out, shape, dtype, device):
@@ -371,14 +437,15 @@ def forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, out
     y = _check_out(out, (M, N), x.dtype, x.device)
     if y.numel() == 0:
         return y
-    weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
+    weight, coef_w = weight.contiguous(), coef_w.contiguous()
+    tau_w, scale_w, quant, group = _bank_args(tau_w)
     b = bias.contiguous() if bias is not None else weight
     tb = tau_b.contiguous() if tau_b is not None else weight
     cb = coef_b.contiguous() if coef_b is not None else coef_w
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _fwd[grid](x, weight, tau_w, coef_w, b, tb, cb, y, M, N, K, x.stride(0), x.stride(1), y.stride(0),
-               _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P, HAS_BIAS=bias is not None, UPCAST=_upcast(x),
-               PRECISION=_dot_precision())
+    _fwd[grid](x, weight, tau_w, scale_w, coef_w, b, tb, cb, y, M, N, K, x.stride(0), x.stride(1), y.stride(0),
+               _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P, HAS_BIAS=bias is not None, QUANT=quant, GROUP=group,
+               UPCAST=_upcast(x), PRECISION=_dot_precision())
     return y
 
 
@@ -393,10 +460,12 @@ def grad_input(grad_out, weight, tau_w, coef_w, key_w=0, out=None):
     dx = _check_out(out, (M, K), grad_out.dtype, grad_out.device)
     if dx.numel() == 0:
         return dx
-    weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
+    weight, coef_w = weight.contiguous(), coef_w.contiguous()
+    tau_w, scale_w, quant, group = _bank_args(tau_w)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
-    _dx[grid](grad_out, weight, tau_w, coef_w, dx, M, N, K, grad_out.stride(0), grad_out.stride(1), dx.stride(0),
-              _key32(key_w), T=T, P=P, UPCAST=_upcast(grad_out), PRECISION=_dot_precision())
+    _dx[grid](grad_out, weight, tau_w, scale_w, coef_w, dx, M, N, K, grad_out.stride(0), grad_out.stride(1),
+              dx.stride(0), _key32(key_w), T=T, P=P, QUANT=quant, GROUP=group, UPCAST=_upcast(grad_out),
+              PRECISION=_dot_precision())
     return dx
 
 
@@ -418,11 +487,12 @@ def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=N
     M, N = grad_out.shape
     K = x.shape[1]
     T = tau_w.shape[0]
-    if tuple(tau_w.shape) != (T, N, K) or tau_w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if tuple(tau_w.shape) != (T, N, K) or not (is_quantized(tau_w) or tau_w.dtype in (torch.float32, torch.bfloat16,
+                                                                                        torch.float16)):
         raise ValueError(f"task vectors {tau_w.dtype} {tuple(tau_w.shape)}: expected float32/bfloat16/float16 "
-                         f"(T, {N}, {K})")
+                         f"(or a QuantizedBlock) (T, {N}, {K})")
     dc = _check_out(out, (T, partitions), torch.float32, x.device)
-    tau_w = tau_w.contiguous()
+    tau_w, scale_w, quant, group = _bank_args(tau_w)
     if deterministic:
         # The autotuner picks the tile configuration only at launch, so the buffer has a row for every
         # program of the largest grid any configuration launches; rows no program writes stay zero.
@@ -431,16 +501,17 @@ def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=N
         target = dc.zero_()
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
                          meta["SPLIT_M"])
-    _dc[grid](grad_out, x, tau_w, target, M, N, K, T, grad_out.stride(0), grad_out.stride(1), x.stride(0),
-              x.stride(1), _key32(key_w), P=partitions, DETERMINISTIC=deterministic, UPCAST=_upcast(x),
-              PRECISION=_dot_precision())
+    _dc[grid](grad_out, x, tau_w, scale_w, target, M, N, K, T, grad_out.stride(0), grad_out.stride(1), x.stride(0),
+              x.stride(1), _key32(key_w), P=partitions, DETERMINISTIC=deterministic, QUANT=quant, GROUP=group,
+              UPCAST=_upcast(x), PRECISION=_dot_precision())
     if deterministic:
         torch.sum(target, dim=0, out=dc)
     return dc
 
 
 def merge(theta0, tau, coef, key=0, dtype=None, out=None):
-    """W(c) = θ0 + Σ_t c[t, k(i)] τ_t[i] for a block of any shape, merged in float32 and stored in `dtype`
+    """W(c) = θ0 + Σ_t c[t, k(i)] τ_t[i] for a block of any shape (τ float, or a QuantizedBlock of a block with
+    two or more dimensions), merged in float32 and stored in `dtype`
     (default θ0's); `out` an optional preallocated result. The merge-once strategy's transient weight."""
     _check_bank("merge", theta0, tau, coef)
     dtype = theta0.dtype if dtype is None else dtype
@@ -451,7 +522,9 @@ def merge(theta0, tau, coef, key=0, dtype=None, out=None):
     if numel == 0:
         return merged
     T, P = coef.shape
+    cols = tau.cols if is_quantized(tau) else 1
+    tau, scale, quant, group = _bank_args(tau)
     atlas_linear_merge_kernel[(triton.cdiv(numel, MERGE_BLOCK),)](
-        theta0.contiguous(), tau.contiguous(), coef.contiguous(), merged, numel, _key32(key), T=T, P=P,
-        BLOCK=MERGE_BLOCK, num_warps=MERGE_WARPS)
+        theta0.contiguous(), tau, scale, coef.contiguous(), merged, numel, cols, _key32(key), T=T, P=P, QUANT=quant,
+        GROUP=group, BLOCK=MERGE_BLOCK, num_warps=MERGE_WARPS)
     return merged

@@ -13,6 +13,7 @@ from atlas_fast.backends import resolve
 from atlas_fast.hashing import block_key
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
+from conftest import DEVICE
 from helpers import TOL, assert_coef_grad, assert_rel, random_coef, reference_outputs_and_grad
 
 FORMATS = [("int8", None), ("int4", 16)]   # group 16: several groups per row and a short last one at K = 70
@@ -28,8 +29,9 @@ def _linear_case(fmt, group, M=23, K=70, N=45, T=3, P=1):
     return x, w, b, tw, tb, random_coef(T, P), random_coef(T, P)
 
 
-def _check_linear(backend, case, keys=(block_key(2, 0), block_key(2, 1))):
-    x, w, b, tw, tb, cw, cb = case
+def _check_linear(backend, case, keys=(block_key(2, 0), block_key(2, 1)), device="cpu"):
+    x, w, b, tw, tb, cw, cb = (t.to(device) if t is not None else None for t in case)
+    cw, cb = cw.detach().requires_grad_(), cb.detach().requires_grad_()
     xl = x.clone().requires_grad_()
     y = atlas_fast.atlas_linear(xl, w, b, tw, tb, cw, cb, *keys, backend=backend)
     x64 = x.double().requires_grad_()
@@ -47,6 +49,77 @@ def _check_linear(backend, case, keys=(block_key(2, 0), block_key(2, 1))):
 @pytest.mark.parametrize("P", [1, 3])
 def test_linear_torch(fmt, group, P):
     _check_linear("torch", _linear_case(fmt, group, P=P))
+
+
+# ---------------------------------------------------------------- Triton (the interpreter on a CPU)
+
+SHAPES = [(37, 70, 45), (19, 37, 23)]   # (M, K, N); K = 37: an odd number of int4 columns, the last byte half used
+
+
+def _kernel_case(fmt, group, M, K, N, T=3, P=1):
+    x = torch.randn(M, K, device=DEVICE)
+    w, b = torch.randn(N, K, device=DEVICE) / K ** 0.5, torch.randn(N, device=DEVICE) * 0.1
+    tw = quant.quantize(torch.randn(T, N, K, device=DEVICE) * 1e-2 / K ** 0.5, fmt, group or quant.DEFAULT_GROUP)
+    tb = torch.randn(T, N, device=DEVICE) * 1e-3
+    return x, w, b, tw, tb, random_coef(T, P, DEVICE).detach(), random_coef(T, P, DEVICE).detach()
+
+
+def _poisoned(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_triton_launchers(fmt, group, M, K, N, P, deterministic):
+    """forward, dx, dc and merge kernels on int8/int4 tiles dequantised in registers, outputs poisoned first."""
+    from atlas_fast.kernels import atlas_linear as kernels
+    x, w, b, tw, tb, cw, cb = _kernel_case(fmt, group, M, K, N, P=P)
+    keys = (block_key(4, 0), block_key(4, 1))
+    dy = torch.randn(M, N, device=DEVICE)
+    y = kernels.forward(x, w, b, tw, tb, cw, cb, *keys, out=_poisoned(M, N))
+    dx = kernels.grad_input(dy, w, tw, cw, keys[0], out=_poisoned(M, K))
+    dc = kernels.grad_coef(dy, x, tw, P, keys[0], deterministic, out=_poisoned(3, P))
+    merged = kernels.merge(w, tw, cw, keys[0], out=_poisoned(N, K))
+    x64, cw64 = x.double().requires_grad_(), cw.double().requires_grad_()
+    tw64 = tw.dequantize(torch.float64)
+    y_ref = linear_ref(x64, w, b, tw64, tb, cw64, cb, *keys)
+    dx_ref, dc_ref = torch.autograd.grad(y_ref, (x64, cw64), dy.double())
+    tol_out, tol_grad = TOL[torch.float32]
+    assert_rel(y, y_ref, tol_out)
+    assert_rel(dx, dx_ref, tol_grad, "dx")
+    assert_rel(dc, dc_ref, tol_grad, "dc")
+    assert_rel(merged, merge_ref(w, tw64, cw, keys[0]), tol_out, "merge")
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("strategy", ["fused", "merge_once"])
+def test_triton_backend_both_strategies(fmt, group, strategy):
+    from atlas_fast.backends import plan
+    saved = plan.set_strategy(strategy)
+    try:
+        _check_linear("triton", _linear_case(fmt, group, P=2), device=DEVICE)
+    finally:
+        plan.set_strategy(saved)
+
+
+def test_triton_bf16_activations():
+    """bf16 activations on an int8 bank: error against the float64 reference within twice plain bf16's."""
+    x, w, b, tw, tb, cw, cb = _kernel_case("int8", None, 37, 70, 45, P=2)
+    xb = x.bfloat16().requires_grad_()
+    y = atlas_fast.atlas_linear(xb, w, b, tw, tb, cw, cb, 3, 4, backend="triton")
+    tw64 = tw.dequantize(torch.float64)
+    x64 = x.double().requires_grad_()
+    y_ref = linear_ref(x64, w, b, tw64, tb, cw, cb, 3, 4)
+    y_plain = torch.nn.functional.linear(xb, merge_ref(w, tw64, cw, 3).bfloat16(), merge_ref(b, tb, cb, 4).bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_rel(y, y_ref, 2 * assert_rel(y_plain, y_ref, 1.0) + 1e-3)
+    g = torch.randn_like(y_ref)
+    dx = torch.autograd.grad(y, xb, g.bfloat16())[0]
+    dx_ref = torch.autograd.grad(y_ref, x64, g)[0]
+    dx_plain = torch.autograd.grad(y_plain, xb, g.bfloat16())[0]
+    assert_rel(dx, dx_ref, 2 * assert_rel(dx_plain, dx_ref, 1.0) + 1e-3, "dx")
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 100])
@@ -154,6 +227,57 @@ def test_cuda_backend_refuses_quantised_banks():
         compose(nn.Linear(9, 4), synthetic_task_vectors(nn.Linear(9, 4), 2).to(dtype=torch.int8), backend="cuda")
 
 
+_SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atlas_fast.kernels import atlas_linear as k
+
+act, quant = "{act}", {quant}
+data = "i8" if quant == 1 else "u8"
+common = dict(M="i32", N="i32", K="i32", key_w="i32")
+kernels = [
+    (k.atlas_linear_fwd_kernel, dict(x_ptr="*" + act, w_ptr="*fp32", tau_w_ptr="*" + data, scale_w_ptr="*fp32",
+     coef_w_ptr="*fp32", b_ptr="*fp32", tau_b_ptr="*fp32", coef_b_ptr="*fp32", y_ptr="*" + act, stride_xm="i32",
+     stride_xk="i32", stride_ym="i32", key_b="i32"), dict(T=3, T_B=3, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=64,
+                                                          BLOCK_K=32)),
+    (k.atlas_linear_dx_kernel, dict(dy_ptr="*" + act, w_ptr="*fp32", tau_w_ptr="*" + data, scale_w_ptr="*fp32",
+     coef_w_ptr="*fp32", dx_ptr="*" + act, stride_dym="i32", stride_dyn="i32", stride_dxm="i32"),
+     dict(T=3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)),
+    (k.atlas_linear_dc_kernel, dict(dy_ptr="*" + act, x_ptr="*" + act, tau_w_ptr="*" + data, scale_w_ptr="*fp32",
+     dc_ptr="*fp32", T="i32", stride_dym="i32", stride_dyn="i32", stride_xm="i32", stride_xk="i32"),
+     dict(DETERMINISTIC=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_M=4)),
+]
+for fn, signature, constants in kernels:
+    constants.update(P=3, QUANT=quant, GROUP=64, UPCAST=act == "fp32", PRECISION="ieee")
+    signature.update(common)
+    signature.update({{name: "constexpr" for name in constants}})
+    signature = {{name: signature[name] for name in fn.arg_names}}
+    triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=4, num_stages=2))
+fn = k.atlas_linear_merge_kernel
+constants = dict(T=3, P=1, QUANT=quant, GROUP=64, BLOCK=2048)
+signature = dict(theta_ptr="*fp32", tau_ptr="*" + data, scale_ptr="*fp32", coef_ptr="*fp32", out_ptr="*" + act,
+                 numel="i32", K="i32", key="i32")
+signature.update({{name: "constexpr" for name in constants}})
+triton.compile(ASTSource(fn, {{n: signature[n] for n in fn.arg_names}}, constants), target=GPUTarget("cuda", 90, 32),
+               options=dict(num_warps=4, num_stages=1))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act,quant_kind", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
+def test_quantised_kernels_compile_for_sm90(act, quant_kind):
+    """The interpreter does not lower the kernels; compiling the int8 (1) and int4 (2) variants for Hopper does."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE.format(act=act, quant=quant_kind)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
 # ---------------------------------------------------------------- compose
 
 class Mixed(nn.Module):
@@ -181,7 +305,8 @@ def _dequantised(tv):
 
 @pytest.mark.parametrize("fmt,group", FORMATS)
 @pytest.mark.parametrize("granularity,partitions", [("block", 1), ("task", 1), ("block", 3)])
-def test_compose_torch_against_reference(fmt, group, granularity, partitions, backend="torch"):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compose_against_reference(fmt, group, granularity, partitions, backend):
     torch.manual_seed(0)
     model, x = Mixed(), torch.randn(4, 3, 5, 5)
     bank = synthetic_task_vectors(model, 3, rel_scale=0.05).to(dtype=torch.int8 if fmt == "int8" else "int4",

@@ -16,7 +16,8 @@ the fused reduction: it accumulates its tile of G = dyᵀx over all rows and rea
 Each estimate is a roofline: seconds = max(DRAM bytes / DRAM bandwidth, L2 bytes / L2 bandwidth, compute)
 + one launch latency per kernel, where compute adds the tensor-core and CUDA-core terms (the merged tile
 must exist before its product, and both are issued by the same warps). Only the weight is modelled; the
-bias (N elements) is noise at this scale. The partition hash adds integer work that is not counted.
+bias (N elements) is noise at this scale. The partition hash adds integer work that is not counted; so does
+dequantising an int8/int4 bank (a multiply per value), whose bytes per value include its scales.
 
 The choice is deterministic: the same shapes, dtypes and device give the same plan. `set_strategy` (or env
 ATLAS_FAST_STRATEGY = fused | merge_once) forces one strategy for benchmarks and tests.
@@ -109,7 +110,7 @@ class Plan:
 
 
 def _dtype_bytes(dtype):
-    if isinstance(dtype, int):
+    if isinstance(dtype, (int, float)):   # a byte width; fractional for a quantised bank (int4: ~0.53)
         return dtype
     name = str(dtype).replace("torch.", "")
     return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[name]
@@ -255,9 +256,11 @@ def for_linear(M, weight, tau_w, coef_w, act_dtype, block_m):
     """The plan of a backend's call: shapes and dtypes from its tensors, rates from their device, tf32 as
     torch allows it for matmuls."""
     import torch
+    from ..quant import is_quantized
     N, K = weight.shape
     T, P = coef_w.shape
-    return plan(M, N, K, T, P, act_dtype, tau_w.dtype, weight.dtype, device_spec(weight.device), block_m=block_m,
+    bank = tau_w.element_bytes if is_quantized(tau_w) else tau_w.dtype   # bytes per value, scales included
+    return plan(M, N, K, T, P, act_dtype, bank, weight.dtype, device_spec(weight.device), block_m=block_m,
                 tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
@@ -274,7 +277,9 @@ class KeptWeights:
 
     @staticmethod
     def key(weight, tau_w, coef_w, key_w, dtype):
-        return _TensorsKey((weight, tau_w, coef_w), (key_w, dtype, weight.device))
+        from ..quant import is_quantized
+        tensors = (weight, tau_w.data, tau_w.scale, coef_w) if is_quantized(tau_w) else (weight, tau_w, coef_w)
+        return _TensorsKey(tensors, (key_w, dtype, weight.device))
 
     def put(self, key, merged):
         size = merged.numel() * merged.element_size()
