@@ -11,6 +11,11 @@ no variant inherits another's allocator state:
               lower bound for a step of any backend (DESIGN.md)
     <backend> atlas_fast.compose(..., backend=<backend>)
 
+--bank-dtype int8 | int4 stores the bank quantised (int8 with a scale per row, int4 with a scale per 128
+columns; atlas_fast.quant): the backends run on it as it is, the paper-style naive baseline (which has no
+quantised storage) on its dequantised float32 copy, so the check compares the same task vectors; backends
+that do not dequantise (cuda) are reported unavailable.
+
 A step is forward + backward of a scalar loss on a fixed random batch ("step" mode), or forward +
 backward + AdamW on the coefficients over a stream of batches ("tta" mode). Step time is the median
 over the timed steps after a warm-up (CUDA events on a GPU). Extra peak memory is what one step needs
@@ -40,7 +45,8 @@ BASELINES = ("naive", "finetune")
 VARIANTS = BASELINES + BACKEND_NAMES
 # Step-time ratios are given against each of these; "floor" is computed, never run.
 RATIO_BASES = BASELINES + ("floor",)
-BANK_DTYPES = ("fp32", "bf16", "fp16")
+BANK_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+QUANTIZED_BANKS = ("int8", "int4")
 SWEEP_PARAMS = ("tasks", "batch")
 # Relative-error tolerances against naive (output, coefficient gradient), by compute dtype.
 TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (3e-2, 6e-2)}
@@ -169,8 +175,27 @@ def warnings(s: Settings) -> List[str]:
 # ---------------------------------------------------------------- the worker side
 
 def _torch_dtype(name):
+    """The dtype of TaskVectors.to for a --bank-dtype ("int4" is a string: not every torch has a 4-bit dtype)."""
     import torch
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
+            "int4": "int4"}[name]
+
+
+def _bank(model, s: Settings):
+    """The synthetic bank in --bank-dtype; a quantised one is quantised from float32 task vectors."""
+    from .task_vectors import synthetic_task_vectors
+    if s.bank_dtype in QUANTIZED_BANKS:
+        return synthetic_task_vectors(model, s.tasks, seed=s.seed).to(dtype=_torch_dtype(s.bank_dtype))
+    return synthetic_task_vectors(model, s.tasks, dtype=_torch_dtype(s.bank_dtype), seed=s.seed)
+
+
+def _bank_bytes_per_task(model, bank_dtype):
+    """Bytes of one task vector over the model's floating parameters in this storage dtype (scales included)."""
+    from . import quant
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if bank_dtype in QUANTIZED_BANKS:
+        return sum(quant.storage_bytes(p.shape, bank_dtype) for p in params)
+    return sum(p.numel() for p in params) * {"fp32": 4, "bf16": 2, "fp16": 2}[bank_dtype]
 
 
 def _load_model(s: Settings):
@@ -204,8 +229,7 @@ class Runner:
         model.to(self.device)
         gen = torch.Generator().manual_seed(s.seed + 1)  # the data: the same batches for every variant
         if bank is None and variant != "finetune":
-            from .task_vectors import synthetic_task_vectors
-            bank = synthetic_task_vectors(model, s.tasks, dtype=_torch_dtype(s.bank_dtype), seed=s.seed)
+            bank = _bank(model, s)
         self.bank = bank
         if variant == "finetune":
             self.net = model
@@ -214,7 +238,8 @@ class Runner:
             model.requires_grad_(False)
             if variant == "naive":
                 from .baselines.naive import NaiveAtlas
-                self.net = NaiveAtlas(model, bank, granularity=s.granularity, partitions=s.partitions, seed=s.seed)
+                plain = bank.to(dtype=_torch_dtype("fp32")) if s.bank_dtype in QUANTIZED_BANKS else bank
+                self.net = NaiveAtlas(model, plain, granularity=s.granularity, partitions=s.partitions, seed=s.seed)
             else:
                 from . import compose
                 self.net = compose(model, bank, granularity=s.granularity, partitions=s.partitions,
@@ -276,9 +301,11 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def unavailable_reason(name, device):
-    """None when backend `name` runs on `device`, else why not."""
-    from .backends import get_backend
+def unavailable_reason(name, device, bank_dtype="fp32"):
+    """None when backend `name` runs on `device` with a bank in `bank_dtype`, else why not."""
+    from .backends import QUANTIZED_BACKENDS, get_backend
+    if bank_dtype in QUANTIZED_BANKS and name not in QUANTIZED_BACKENDS:
+        return f"does not dequantise {bank_dtype} task vectors yet"
     try:
         return get_backend(name).unavailable_reason(device)
     except Exception as e:  # a backend that cannot even be imported is unavailable, with the reason
@@ -300,7 +327,7 @@ def _check(s: Settings, tick):
     for name in s.backends:
         if name in BASELINES:
             continue
-        reason = unavailable_reason(name, torch.device(s.device))
+        reason = unavailable_reason(name, torch.device(s.device), s.bank_dtype)
         if reason is not None:
             report[name] = {"status": "unavailable", "note": reason}
             tick()
@@ -354,12 +381,13 @@ def _time(s: Settings, variant, tick):
 
 
 def _bandwidth(s: Settings, tick):
-    """Device memory bandwidth from a large tensor copy (median of COPY_REPEATS after one warm-up), and the
-    number of floating parameters the bank holds task vectors for."""
+    """Device memory bandwidth from a large tensor copy (median of COPY_REPEATS after one warm-up), the
+    number of floating parameters the bank holds task vectors for and the bytes of one task vector."""
     import torch
 
     model, _, _ = _load_model(s)
     params = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    per_task = _bank_bytes_per_task(model, s.bank_dtype)
     del model
     device = torch.device(s.device)
     src = torch.ones(COPY_BYTES // 4, device=device)
@@ -381,7 +409,7 @@ def _bandwidth(s: Settings, tick):
             times.append(elapsed)
     tick()
     return {"copy_times_s": times, "bandwidth_gb_s": 2 * COPY_BYTES / statistics.median(times) / 1e9,
-            "bank_params": params}
+            "bank_params": params, "bank_bytes_per_task": per_task}
 
 
 def _proc_status_kb(field_name):
@@ -476,7 +504,7 @@ def _floor(variants, bandwidth, s: Settings):
     if finetune is None or finetune["step_time_s"] is None or bandwidth is None:
         row.update(status="not computed", note="needs a timed finetune and the bandwidth measurement")
         return row
-    bank_bytes = s.tasks * bandwidth["bank_params"] * {"fp32": 4, "bf16": 2, "fp16": 2}[s.bank_dtype]
+    bank_bytes = s.tasks * bandwidth["bank_bytes_per_task"]
     bank_time = 2 * bank_bytes / (bandwidth["bandwidth_gb_s"] * 1e9)
     row.update(step_time_s=finetune["step_time_s"] + bank_time, step_time_spread_s=finetune["step_time_spread_s"],
                images_per_s=s.batch / (finetune["step_time_s"] + bank_time), bank_gb=bank_bytes / 1e9,

@@ -182,6 +182,17 @@ def quantize(tau, fmt, group=DEFAULT_GROUP):
     return QuantizedBlock(q[..., 0::2] | (q[..., 1::2] << 4), scale, group, tau.shape)
 
 
+def storage_bytes(shape, fmt, group=DEFAULT_GROUP):
+    """Bytes of one task vector of a parameter of this shape in an `fmt` bank: data and float32 scales, or
+    float32 values for a block that stays float (1-D)."""
+    if not quantizable(shape):
+        return 4 * math.prod(shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    if fmt == "int8":
+        return rows * cols + 4 * rows
+    return rows * ((cols + 1) // 2) + 4 * rows * -(-cols // group)
+
+
 def squared_error(tau, block):
     """(Σ (τ − deq)², Σ τ²) over the block, in float64: the parts of its relative quantisation error."""
     ref = tau.detach().to(torch.float64)

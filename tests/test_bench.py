@@ -64,6 +64,29 @@ def test_bench_end_to_end(tmp_path, tiny_model):
     assert "torch" in stdout and "rel err" in stdout and "time ×floor" in stdout
 
 
+
+@pytest.mark.parametrize("bank_dtype", ["int8", "int4"])
+def test_bench_quantised_bank(tmp_path, tiny_model, bank_dtype):
+    """--bank-dtype int8 | int4: the torch backend on the quantised bank agrees with naive on its dequantised
+    copy, the floor reads the quantised bytes, and the cuda backend is reported as not dequantising it."""
+    import torch
+    from atlas_fast import quant
+    out = tmp_path / "out"
+    _bench("--model", tiny_model, "--tasks", "2", "--batch", "2", "--steps", "1", "--warmup", "0", "--bank-dtype",
+           bank_dtype, "--backends", "naive,finetune,torch", "--device", "cpu", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["bank_dtype"] == bank_dtype
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert by_name["torch"]["status"] == "ok"
+    assert by_name["torch"]["rel_err_out"] <= bench.TOLERANCE["fp32"][0]
+    assert by_name["torch"]["rel_err_grad"] <= bench.TOLERANCE["fp32"][1]
+    visual, _, _ = bench._load_model(bench.Settings(model=tiny_model))
+    bank = bench._bank(visual, bench.Settings(model=tiny_model, tasks=2, bank_dtype=bank_dtype))
+    assert by_name["floor"]["bank_gb"] == pytest.approx(bank.nbytes / 1e9)
+    assert bank.format == bank_dtype and bank.nbytes < 0.3 * sum(p.numel() for p in visual.parameters()) * 4 * 2
+    assert "dequantise" in bench.unavailable_reason("cuda", torch.device("cpu"), bank_dtype)
+    assert quant.FORMATS == bench.QUANTIZED_BANKS
+
 def test_bench_sweep_tta(tmp_path, tiny_model):
     out = tmp_path / "out"
     _bench("--model", tiny_model, "--batch", "2", "--steps", "2", "--warmup", "0", "--backends", "torch",
@@ -133,7 +156,8 @@ def test_floor_row_arithmetic(tmp_path, monkeypatch, tiny_model):
         if kind == "check":
             return {"torch": {"status": "ok", "rel_err_out": 0.0, "rel_err_grad": 0.0, "note": ""}}
         if kind == "bandwidth":
-            return {"bandwidth_gb_s": 10.0, "bank_params": 1_000_000, "copy_times_s": [0.05] * bench.COPY_REPEATS}
+            return {"bandwidth_gb_s": 10.0, "bank_params": 1_000_000, "bank_bytes_per_task": 2_000_000,
+                    "copy_times_s": [0.05] * bench.COPY_REPEATS}
         if kind == "time":
             return {"step_times_s": {"naive": [3.0], "finetune": [1.0, 2.0, 3.0], "torch": [2.5]}[variant]}
         return {"peak_extra_mb": 5.0}

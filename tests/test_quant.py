@@ -60,6 +60,8 @@ def test_nbytes_and_per_block_errors(fmt, group, limit, max_err):
     tv = synthetic_task_vectors(model, 2)
     q = tv.to(dtype=torch.int8 if fmt == "int8" else "int4", group_size=group)
     assert q.format == fmt and q.nbytes <= limit * tv.nbytes, q.nbytes / tv.nbytes
+    assert q.nbytes == 2 * sum(quant.storage_bytes(p.shape, fmt, group or quant.DEFAULT_GROUP)
+                               for p in model.parameters())
     for name, v in q.vectors.items():
         if tv[name].dim() == 2:
             assert not quant.is_quantized(v) and v.dtype == torch.float32 and torch.equal(v, tv[name])
