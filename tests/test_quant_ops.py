@@ -94,14 +94,18 @@ def test_triton_launchers(fmt, group, M, K, N, P, deterministic):
 
 
 @pytest.mark.parametrize("fmt,group", FORMATS)
-@pytest.mark.parametrize("strategy", ["fused", "merge_once"])
-def test_triton_backend_both_strategies(fmt, group, strategy):
-    from atlas_fast.backends import plan
-    saved = plan.set_strategy(strategy)
+@pytest.mark.parametrize("strategy", ["fused", "merge_once", "keep"])
+def test_triton_backend_strategies(fmt, group, strategy):
+    """Fused kernels, merge-once, and merge-once keeping the forward's merged weight for dx."""
+    from atlas_fast.backends import get_backend, plan
+    saved = plan.set_strategy("merge_once" if strategy == "keep" else strategy), plan.set_keep_budget(
+        1 << 30 if strategy == "keep" else 0)
     try:
         _check_linear("triton", _linear_case(fmt, group, P=2), device=DEVICE)
+        assert get_backend("triton").kept.nbytes() == 0, "dx takes the kept weight"
     finally:
-        plan.set_strategy(saved)
+        plan.set_strategy(saved[0])
+        plan.set_keep_budget(saved[1])
 
 
 def test_triton_bf16_activations():
@@ -209,6 +213,36 @@ def test_opcheck(fmt, group):
     torch.library.opcheck(torch.ops.atlas_fast.merge_blocks_quant.default,
                           ([theta0[0], theta0[1]], [tw.data, tb], [tw.scale, None], [tw.group, 0], coef, [1, 2],
                            "torch"))
+
+
+def test_conv2d_opcheck():
+    x = torch.randn(2, 4, 7, 9, requires_grad=True)
+    w, b = torch.randn(5, 4, 3, 3) * 0.2, torch.randn(5)
+    tw = quant.quantize(torch.randn(2, 5, 4, 3, 3) * 1e-2, "int4", 16)
+    tb, cw, cb = torch.randn(2, 5) * 1e-2, random_coef(2, 1), random_coef(2, 1)
+    args = (x, w, b, tw.data, tb, cw, cb, 1, 2, [1, 1], [1, 1], [1, 1], 1, "torch", tw.scale, tw.group)
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_conv2d.default, args)
+    g = torch.randn_like(torch.ops.atlas_fast.atlas_conv2d(*args))
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_conv2d_backward.default,
+                          (g, x.detach(), w, tw.data, tb, cw.detach(), 1, 2, [1, 1], [1, 1], [1, 1], 1, True, "torch",
+                           tw.scale, tw.group))
+
+
+def test_torch_compile_fullgraph():
+    """A composed model on an int4 bank traces into one graph (the quantised blocks are unpacked into the ops'
+    tensor arguments in Python) and gives the eager outputs and gradients."""
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(2, 3, 5, 5)
+    atlas = compose(model, synthetic_task_vectors(model, 2, rel_scale=0.05).to(dtype="int4", group_size=16),
+                    partitions=2, backend="torch")
+    with torch.no_grad():
+        atlas.coefficients.uniform_(-0.5, 0.5)
+    eager = atlas(x)
+    g = torch.randn_like(eager)
+    grad = torch.autograd.grad(eager, atlas.coefficients, g)[0]
+    out = torch.compile(atlas, fullgraph=True, backend="aot_eager")(x)
+    assert_rel(out.detach(), eager.detach(), 1e-6)
+    assert_rel(torch.autograd.grad(out, atlas.coefficients, g)[0], grad, 1e-6, "coefficient gradient")
 
 
 def test_quantised_bias_is_refused():
