@@ -27,9 +27,6 @@ import torch
 FORMATS = ("int8", "int4")
 DEFAULT_GROUP = 128
 _QMAX = {"int8": 127, "int4": 7}
-# Scales as float32 whatever the task vectors' dtype: a half-precision scale of a small τ (1e-3 / 127) is
-# subnormal and keeps three significant bits.
-SCALE_DTYPE = torch.float32
 
 
 def format_of(dtype):
@@ -129,9 +126,6 @@ class QuantizedBlock:
 
     def to(self, device=None):
         return QuantizedBlock(self.data.to(device), self.scale.to(device), self.group, self.shape)
-
-    def contiguous(self):
-        return QuantizedBlock(self.data.contiguous(), self.scale.contiguous(), self.group, self.shape)
 
     def dequantize_rows(self, r0, r1, out):
         """Write the float values of rows [r0, r1) of every task vector into out, (T, (r1 − r0)·cols) of a
@@ -234,7 +228,8 @@ def get_tau(module, name):
 
 def apply_keeping_scales(module, apply, fn):
     """module._apply through `apply(fn)`, with the scale buffers kept float32 through .half()/.bfloat16()
-    (moved to the new device all the same)."""
+    (moved to the new device all the same): a half-precision scale of a small τ (1e-3 / 127) is subnormal and
+    keeps three significant bits."""
     names = [f"{n}_scale" for n in module.__dict__.get("_quant_meta", {})]
     before = {n: module._buffers[n] for n in names}
     result = apply(fn)
