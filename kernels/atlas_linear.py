@@ -98,10 +98,17 @@ def _task_strides(rows, K, QUANT: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _merged_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, row, col, mask, key, rows, K, T: tl.constexpr,
-                 P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
+def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, numel, T: tl.constexpr, P: tl.constexpr):
+    """_merged_quant_tile of a float bank, for a tile of flat indices of a block of `numel` elements (the
+    grouped kernels of atlas_linear_grouped.py merge with it)."""
+    return _merged_quant_tile(theta_ptr, tau_ptr, tau_ptr, coef_ptr, flat, flat, 0, mask, key, numel, 1, T, P, 0, 1)
+
+
+@triton.jit
+def _merged_quant_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, row, col, mask, key, rows, K,
+                       T: tl.constexpr, P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
     """θ0[flat] + Σ_t c[t, k(flat)] τ_t[flat] in float32, for a tile of flat indices flat = row·K + col of a
-    (rows, K) block, any tile shape.
+    (rows, K) block, any tile shape, any bank (float, int8, int4).
 
     theta_ptr: θ0 of the block, contiguous · tau_ptr: τ (T, rows, K), or its int8/int4 data, contiguous ·
     scale_ptr: the scales of a quantised τ (unused when QUANT = 0) · coef_ptr: c (T, P) float32, contiguous.
@@ -168,12 +175,11 @@ def atlas_linear_fwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # The merged tile is loaded transposed, (BLOCK_K, BLOCK_N), indexed by the flat n·K + k.
         flat = offs_n[None, :] * K + offs_k[:, None]
-        w = _merged_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[None, :], offs_k[:, None],
-                         mask_k[:, None] & mask_n[None, :], key_w, N, K, T, P, QUANT, GROUP)
+        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[None, :], offs_k[:, None],
+                               mask_k[:, None] & mask_n[None, :], key_w, N, K, T, P, QUANT, GROUP)
         acc = _dot(x, w, acc, UPCAST, PRECISION)
     if HAS_BIAS:
-        bias = _merged_tile(b_ptr, tau_b_ptr, tau_b_ptr, coef_b_ptr, offs_n, offs_n, 0, mask_n, key_b, N, 1, T_B, P,
-                            0, 1)
+        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, N, T_B, P)
         acc += bias[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -208,8 +214,8 @@ def atlas_linear_dx_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         flat = offs_n[:, None] * K + offs_k[None, :]
-        w = _merged_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[:, None], offs_k[None, :],
-                         mask_n[:, None] & mask_k[None, :], key_w, N, K, T, P, QUANT, GROUP)
+        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[:, None], offs_k[None, :],
+                               mask_n[:, None] & mask_k[None, :], key_w, N, K, T, P, QUANT, GROUP)
         acc = _dot(dy, w, acc, UPCAST, PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -296,8 +302,8 @@ def atlas_linear_merge_kernel(
 ):
     flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = flat < numel
-    merged = _merged_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, flat // K, flat % K, mask, key, numel // K,
-                          K, T, P, QUANT, GROUP)
+    merged = _merged_quant_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, flat // K, flat % K, mask, key,
+                                numel // K, K, T, P, QUANT, GROUP)
     tl.store(out_ptr + flat, merged.to(out_ptr.dtype.element_ty), mask=mask)
 
 

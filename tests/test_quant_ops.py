@@ -268,7 +268,7 @@ from triton.compiler import ASTSource
 from atlas_fast.kernels import atlas_linear as k
 
 act, quant = "{act}", {quant}
-data = "i8" if quant == 1 else "u8"
+data = {{0: "bf16", 1: "i8", 2: "u8"}}[quant]
 common = dict(M="i32", N="i32", K="i32", key_w="i32")
 kernels = [
     (k.atlas_linear_fwd_kernel, dict(x_ptr="*" + act, w_ptr="*fp32", tau_w_ptr="*" + data, scale_w_ptr="*fp32",
@@ -300,9 +300,10 @@ triton.compile(ASTSource(fn, {{n: signature[n] for n in fn.arg_names}}, constant
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("act,quant_kind", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
+@pytest.mark.parametrize("act,quant_kind", [("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 1)])
 def test_quantised_kernels_compile_for_sm90(act, quant_kind):
-    """The interpreter does not lower the kernels; compiling the int8 (1) and int4 (2) variants for Hopper does."""
+    """The interpreter does not lower the kernels; compiling the float (0), int8 (1) and int4 (2) variants for
+    Hopper does."""
     import os
     import subprocess
     import sys
