@@ -70,6 +70,9 @@ def _run_bench_groups(args, s):
     from . import bench_grouped
     if not 1 <= args.groups <= s.batch or s.model.endswith(".json"):
         args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
+    if s.bank_dtype not in bench_grouped.BANK_DTYPES:
+        args.parser.error(f"--groups with --bank-dtype {s.bank_dtype}: grouped compositions take float banks "
+                          f"({', '.join(bench_grouped.BANK_DTYPES)})")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
     g = bench_grouped.GroupSettings(model=s.model, tasks=s.tasks, batch=s.batch, groups=args.groups, device=s.device,
                                     backend=backend, bank_dtype=s.bank_dtype, granularity=s.granularity,
@@ -123,8 +126,10 @@ def _add_bank(sub):
     p.add_argument("--out", required=True, help="output bank file (.safetensors)")
     p.add_argument("--prefix", default="visual.", help="keep entries under this prefix, stripped (default "
                                                        "'visual.': the image tower of an open_clip CLIP; '' for all)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="storage dtype of the bank")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "int8", "int4"),
+                   help="storage of the bank: int8 has one scale per output row, int4 one per --group-size "
+                        "input columns (1-D blocks stay float32); the quantisation error per block is printed")
+    p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled-module checkpoints (runs code from the file: only for files you trust)")
     p.set_defaults(run=_run_bank, parser=p)
@@ -133,10 +138,13 @@ def _add_bank(sub):
 def _run_bank(args):
     from .adapt import build_bank
     try:
-        tv = build_bank(args.pretrained, args.finetuned, args.out, args.prefix, args.dtype, args.allow_pickle)
+        tv = build_bank(args.pretrained, args.finetuned, args.out, args.prefix, args.dtype, args.allow_pickle,
+                        args.group_size)
     except _user_errors() as e:
         _fail(args, e)
     print(f"wrote {args.out}: {tv}")
+    if tv.format in ("int8", "int4"):
+        print(tv.quantization_report(blocks=5))
     return 0
 
 

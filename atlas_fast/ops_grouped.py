@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import quant
 from .backends.grouped import implementation, merge_blocks_grouped as _merge_grouped_impl
 from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
 from .ops import _autocast, _check_bias, _check_block
@@ -216,6 +217,9 @@ _merge_grouped.register_autograd(_merge_grad, setup_context=_merge_setup)
 # ---------------------------------------------------------------- functional entry points
 
 def _check_grouped(what, theta0, tau, coef, G=None):
+    if quant.is_quantized(tau):
+        raise NotImplementedError(f"{what}: the grouped ops do not dequantise {tau.format} task vectors yet; "
+                                  f"use a float bank (TaskVectors.to(dtype=torch.float32))")
     if coef.dim() != 3:
         raise ValueError(f"{what}: grouped coefficients must be (G, T, P), got {tuple(coef.shape)}")
     _check_block(what, theta0, tau, coef[0])

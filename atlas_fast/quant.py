@@ -127,6 +127,13 @@ class QuantizedBlock:
     def to(self, device=None):
         return QuantizedBlock(self.data.to(device), self.scale.to(device), self.group, self.shape)
 
+    def index_select(self, dim, index):
+        """The task vectors at `index` (dim 0 only: a row's values share their scales)."""
+        if dim != 0:
+            raise ValueError(f"quantised task vectors select along the task axis (dim 0), not dim {dim}")
+        return QuantizedBlock(self.data.index_select(0, index), self.scale.index_select(0, index), self.group,
+                              (len(index), *self.shape[1:]))
+
     def dequantize_rows(self, r0, r1, out):
         """Write the float values of rows [r0, r1) of every task vector into out, (T, (r1 − r0)·cols) of a
         float dtype; returns out."""

@@ -86,6 +86,27 @@ def _adapt_error(world, capsys, *extra, data=None, bank=None, classnames=None):
     return err[-1]
 
 
+@pytest.mark.parametrize("dtype, bound", [("int8", 0.01), ("int4", 0.15)])
+def test_quantised_bank(world, tmp_path, capsys, dtype, bound):
+    from atlas_fast import TaskVectors
+    w = world
+    bank = tmp_path / f"{dtype}.safetensors"
+    args = ["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", str(bank), "--dtype", dtype]
+    assert main(args + (["--group-size", "16"] if dtype == "int4" else [])) == 0
+    out = capsys.readouterr().out
+    assert f"{dtype} bank" in out and "relative error per block" in out
+    tv = TaskVectors.load(bank)
+    assert tv.format == dtype
+    # against τ taken directly from the checkpoints
+    base = torch.load(w["theta0"], weights_only=True)
+    for t, path in enumerate(w["finetuned"]):
+        tuned = torch.load(path, weights_only=True)
+        for name, v in tv.to(dtype=torch.float32).vectors.items():
+            tau = tuned["visual." + name].float() - base["visual." + name].float()
+            if tau.norm() > 0:
+                assert ((v[t] - tau).norm() / tau.norm()).item() < bound, name
+
+
 def test_missing_files(world, tmp_path, capsys):
     assert "nope.safetensors: no such task-vector file" in _adapt_error(
         world, capsys, bank=str(tmp_path / "nope.safetensors"))

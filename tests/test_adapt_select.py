@@ -96,6 +96,24 @@ def test_random_selection_is_seeded_and_reads_no_data(world):
     assert 0 < int(a.sum()) < len(a)                           # both task vectors are drawn
 
 
+def test_quantised_bank_keeps_its_chosen_values_and_scales(world):
+    from atlas_fast import TaskVectors
+    bank = TaskVectors.load(world["bank"]).quantize(torch.int8)
+    sel = select_blocks(world["config"], bank, None, keep=1, method="random", seed=3, pretrained=world["theta0"],
+                        progress=False)
+    assert sel.bank.format == "int8"
+    quantised = 0
+    for entry in sel.record["blocks"]:
+        t = entry["chosen"][0]
+        got, want = sel.bank[entry["name"]], bank[entry["name"]]
+        if hasattr(want, "scale"):
+            assert torch.equal(got.data[0], want.data[t]) and torch.equal(got.scale[0], want.scale[t])
+            quantised += 1
+        else:
+            assert torch.equal(got[0], want[t])
+    assert quantised > 0
+
+
 def test_a_module_is_left_as_it_was(world):
     from atlas_fast.adapt.models import load_clip
     clip, preprocess, _ = load_clip(world["config"], world["theta0"])

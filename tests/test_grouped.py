@@ -171,6 +171,9 @@ def test_linear_checks():
         atlas_linear_grouped(x, index[:-1], weight, b, tau_w, tau_b, cw, cb, backend="torch")
     with pytest.raises(ValueError, match=r"\(G, T, P\)"):
         atlas_linear_grouped(x, index, weight, b, tau_w, tau_b, cw[0], cb, backend="torch")
+    from atlas_fast import quant
+    with pytest.raises(NotImplementedError, match="weight: the grouped ops do not dequantise int8"):
+        atlas_linear_grouped(x, index, weight, b, quant.quantize(tau_w, "int8"), tau_b, cw, cb, backend="torch")
 
 
 def test_opcheck():

@@ -200,7 +200,7 @@ from triton.compiler import ASTSource
 from atlas_fast.kernels import atlas_linear as k
 
 act, bank = "{act}", "{bank}"
-common = dict(M="i32", N="i32", K="i32", key_w="i32")
+common = dict(M="i32", N="i32", K="i32", key_w="i32", scale_w_ptr="*fp32")
 kernels = [
     (k.atlas_linear_fwd_kernel, dict(x_ptr="*" + act, w_ptr="*fp32", tau_w_ptr="*" + bank, coef_w_ptr="*fp32",
      b_ptr="*fp32", tau_b_ptr="*" + bank, coef_b_ptr="*fp32", y_ptr="*" + act, stride_xm="i32", stride_xk="i32",
@@ -213,7 +213,7 @@ kernels = [
      dict(DETERMINISTIC=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_M=4)),
 ]
 for fn, signature, constants in kernels:
-    constants.update(P=3, UPCAST=act == "fp32", PRECISION="ieee")
+    constants.update(P=3, QUANT=0, GROUP=1, UPCAST=act == "fp32", PRECISION="ieee")
     signature.update(common)
     signature.update({{name: "constexpr" for name in constants}})
     signature = {{name: signature[name] for name in fn.arg_names}}
