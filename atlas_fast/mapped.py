@@ -69,13 +69,17 @@ def is_mapped(tensor):
     return hasattr(tensor, _RANGE)
 
 
-def release(tensor):
-    """Drop the pages of a tensor returned by map_safetensors() from this process (no-op for others). Its
-    values stay: the next read brings them back from the file (or the kernel's page cache)."""
+def release(tensor, start=0, stop=None):
+    """Drop the pages of elements [start, stop) (in storage order) of a tensor returned by map_safetensors()
+    from this process; a no-op for other tensors. The values stay: the next read brings them back from the
+    file (or the kernel's page cache)."""
     if not is_mapped(tensor):
         return
     mapping, offset, length = getattr(tensor, _RANGE)
-    lo = (offset + _PAGE - 1) // _PAGE * _PAGE   # whole pages inside the tensor only: neighbours keep theirs
-    hi = (offset + length) // _PAGE * _PAGE
+    size = tensor.element_size()
+    stop = length // size if stop is None else stop
+    first, last = offset + start * size, offset + stop * size
+    lo = (first + _PAGE - 1) // _PAGE * _PAGE   # whole pages inside the range only: neighbours keep theirs
+    hi = last // _PAGE * _PAGE
     if hi > lo:
         mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

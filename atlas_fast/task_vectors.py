@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 
-from . import quant
+from . import mapped, quant
 from .checkpoints import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -305,35 +305,51 @@ class TaskVectors:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path, device="cpu"):
+    def load(cls, path, device="cpu", mmap=False):
+        """A bank saved by save(). mmap=True (device "cpu") maps the file instead of reading it (mapped.py): the
+        tensors are views of the file, read from disk when first used, so opening costs no memory, processes
+        that open one file share one copy in the kernel's page cache, and the kernel can evict the pages of a
+        bank larger than the memory. Its finite check reads the file once, a block at a time, and gives each
+        block's pages back."""
         from safetensors import safe_open
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such task-vector file")
+        if mmap and torch.device(device).type != "cpu":
+            raise ValueError(f"{path}: mmap=True maps the file into host memory; load with device='cpu' "
+                             f"(then .to({str(device)!r}) copies it), not device={str(device)!r}")
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                meta = f.metadata() or {}
-                if meta.get("format") not in (FORMAT, QUANT_FORMAT):
-                    raise ValueError(f"{path}: not an atlas_fast task-vector file (format={meta.get('format')!r})")
-                names = json.loads(meta["names"])
-                shapes = json.loads(meta.get("shapes", "{}"))
-                group = int(meta.get("group_size", "0"))
-                vectors = {}
-                for k in names:
-                    if k in shapes:
-                        vectors[k] = _read_block(path, k, f.get_tensor(k), f.get_tensor(k + SCALE_SUFFIX), group,
-                                                 shapes[k])
-                    else:
-                        vectors[k] = f.get_tensor(k)
+            if mmap:
+                tensors, meta = mapped.map_safetensors(path)
+                vectors = _read_vectors(path, meta, tensors.__getitem__)
+            else:
+                with safe_open(path, framework="pt", device=str(device)) as f:
+                    meta = f.metadata() or {}
+                    vectors = _read_vectors(path, meta, f.get_tensor)
         except ValueError:
             raise
         except Exception as e:
             raise ValueError(f"{path}: unreadable or truncated task-vector file ({e})") from e
         tv = cls(vectors, sources=json.loads(meta["sources"]), skipped=json.loads(meta.get("skipped", "{}")),
-                 quant_errors=json.loads(meta.get("quant_errors", "{}")))
+                 quant_errors=json.loads(meta.get("quant_errors", "{}")), check_finite=not mmap)
         if tv.num_tasks != int(meta["num_tasks"]) or tv.format != meta["dtype"]:
             raise ValueError(f"{path}: contents disagree with its metadata (T, dtype)")
+        if mmap:
+            for name, v in tv.vectors.items():
+                _check_finite(v.scale if quant.is_quantized(v) else v, name, tv.sources)
+                if quant.is_quantized(v):
+                    mapped.release(v.data)
         return tv
+
+
+def _read_vectors(path, meta, get):
+    """{name: tensor or QuantizedBlock} of a bank file, its tensors read with get(name)."""
+    if meta.get("format") not in (FORMAT, QUANT_FORMAT):
+        raise ValueError(f"{path}: not an atlas_fast task-vector file (format={meta.get('format')!r})")
+    shapes = json.loads(meta.get("shapes", "{}"))
+    group = int(meta.get("group_size", "0"))
+    return {k: _read_block(path, k, get(k), get(k + SCALE_SUFFIX), group, shapes[k]) if k in shapes else get(k)
+            for k in json.loads(meta["names"])}
 
 
 def _read_block(path, name, data, scale, group, shape):
@@ -369,11 +385,21 @@ def _nbytes(v):
     return v.nbytes if quant.is_quantized(v) else v.numel() * v.element_size()
 
 
+# Elements per step of the finite scan: bounds its temporaries (isfinite builds |v| and masks) and, for a mapped
+# bank, the pages resident at once.
+_SCAN = 1 << 22
+
+
 def _check_finite(v, name, sources):
-    bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
-    if bad.any():
-        t = int(torch.nonzero(bad)[0])
-        raise ValueError(f"TaskVectors: block {name!r} of task vector {t} ({sources[t]!r}) has non-finite values")
+    flat = v.reshape(-1)
+    per_task = max(1, flat.numel() // max(1, v.shape[0]))
+    for s in range(0, flat.numel(), _SCAN):
+        part = flat[s:s + _SCAN]
+        if not torch.isfinite(part).all():
+            t = (s + int(torch.nonzero(~torch.isfinite(part))[0])) // per_task
+            raise ValueError(f"TaskVectors: block {name!r} of task vector {t} ({sources[t]!r}) has non-finite "
+                             f"values")
+        mapped.release(v, s, s + part.numel())
 
 
 def synthetic_task_vectors(model, num_tasks, rel_scale=1e-2, dtype=torch.float32, seed=0):

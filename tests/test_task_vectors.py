@@ -140,3 +140,60 @@ def test_failed_save_keeps_the_old_file(models, tmp_path):
         broken.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, "int4"])
+def test_memory_mapped_bank_equals_the_file(models, tmp_path, dtype):
+    from safetensors.torch import load_file
+    base, tuned = models
+    tv = TaskVectors.from_models(base, tuned, dtype=dtype)
+    path = tmp_path / "bank.safetensors"
+    tv.save(path)
+    mapped = TaskVectors.load(path, mmap=True)
+    raw = load_file(str(path))      # the file as the safetensors library reads it
+    assert mapped.names == tv.names and mapped.sources == tv.sources and mapped.format == tv.format
+    for name in tv.names:
+        v = mapped[name]
+        if hasattr(v, "scale"):
+            assert torch.equal(v.data, raw[name]) and torch.equal(v.scale, raw[name + "::scale"])
+        else:
+            assert torch.equal(v, raw[name])
+    with pytest.raises(ValueError, match="mmap=True maps the file into host memory"):
+        TaskVectors.load(path, device="meta", mmap=True)
+
+
+def test_memory_mapped_bank_opens_without_reading_it(tmp_path):
+    T, n = 4, 3072
+    bank = TaskVectors({f"layer{i}.weight": torch.randn(T, n, n) * 1e-3 for i in range(2)})   # 288 MiB
+    path = tmp_path / "big.safetensors"
+    bank.save(path)
+    size_mb = path.stat().st_size / 2**20
+    del bank
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                          # resets the resident high-water mark
+    before, before_file = _rss_kb("VmRSS"), _rss_kb("RssFile")
+    mapped = TaskVectors.load(path, mmap=True)     # maps, scans for non-finite values, gives the pages back
+    peak_mb = (_rss_kb("VmHWM") - before) / 1024
+    assert peak_mb < size_mb / 4, (peak_mb, size_mb)
+    assert (_rss_kb("RssFile") - before_file) / 1024 < 16     # none of the bank's pages stay resident
+    assert mapped["layer1.weight"][3, 5].abs().sum() > 0
+
+
+def test_memory_mapped_bank_refuses_non_finite_values(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+    base, tuned = models
+    path = tmp_path / "bank.safetensors"
+    TaskVectors.from_models(base, tuned).save(path)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["2.weight"][1, 0, 0] = float("inf")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"block '2.weight' of task vector 1 .* non-finite"):
+        TaskVectors.load(path, mmap=True)

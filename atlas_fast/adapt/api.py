@@ -79,7 +79,8 @@ def _tokenizer_for(clip):
 def _load_bank(bank, device):
     if isinstance(bank, TaskVectors):
         return bank.to(device)
-    return TaskVectors.load(bank, device=str(device))
+    # on a CPU the bank is mapped, not read: the processes of a data-parallel run share one copy of it
+    return TaskVectors.load(bank, device=str(device), mmap=device.type == "cpu")
 
 
 def _compose(loaded, bank, bank_name, **kwargs):
@@ -375,15 +376,19 @@ def merge(model, bank, coefficients, out, pretrained=None, backend="auto", devic
     return out
 
 
-def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", allow_pickle=False):
-    """Build a task-vector bank (τ_t = finetuned_t − pretrained) from checkpoint files and save it to `out`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+BANK_DTYPES = {**DTYPES, "int8": torch.int8, "int4": "int4"}
+
+
+def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", allow_pickle=False, group_size=None):
+    """Build a task-vector bank (τ_t = finetuned_t − pretrained) from checkpoint files and save it to `out`.
+    dtype: float32, bfloat16, float16, int8 (per-row scales) or int4 (scales per group_size input columns)."""
+    if dtype not in BANK_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(BANK_DTYPES)}")
     finetuned = _as_list(finetuned)
     if not finetuned:
         raise ValueError("finetuned: no fine-tuned checkpoint given")
-    tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=DTYPES[dtype], prefix=prefix or None,
-                                      allow_pickle=allow_pickle)
+    tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=BANK_DTYPES[dtype], prefix=prefix or None,
+                                      allow_pickle=allow_pickle, group_size=group_size)
     tv.save(out)
     return tv
 
