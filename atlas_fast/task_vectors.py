@@ -387,7 +387,7 @@ def _nbytes(v):
 
 # Elements per step of the finite scan: bounds its temporaries (isfinite builds |v| and masks) and, for a mapped
 # bank, the pages resident at once.
-_SCAN = 1 << 22
+_SCAN = 1 << 20
 
 
 def _check_finite(v, name, sources):
