@@ -39,14 +39,15 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from . import quant
 from .backends import BACKENDS as BACKEND_NAMES
 
 BASELINES = ("naive", "finetune")
 VARIANTS = BASELINES + BACKEND_NAMES
 # Step-time ratios are given against each of these; "floor" is computed, never run.
 RATIO_BASES = BASELINES + ("floor",)
-BANK_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
-QUANTIZED_BANKS = ("int8", "int4")
+QUANTIZED_BANKS = quant.FORMATS
+BANK_DTYPES = ("fp32", "bf16", "fp16") + QUANTIZED_BANKS
 SWEEP_PARAMS = ("tasks", "batch")
 # Relative-error tolerances against naive (output, coefficient gradient), by compute dtype.
 TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (3e-2, 6e-2)}

@@ -136,6 +136,7 @@ def _add_bank(sub):
 
 
 def _run_bank(args):
+    from . import quant
     from .adapt import build_bank
     try:
         tv = build_bank(args.pretrained, args.finetuned, args.out, args.prefix, args.dtype, args.allow_pickle,
@@ -143,7 +144,7 @@ def _run_bank(args):
     except _user_errors() as e:
         _fail(args, e)
     print(f"wrote {args.out}: {tv}")
-    if tv.format in ("int8", "int4"):
+    if tv.format in quant.FORMATS:
         print(tv.quantization_report(blocks=5))
     return 0
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch.utils.data import ConcatDataset
 
+from .. import quant
 from ..compose import compose
 from ..task_vectors import DTYPES, TaskVectors, atomic_write, read_state_dict
 from . import distributed
@@ -376,18 +377,15 @@ def merge(model, bank, coefficients, out, pretrained=None, backend="auto", devic
     return out
 
 
-BANK_DTYPES = {**DTYPES, "int8": torch.int8, "int4": "int4"}
-
-
 def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", allow_pickle=False, group_size=None):
     """Build a task-vector bank (τ_t = finetuned_t − pretrained) from checkpoint files and save it to `out`.
     dtype: float32, bfloat16, float16, int8 (per-row scales) or int4 (scales per group_size input columns)."""
-    if dtype not in BANK_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(BANK_DTYPES)}")
+    if dtype not in DTYPES and dtype not in quant.FORMATS:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join((*DTYPES, *quant.FORMATS))}")
     finetuned = _as_list(finetuned)
     if not finetuned:
         raise ValueError("finetuned: no fine-tuned checkpoint given")
-    tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=BANK_DTYPES[dtype], prefix=prefix or None,
+    tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=DTYPES.get(dtype, dtype), prefix=prefix or None,
                                       allow_pickle=allow_pickle, group_size=group_size)
     tv.save(out)
     return tv
