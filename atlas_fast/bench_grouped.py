@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .bench import _proc_status_kb
+
 VARIANTS = ("grouped", "separate", "merged")
 BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -126,11 +128,6 @@ def _times(fn, s):
     return out
 
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def measure(variant, s: GroupSettings, vit=None):
     """One variant in this process: {"infer_s": [...], "train_s": [...] or None, "peak_extra_mb": float}."""
     if s.threads:
@@ -143,11 +140,11 @@ def measure(variant, s: GroupSettings, vit=None):
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        base = _rss_kb("VmRSS") * 1024
+        base = _proc_status_kb("VmRSS") * 1024
     runner = _Variant(variant, model, coef, index, images)
     result = {"infer_s": _times(runner.infer, s),
               "train_s": _times(runner.train, s) if variant != "merged" else None}
-    peak = torch.cuda.max_memory_allocated(s.device) if cuda else _rss_kb("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated(s.device) if cuda else _proc_status_kb("VmHWM") * 1024
     result["peak_extra_mb"] = (peak - base) / 1e6
     return result
 

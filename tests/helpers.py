@@ -5,6 +5,12 @@ import torch
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}
 
 
+def resident_mb(field="VmRSS"):
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, RssFile, ...), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()

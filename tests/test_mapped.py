@@ -6,10 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from atlas_fast.mapped import is_mapped, map_safetensors, release
 
-
-def _rss_mb(field="VmRSS"):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+from helpers import resident_mb
 
 
 @pytest.fixture
@@ -41,14 +38,14 @@ def test_mapped_tensors_equal_a_plain_read(tensors, tmp_path):
 def test_opening_reads_nothing_and_release_gives_pages_back(tmp_path):
     path = tmp_path / "big.safetensors"
     save_file({"big": torch.randn(64, 1024, 1024)}, str(path))    # 256 MiB
-    before = _rss_mb()
+    before = resident_mb()
     mapped, _ = map_safetensors(path)
-    assert _rss_mb() - before < 16
+    assert resident_mb() - before < 16
     big = mapped["big"]
     total = big.sum(dtype=torch.float64).item()    # touches every page
-    assert _rss_mb() - before > 200
+    assert resident_mb() - before > 200
     release(big)
-    assert _rss_mb() - before < 16
+    assert resident_mb() - before < 16
     assert big.sum(dtype=torch.float64).item() == total    # read again from the file
 
 

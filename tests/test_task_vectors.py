@@ -5,6 +5,8 @@ import torch.nn as nn
 
 from atlas_fast import TaskVectors
 
+from helpers import resident_mb
+
 
 def _net(seed):
     torch.manual_seed(seed)
@@ -142,11 +144,6 @@ def test_failed_save_keeps_the_old_file(models, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]
 
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, "int4"])
 def test_memory_mapped_bank_equals_the_file(models, tmp_path, dtype):
     from safetensors.torch import load_file
@@ -176,11 +173,11 @@ def test_memory_mapped_bank_opens_without_reading_it(tmp_path):
     del bank
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                          # resets the resident high-water mark
-    before, before_file = _rss_kb("VmRSS"), _rss_kb("RssFile")
+    before, before_file = resident_mb("VmRSS"), resident_mb("RssFile")
     mapped = TaskVectors.load(path, mmap=True)     # maps, scans for non-finite values, gives the pages back
-    peak_mb = (_rss_kb("VmHWM") - before) / 1024
+    peak_mb = resident_mb("VmHWM") - before
     assert peak_mb < size_mb / 4, (peak_mb, size_mb)
-    assert (_rss_kb("RssFile") - before_file) / 1024 < 16     # none of the bank's pages stay resident
+    assert resident_mb("RssFile") - before_file < 16     # none of the bank's pages stay resident
     assert mapped["layer1.weight"][3, 5].abs().sum() > 0
 
 
