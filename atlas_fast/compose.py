@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import quant
+from . import lowrank, quant
 from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
 from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients, _AtlasBlocks
 from .ops import merge_blocks
 from .ops_grouped import merge_blocks_grouped
-from .task_vectors import atomic_write
+from .task_vectors import LOWRANK, atomic_write
 
 COEF_FORMAT = "atlas_fast.coefficients/2"
 _COEF_FORMATS = ("atlas_fast.coefficients/1", COEF_FORMAT)   # /1 files carry no bank fingerprint
@@ -257,10 +257,10 @@ class AtlasModel(nn.Module):
         outputs and gradients are those of a model composed with its group's coefficients alone. Only a call of
         this AtlasModel is grouped, not a call of a submodule or of the wrapped model. Each sample runs as a
         batch of one: dropout draws per sample; statistics over the batch (BatchNorm in training mode) cannot
-        be grouped. Not available with int8 or int4 task vectors (NotImplementedError)."""
+        be grouped. Not available with int8, int4 or low-rank task vectors (NotImplementedError)."""
         fmt = self.atlas.bank_format
         if fmt is not None:
-            raise NotImplementedError(f"groups: grouped compositions do not dequantise {fmt} task vectors yet; "
+            raise NotImplementedError(f"groups: grouped compositions do not take {fmt} task vectors yet; "
                                       f"compose a float bank (task_vectors.to(dtype=torch.bfloat16)) to group")
         shape = tuple(self.coefficients.shape)
         if not isinstance(coefficients, torch.Tensor) or coefficients.dim() != len(shape) + 1 \
@@ -435,6 +435,11 @@ class AtlasModel(nn.Module):
         sq = torch.zeros(T, dtype=torch.float64)
         total = torch.zeros(T, dtype=torch.float64)
         for _, _, tau in self._theta0_and_tau():
+            if lowrank.is_lowrank(tau):
+                block_sq, block_total = lowrank.fingerprint(tau)
+                sq += block_sq.cpu()
+                total += block_total.cpu()
+                continue
             flat = (tau.dequantize(torch.float64) if quant.is_quantized(tau) else tau).reshape(T, -1)
             sq += flat.double().pow(2).sum(1).cpu()
             total += flat.double().sum(1).cpu()
@@ -524,7 +529,7 @@ def _check_backend(backend, device, bank_format=None):
     quantised bank: a backend that does not dequantise it raises NotImplementedError)."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS + ('auto',)}")
-    resolve(backend, device, torch.float32, bank=bank_format)
+    resolve(backend, device, torch.float32, bank=bank_format if bank_format in quant.FORMATS else None)
 
 
 def _check_not_composed(model):
@@ -573,13 +578,18 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
     Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
     An int8 or int4 bank runs on the torch and triton backends, dequantised inside each merge and reduction;
-    backend="cuda" and grouped calls raise NotImplementedError for it.
+    backend="cuda" and grouped calls raise NotImplementedError for it. A low-rank bank runs on every backend
+    (its factored blocks as GEMMs of inner size T·r, ops_lowrank) with partitions=1; grouped calls refuse it.
     """
     _check_not_composed(model)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    bank_format = task_vectors.format if task_vectors.format in quant.FORMATS else None
+    bank_format = task_vectors.format if task_vectors.format in quant.FORMATS + (LOWRANK,) else None
     _check_backend(backend, device, bank_format)
+    if bank_format == LOWRANK and partitions != 1:
+        raise ValueError(f"compose(partitions={partitions}): a low-rank bank takes partitions=1 (partitions mask τ "
+                         f"element by element, which a factored τ = B·A cannot do without forming it); use "
+                         f"task_vectors.to(dtype=torch.float32) for a dense bank")
     buffers = dict(model.named_buffers())
     bank_names = task_vectors.names
     if prefix:

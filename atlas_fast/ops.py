@@ -20,8 +20,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import quant
+from . import lowrank, quant
 from .backends import resolve
+from .ops_lowrank import _linear_lowrank  # noqa: F401  (registers the low-rank ops)
 
 _EMPTY = (0,)
 
@@ -300,6 +301,10 @@ def atlas_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
     _check_bias(bias, tau_b, coef_b, coef_w)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    if lowrank.is_lowrank(tau_w):
+        return torch.ops.atlas_fast.atlas_linear_lowrank(_autocast(x), weight, _lowrank_bias(bias, tau_b, coef_b, key_b,
+                                                                                             coef_w, backend),
+                                                         tau_w.a, tau_w.bt, coef_w)
     data, scale, group = _unpack(tau_w)
     return torch.ops.atlas_fast.atlas_linear(_autocast(x), weight, bias, data, tau_b, coef_w, coef_b, key_w, key_b,
                                        backend, scale, group)
@@ -313,6 +318,10 @@ def atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
     if weight.dim() != 4 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
+    if lowrank.is_lowrank(tau_w):
+        w = torch.ops.atlas_fast.merge_lowrank(weight, tau_w.a, tau_w.bt, coef_w)
+        b = _lowrank_bias(bias, tau_b, coef_b, key_b, coef_w, backend)
+        return torch.nn.functional.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation), groups)
     data, scale, group = _unpack(tau_w)
     return torch.ops.atlas_fast.atlas_conv2d(_autocast(x), weight, bias, data, tau_b, coef_w, coef_b, key_w, key_b,
                                        list(stride), list(padding), list(dilation), groups, backend, scale, group)
@@ -320,14 +329,45 @@ def atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
 
 def merge_blocks(theta0, tau, coef, keys, backend="auto"):
     """[θ0_b + Σ_t coef[t, b, k] τ_b,t] for lists of blocks; coef (T, B, K) float32. A block's task vectors may
-    be a quant.QuantizedBlock."""
+    be a quant.QuantizedBlock or a lowrank.LowRankBlock."""
     if not (len(theta0) == len(tau) == len(keys) == coef.shape[1]):
         raise ValueError(f"merge_blocks: {len(theta0)} blocks, {len(tau)} task-vector stacks, {len(keys)} keys, "
                          f"coefficients for {coef.shape[1]}")
     for b, (t0, tv) in enumerate(zip(theta0, tau)):
         _check_block(f"block {b}", t0, tv, coef[:, b])
+    factored = [b for b, t in enumerate(tau) if lowrank.is_lowrank(t)]
+    if factored:
+        return _merge_some_lowrank(theta0, tau, coef, keys, backend, factored)
     if not any(quant.is_quantized(t) for t in tau):
         return torch.ops.atlas_fast.merge_blocks(list(theta0), list(tau), coef, list(keys), backend)
     data, scales, groups = zip(*map(_unpack, tau))
     return torch.ops.atlas_fast.merge_blocks_quant(list(theta0), list(data), list(scales), list(groups), coef,
                                                    list(keys), backend)
+
+
+def _check_lowrank(what, coef):
+    if coef.shape[1] != 1:
+        raise ValueError(f"{what}: low-rank task vectors take one coefficient per task vector (partitions=1), got "
+                         f"coefficients of shape {tuple(coef.shape)}: partitions mask τ element by element, which a "
+                         f"factored τ = B·A cannot do without forming it")
+
+
+def _lowrank_bias(bias, tau_b, coef_b, key_b, coef_w, backend):
+    """The merged bias of a layer with a low-rank weight (its task vectors are dense: 1-D), differentiable."""
+    _check_lowrank("weight", coef_w)
+    if tau_b is None:
+        return bias
+    return merge_blocks([bias], [tau_b], coef_b[:, None], [key_b], backend)[0]
+
+
+def _merge_some_lowrank(theta0, tau, coef, keys, backend, factored):
+    """merge_blocks of a list with low-rank blocks: those by merge_lowrank, the others in one merge_blocks."""
+    for b in factored:
+        _check_lowrank(f"block {b}", coef[:, b])
+    out = {b: torch.ops.atlas_fast.merge_lowrank(theta0[b], tau[b].a, tau[b].bt, coef[:, b]) for b in factored}
+    rest = [b for b in range(len(tau)) if b not in out]
+    if rest:
+        merged = merge_blocks([theta0[b] for b in rest], [tau[b] for b in rest], coef[:, rest],
+                              [keys[b] for b in rest], backend)
+        out.update(zip(rest, merged))
+    return [out[b] for b in range(len(tau))]

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from . import lowrank
+
 FORMATS = ("int8", "int4")
 DEFAULT_GROUP = 128
 _QMAX = {"int8": 127, "int4": 7}
@@ -213,9 +215,14 @@ def squared_error(tau, block):
 # ---------------------------------------------------------------- task vectors held by modules
 
 def register_tau(module, name, tau):
-    """Register task vectors on a module as non-persistent buffers: `name` for a float tensor, or `name`
-    (data) and `name`_scale for a QuantizedBlock, whose group size and shape the module remembers."""
-    if is_quantized(tau):
+    """Register task vectors on a module as non-persistent buffers: `name` for a float tensor, `name` (data) and
+    `name`_scale for a QuantizedBlock, whose group size and shape the module remembers, or `name` (factor a) and
+    `name`_bt for a lowrank.LowRankBlock."""
+    if lowrank.is_lowrank(tau):
+        module.register_buffer(name, tau.a, persistent=False)
+        module.register_buffer(f"{name}_bt", tau.bt, persistent=False)
+        module.__dict__.setdefault("_lowrank_shapes", {})[name] = tuple(tau.shape)
+    elif is_quantized(tau):
         module.register_buffer(name, tau.data, persistent=False)
         module.register_buffer(f"{name}_scale", tau.scale, persistent=False)
         meta = module.__dict__.setdefault("_quant_meta", {})
@@ -225,7 +232,10 @@ def register_tau(module, name, tau):
 
 
 def get_tau(module, name):
-    """The task vectors register_tau put on `module` under `name` (a tensor or a QuantizedBlock)."""
+    """The task vectors register_tau put on `module` under `name` (a tensor, QuantizedBlock or LowRankBlock)."""
+    shapes = module.__dict__.get("_lowrank_shapes", {})
+    if name in shapes:
+        return lowrank.LowRankBlock(getattr(module, name), getattr(module, f"{name}_bt"), shapes[name])
     meta = module.__dict__.get("_quant_meta", {})
     if name not in meta:
         return getattr(module, name)

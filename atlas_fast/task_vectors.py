@@ -10,6 +10,12 @@ columns (default 128). 1-D blocks (biases, LayerNorm scales, class embeddings: a
 model) stay float32. The relative quantisation error of every block, ‖τ − deq(q(τ))‖ / ‖τ‖ over its T task
 vectors, is measured when the bank is built: `quant_errors`, `quantization_report()`, and logged at INFO.
 
+Low-rank banks (format "lowrank") hold a lowrank.LowRankBlock per block of two or more dimensions: τ_t = B_t A_t
+as its factors, from a truncated SVD of each task vector (rank=r, or the smallest rank keeping a fraction
+`energy` of ‖τ_t‖²) or from LoRA adapters (lora.lora_task_vectors(low_rank=True)). 1-D blocks stay float32. The
+fraction of ‖τ‖² each factored block keeps is `lowrank_energy` (1 for LoRA factors, which are exact), reported
+by `quantization_report()` and logged at INFO.
+
 Buffers are not task vectors: aTLAS composes parameters, and compose() never composes a buffer. from_models
 takes parameters only, and state dicts lose their BatchNorm statistics (running_mean, running_var), unless
 include_buffers=True asks for them.
@@ -22,13 +28,16 @@ import tempfile
 
 import torch
 
-from . import mapped, quant
+from . import lowrank, mapped, quant
 from .checkpoints import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT = "atlas_fast.task_vectors/1"
 QUANT_FORMAT = "atlas_fast.task_vectors/2"   # quantised banks: data and scale tensors, group size, shapes
+LOWRANK_FORMAT = "atlas_fast.task_vectors/3" # low-rank banks: factor a under the name, bt under name + BT_SUFFIX
 SCALE_SUFFIX = "::scale"                     # the file key of a block's scales: its name + this
+BT_SUFFIX = "::bt"                           # the file key of a low-rank block's left factor
+LOWRANK = "lowrank"
 _log = logging.getLogger("atlas_fast")
 # Entry names that are BatchNorm statistics (buffers) in any torch state dict.
 BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -71,18 +80,29 @@ def atomic_write(path, write):
 class TaskVectors:
     """A bank of T task vectors: `tv[name]` is the stacked (T, *shape) tensor of block `name`."""
 
-    def __init__(self, vectors, sources=None, skipped=None, check_finite=True, quant_errors=None):
-        """vectors: {name: (T, *shape) tensor or quant.QuantizedBlock}. check_finite=False skips the scan for
-        NaN/Inf, for callers that checked every value already. quant_errors: {name: relative error} of the
-        quantised blocks, as measured when they were quantised."""
+    def __init__(self, vectors, sources=None, skipped=None, check_finite=True, quant_errors=None,
+                 lowrank_energy=None):
+        """vectors: {name: (T, *shape) tensor, quant.QuantizedBlock or lowrank.LowRankBlock}. check_finite=False
+        skips the scan for NaN/Inf, for callers that checked every value already. quant_errors: {name: relative
+        error} of the quantised blocks, as measured when they were quantised; lowrank_energy: {name: fraction of
+        ‖τ‖² kept} of the factored blocks."""
         if not vectors:
             raise ValueError("TaskVectors: no blocks")
         T = {v.shape[0] for v in vectors.values()}
         if len(T) != 1:
             raise ValueError(f"TaskVectors: blocks stack different numbers of task vectors {sorted(T)}")
         quantized = {k: v for k, v in vectors.items() if quant.is_quantized(v)}
+        factored = {k: v for k, v in vectors.items() if lowrank.is_lowrank(v)}
         self.group_size = None
-        if quantized:
+        if quantized and factored:
+            raise ValueError("TaskVectors: a bank is quantised or low-rank, not both")
+        if factored:
+            self.format = LOWRANK
+            for k, v in vectors.items():
+                if k not in factored and v.dtype != torch.float32:
+                    raise ValueError(f"TaskVectors: a low-rank bank keeps its unfactored blocks in float32; block "
+                                     f"{k!r} is {v.dtype}")
+        elif quantized:
             kinds = {(v.format, v.group) for v in quantized.values()}
             if len(kinds) != 1:
                 raise ValueError(f"TaskVectors: quantised blocks of mixed formats and group sizes {sorted(kinds)}")
@@ -104,22 +124,28 @@ class TaskVectors:
             raise ValueError(f"TaskVectors: {len(self.sources)} source names for {self.num_tasks} task vectors")
         self.skipped = dict(skipped or {})
         self.quant_errors = dict(quant_errors or {})
+        self.lowrank_energy = dict(lowrank_energy or {})
         if check_finite:
             for name, v in self.vectors.items():
-                _check_finite(v.scale if quant.is_quantized(v) else v, name, self.sources)
+                for part in _stored(v):
+                    _check_finite(part, name, self.sources)
 
     # -- construction
 
     @classmethod
     def from_state_dicts(cls, pretrained_sd, finetuned_sds, dtype=torch.float32, prefix=None, sources=None,
-                         include_buffers=False, group_size=None):
+                         include_buffers=False, group_size=None, rank=None, energy=None):
         """τ_t = finetuned_sds[t] − pretrained_sd for every floating entry except BatchNorm statistics
         (unless include_buffers=True). The fine-tuned state dicts may be an iterator (e.g. loading one
         checkpoint at a time): each is read once, into its slot of the bank. dtype torch.int8 or "int4"
-        quantises each difference as it is read (group_size: columns per int4 scale, default 128)."""
+        quantises each difference as it is read (group_size: columns per int4 scale, default 128); rank= or
+        energy= factors it instead (a low-rank bank: see low_rank())."""
         fmt = quant.format_of(dtype)
         group = _group_size(fmt, group_size)
         _dtype_name(dtype)
+        factor = rank is not None or energy is not None
+        if factor and dtype != torch.float32:
+            raise ValueError(f"rank/energy: a low-rank bank keeps float32 factors; dtype={dtype} cannot be combined")
         base = _select(pretrained_sd, prefix, "pretrained")
         skipped = {k: f"not floating ({v.dtype})" for k, v in base.items() if not v.is_floating_point()}
         if not include_buffers:
@@ -143,7 +169,11 @@ class TaskVectors:
                 diff = v.to(torch.float32) - v0.to(torch.float32)
                 if not torch.isfinite(diff).all():
                     raise ValueError(f"{source}: parameter {k!r} has non-finite values")
-                if fmt is not None and quant.quantizable(diff.shape):
+                if factor and lowrank.factorable(diff.shape):
+                    b, a, kept, total = _factor(diff, rank, energy)
+                    errors[k] = [e + v for e, v in zip(errors.get(k, (0.0, 0.0)), (kept, total))]
+                    bank[k].append((b, a))
+                elif fmt is not None and quant.quantizable(diff.shape):
                     block = quant.quantize(diff[None], fmt, group)
                     parts = quant.squared_error(diff[None], block)
                     errors[k] = [a + b for a, b in zip(errors.get(k, (0.0, 0.0)), parts)]
@@ -153,6 +183,12 @@ class TaskVectors:
             names.append(source)
         if not names:
             raise ValueError("TaskVectors: the list of fine-tuned models is empty")
+        if factor:
+            vectors = {k: lowrank.stack(v, floats[k].shape) if k in errors else torch.stack(v) for k, v in bank.items()}
+            tv = cls(vectors, sources=names, skipped=skipped, check_finite=False,
+                     lowrank_energy={k: kept / total if total > 0 else 1.0 for k, (kept, total) in errors.items()})
+            tv._log_quantization()
+            return tv
         vectors = {k: _stack(v) for k, v in bank.items()}
         # Only a float16 bank can hold a non-finite value that the float32 difference did not have.
         tv = cls(vectors, sources=names, skipped=skipped, check_finite=fmt is None and dtype != torch.float32,
@@ -163,7 +199,7 @@ class TaskVectors:
 
     @classmethod
     def from_models(cls, pretrained, finetuned, dtype=torch.float32, prefix=None, include_buffers=False,
-                    group_size=None):
+                    group_size=None, rank=None, energy=None):
         """From modules of one architecture: their parameters, matched by name (and their floating buffers
         with include_buffers=True)."""
         def entries(m):
@@ -174,18 +210,20 @@ class TaskVectors:
         finetuned = list(finetuned)
         return cls.from_state_dicts(entries(pretrained), (entries(m) for m in finetuned), dtype, prefix,
                                     sources=[f"model[{t}]" for t in range(len(finetuned))],
-                                    include_buffers=include_buffers, group_size=group_size)
+                                    include_buffers=include_buffers, group_size=group_size, rank=rank,
+                                    energy=energy)
 
     @classmethod
     def from_checkpoints(cls, pretrained_path, finetuned_paths, dtype=torch.float32, prefix=None,
-                         allow_pickle=False, include_buffers=False, group_size=None):
+                         allow_pickle=False, include_buffers=False, group_size=None, rank=None, energy=None):
         """From checkpoint files, read one at a time: safetensors, torch state dicts, or (allow_pickle=True)
         pickled modules as the public aTLAS / task-vector checkpoints are, read without their code (a
         wrapper around one model, like their ImageEncoder, gives the wrapped model's names)."""
         paths = [os.fspath(p) for p in finetuned_paths]
         base = read_state_dict(pretrained_path, allow_pickle)
         return cls.from_state_dicts(base, (read_state_dict(p, allow_pickle) for p in paths), dtype, prefix,
-                                    sources=paths, include_buffers=include_buffers, group_size=group_size)
+                                    sources=paths, include_buffers=include_buffers, group_size=group_size,
+                                    rank=rank, energy=energy)
 
     # -- access
 
@@ -205,19 +243,26 @@ class TaskVectors:
     @property
     def dtype(self):
         """The storage dtype: torch.float32, bfloat16, float16 or int8, or "int4" (torch has no 4-bit dtype
-        in every version this package supports)."""
-        if self.format == "int4":
-            return "int4"
+        in every version this package supports), or "lowrank" for a bank of factors."""
+        if self.format in ("int4", LOWRANK):
+            return self.format
         return torch.int8 if self.format == "int8" else DTYPES[self.format]
 
     @property
+    def rank(self):
+        """The largest rank of a low-rank bank's blocks (None for other banks)."""
+        ranks = [v.rank for v in self.vectors.values() if lowrank.is_lowrank(v)]
+        return max(ranks) if ranks else None
+
+    @property
     def nbytes(self):
-        """Bytes of the stored bank: values, and scales of quantised blocks."""
+        """Bytes of the stored bank: values, scales of quantised blocks, factors of low-rank ones."""
         return sum(_nbytes(v) for v in self.vectors.values())
 
     def to(self, device=None, dtype=None, group_size=None):
         """A bank on another device or in another storage dtype: float32, bfloat16 or float16 from any bank (a
-        quantised one is dequantised block by block), int8 or "int4" from a float bank (see quantize)."""
+        quantised one is dequantised, a low-rank one multiplied out, block by block), int8 or "int4" from a
+        float bank (see quantize)."""
         target = self.format if dtype is None else _dtype_name(dtype)
         if target in quant.FORMATS and (target != self.format or group_size not in (None, self.group_size)):
             return self.quantize(target, group_size, device)
@@ -226,12 +271,12 @@ class TaskVectors:
         if target == self.format:
             return TaskVectors({k: v.to(device) if quant.is_quantized(v) else v.to(device=device)
                                 for k, v in self.vectors.items()}, self.sources, self.skipped, check_finite=False,
-                               quant_errors=self.quant_errors)
+                               quant_errors=self.quant_errors, lowrank_energy=self.lowrank_energy)
         # A narrower dtype can overflow to Inf (float16 above 65504): scan again only then.
-        source = torch.float32 if self.format in quant.FORMATS else self.dtype
+        source = torch.float32 if self.format in quant.FORMATS + (LOWRANK,) else self.dtype
         narrower = torch.finfo(dtype).max < torch.finfo(source).max
-        return TaskVectors({k: (v.dequantize() if quant.is_quantized(v) else v).to(device=device, dtype=dtype)
-                            for k, v in self.vectors.items()}, self.sources, self.skipped, check_finite=narrower)
+        return TaskVectors({k: _dense(v).to(device=device, dtype=dtype) for k, v in self.vectors.items()},
+                           self.sources, self.skipped, check_finite=narrower)
 
     def quantize(self, dtype=torch.int8, group_size=None, device=None):
         """This float bank quantised, block by block: dtype torch.int8 (one absmax scale per output row) or
@@ -240,9 +285,9 @@ class TaskVectors:
         fmt = quant.format_of(dtype)
         if fmt is None:
             raise ValueError(f"quantize: dtype={dtype}; expected torch.int8 or 'int4'")
-        if self.format in quant.FORMATS:
-            raise ValueError(f"quantize({fmt}): the bank is already {self.format}; quantising it again would add "
-                             f"both errors: quantise the float bank it came from")
+        if self.format in quant.FORMATS + (LOWRANK,):
+            raise ValueError(f"quantize({fmt}): the bank is already {self.format}; quantising it would add both "
+                             f"errors: quantise the float bank it came from")
         group = _group_size(fmt, group_size)
         vectors, errors = {}, {}
         for k, v in self.vectors.items():
@@ -256,12 +301,38 @@ class TaskVectors:
         tv._log_quantization()
         return tv
 
+    def low_rank(self, rank=None, energy=None):
+        """This float bank as a low-rank one: each task vector of each block of two or more dimensions replaced by
+        its truncated SVD, rank `rank`, or the smallest rank keeping the fraction `energy` of its ‖τ_t‖² (ranks
+        differ by task vector and block; a block stacks them padded with zero factors). 1-D blocks stay float32.
+        The energy each block keeps is in `lowrank_energy` and logged (quantization_report())."""
+        from tqdm.auto import tqdm
+        if self.format in quant.FORMATS + (LOWRANK,):
+            raise ValueError(f"low_rank: the bank is {self.format}; factor the float bank it came from")
+        vectors, energies = {}, {}
+        for k, v in tqdm(self.vectors.items(), desc="low-rank", unit="block", leave=False):
+            if not lowrank.factorable(v.shape[1:]):
+                vectors[k] = v.to(torch.float32)
+                continue
+            parts, kept, total = [], 0.0, 0.0
+            for t in range(self.num_tasks):
+                b, a, k_t, n_t = _factor(v[t], rank, energy)
+                parts.append((b, a))
+                kept, total = kept + k_t, total + n_t
+            vectors[k] = lowrank.stack(parts, v.shape[1:])
+            energies[k] = kept / total if total > 0 else 1.0
+        tv = TaskVectors(vectors, self.sources, self.skipped, check_finite=False, lowrank_energy=energies)
+        tv._log_quantization()
+        return tv
+
     def quantization_report(self, blocks=None):
         """The quantisation of this bank in words: format, size against float32, and the relative error
         ‖τ − deq(q(τ))‖ / ‖τ‖ of each quantised block (the `blocks` worst ones, or all), worst first."""
+        fp32 = sum(4 * v.numel() for v in self.vectors.values())
+        if self.format == LOWRANK:
+            return self._lowrank_report(fp32, blocks)
         if self.format not in quant.FORMATS:
             return f"{self.format} bank: not quantised"
-        fp32 = sum(4 * v.numel() for v in self.vectors.values())
         scales = "one scale per row" if self.format == "int8" else f"one scale per {self.group_size} columns"
         errs = sorted(self.quant_errors.items(), key=lambda kv: -kv[1])
         kept = len(self.vectors) - sum(quant.is_quantized(v) for v in self.vectors.values())
@@ -272,6 +343,20 @@ class TaskVectors:
             lines.append(f"relative error per block: median {values[len(values) // 2]:.4f}, max {errs[0][1]:.4f} "
                          f"({errs[0][0]})")
             lines += [f"  {e:.4f}  {k}" for k, e in errs[:blocks]]
+        return "\n".join(lines)
+
+    def _lowrank_report(self, fp32, blocks):
+        ranks = sorted(v.rank for v in self.vectors.values() if lowrank.is_lowrank(v))
+        kept = len(self.vectors) - len(ranks)
+        lines = [f"lowrank bank (rank {ranks[0]} to {ranks[-1]}): {self.nbytes / 2**20:.1f} MiB, "
+                 f"{self.nbytes / max(1, fp32):.3f}x float32; {len(ranks)} blocks factored, {kept} 1-D blocks kept "
+                 f"float32"]
+        energy = sorted(self.lowrank_energy.items(), key=lambda kv: kv[1])
+        if energy:
+            values = [e for _, e in energy]
+            lines.append(f"energy of ‖τ‖² kept per block: median {values[len(values) // 2]:.4f}, min "
+                         f"{energy[0][1]:.4f} ({energy[0][0]})")
+            lines += [f"  {e:.4f}  {k}" for k, e in energy[:blocks]]
         return "\n".join(lines)
 
     def _log_quantization(self):
@@ -285,10 +370,13 @@ class TaskVectors:
 
     def save(self, path):
         """Write the bank as safetensors (atomic: a temporary file renamed into place). A quantised block is
-        two entries, its data under its name and its scales under name + "::scale"."""
+        two entries, its data under its name and its scales under name + "::scale"; a low-rank block its factor
+        a under its name and bt under name + "::bt"."""
         from safetensors.torch import save_file
         quantized = {k: v for k, v in self.vectors.items() if quant.is_quantized(v)}
-        meta = {"format": QUANT_FORMAT if quantized else FORMAT, "names": json.dumps(self.names),
+        factored = {k: v for k, v in self.vectors.items() if lowrank.is_lowrank(v)}
+        fmt = QUANT_FORMAT if quantized else LOWRANK_FORMAT if factored else FORMAT
+        meta = {"format": fmt, "names": json.dumps(self.names),
                 "num_tasks": str(self.num_tasks), "dtype": self.format, "sources": json.dumps(self.sources),
                 "skipped": json.dumps(self.skipped)}
         tensors = {}
@@ -297,11 +385,18 @@ class TaskVectors:
                 if k + SCALE_SUFFIX in self.vectors:
                     raise ValueError(f"save: block {k + SCALE_SUFFIX!r} collides with the scales of block {k!r}")
                 tensors[k], tensors[k + SCALE_SUFFIX] = v.data.cpu().contiguous(), v.scale.cpu().contiguous()
+            elif k in factored:
+                if k + BT_SUFFIX in self.vectors:
+                    raise ValueError(f"save: block {k + BT_SUFFIX!r} collides with the factor of block {k!r}")
+                tensors[k], tensors[k + BT_SUFFIX] = v.a.cpu().contiguous(), v.bt.cpu().contiguous()
             else:
                 tensors[k] = v.detach().cpu().contiguous()
         if quantized:
             meta.update(group_size=str(self.group_size or 0), quant_errors=json.dumps(self.quant_errors),
                         shapes=json.dumps({k: list(v.shape) for k, v in quantized.items()}))
+        if factored:
+            meta.update(lowrank_energy=json.dumps(self.lowrank_energy),
+                        shapes=json.dumps({k: list(v.shape) for k, v in factored.items()}))
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -331,30 +426,38 @@ class TaskVectors:
         except Exception as e:
             raise ValueError(f"{path}: unreadable or truncated task-vector file ({e})") from e
         tv = cls(vectors, sources=json.loads(meta["sources"]), skipped=json.loads(meta.get("skipped", "{}")),
-                 quant_errors=json.loads(meta.get("quant_errors", "{}")), check_finite=not mmap)
+                 quant_errors=json.loads(meta.get("quant_errors", "{}")),
+                 lowrank_energy=json.loads(meta.get("lowrank_energy", "{}")), check_finite=not mmap)
         if tv.num_tasks != int(meta["num_tasks"]) or tv.format != meta["dtype"]:
             raise ValueError(f"{path}: contents disagree with its metadata (T, dtype)")
         if mmap:
             for name, v in tv.vectors.items():
-                _check_finite(v.scale if quant.is_quantized(v) else v, name, tv.sources)
+                for part in _stored(v):
+                    _check_finite(part, name, tv.sources)
                 if quant.is_quantized(v):
                     mapped.release(v.data)
         return tv
 
 
 def _read_vectors(path, meta, get):
-    """{name: tensor or QuantizedBlock} of a bank file, its tensors read with get(name)."""
-    if meta.get("format") not in (FORMAT, QUANT_FORMAT):
-        raise ValueError(f"{path}: not an atlas_fast task-vector file (format={meta.get('format')!r})")
+    """{name: tensor, QuantizedBlock or LowRankBlock} of a bank file, its tensors read with get(name)."""
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, QUANT_FORMAT, LOWRANK_FORMAT):
+        raise ValueError(f"{path}: not an atlas_fast task-vector file (format={fmt!r})")
     shapes = json.loads(meta.get("shapes", "{}"))
     group = int(meta.get("group_size", "0"))
-    return {k: _read_block(path, k, get(k), get(k + SCALE_SUFFIX), group, shapes[k]) if k in shapes else get(k)
-            for k in json.loads(meta["names"])}
+    if fmt == LOWRANK_FORMAT:
+        def block(k):
+            return lowrank.LowRankBlock(get(k), get(k + BT_SUFFIX), shapes[k])
+    else:
+        def block(k):
+            return quant.QuantizedBlock(get(k), get(k + SCALE_SUFFIX), group, shapes[k])
+    return {k: _read_block(path, k, block) if k in shapes else get(k) for k in json.loads(meta["names"])}
 
 
-def _read_block(path, name, data, scale, group, shape):
+def _read_block(path, name, block):
     try:
-        return quant.QuantizedBlock(data, scale, group, shape)
+        return block(name)
     except ValueError as e:
         raise ValueError(f"{path}: block {name!r}: {e}") from e
 
@@ -382,7 +485,29 @@ def _relative(err_sq, ref_sq):
 
 
 def _nbytes(v):
-    return v.nbytes if quant.is_quantized(v) else v.numel() * v.element_size()
+    return v.nbytes if quant.is_quantized(v) or lowrank.is_lowrank(v) else v.numel() * v.element_size()
+
+
+def _stored(v):
+    """The float tensors a block is stored as, for the finite scan: scales of a quantised block (its integers are
+    finite), factors of a low-rank one, else the tensor itself."""
+    if quant.is_quantized(v):
+        return [v.scale]
+    return [v.a, v.bt] if lowrank.is_lowrank(v) else [v]
+
+
+def _dense(v):
+    """A block as a float tensor: dequantised, multiplied out, or itself."""
+    if quant.is_quantized(v):
+        return v.dequantize()
+    return v.dense() if lowrank.is_lowrank(v) else v
+
+
+def _factor(tau, rank, energy):
+    """(B, A, ‖τ‖² kept, ‖τ‖²) of one task vector's truncated SVD, the norms in float64."""
+    b, a, frac = lowrank.truncate(tau, rank, energy)
+    total = float(tau.detach().to(torch.float64).square().sum())
+    return b, a, frac * total, total
 
 
 # Elements per step of the finite scan: bounds its temporaries (isfinite builds |v| and masks) and, for a mapped

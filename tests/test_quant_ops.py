@@ -391,7 +391,7 @@ def test_composed_model_moves_keep_scales_and_copies():
 def test_groups_refuse_quantised_banks():
     model = Mixed()
     atlas = compose(model, synthetic_task_vectors(model, 2).to(dtype=torch.int8), backend="torch")
-    with pytest.raises(NotImplementedError, match="groups: grouped compositions do not dequantise int8"):
+    with pytest.raises(NotImplementedError, match="groups: grouped compositions do not take int8"):
         with atlas.groups(torch.zeros(2, dtype=torch.int64), atlas.group_coefficients(1)):
             pass
 

@@ -18,6 +18,7 @@ upcast, so the merge and the reduction read the int8/int4 bank and never a dequa
 import torch
 import torch.nn.functional as F
 
+from .. import lowrank
 from ..hashing import cached_partition_index
 from ..quant import is_quantized
 from .base import Backend
@@ -82,7 +83,9 @@ def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None):
 
 def merge_block(theta0, tau, coef, key):
     """θ0 + Σ_t c[t, k(i)] τ_t[i] as a new tensor shaped like θ0, in coef's dtype (float32; float64 for
-    gradcheck). coef: (T, K)."""
+    gradcheck). coef: (T, K); (T, 1) for a lowrank.LowRankBlock."""
+    if lowrank.is_lowrank(tau):
+        return lowrank.merge(theta0, tau, coef)
     T, K = coef.shape
     taus = _flat(tau)
     if K == 1 and not is_quantized(taus) and taus.dtype == coef.dtype:  # one BLAS call reads the bank once
@@ -94,6 +97,11 @@ def merge_block(theta0, tau, coef, key):
 
 def reduce_block(tau, g, key, partitions, acc=torch.float32):
     """dc (T, K) in dtype acc: dc[t, k] = Σ_{i : k(i) = k} τ_t[i] g[i]."""
+    if lowrank.is_lowrank(tau):
+        if partitions != 1:
+            raise ValueError(f"low-rank task vectors {tuple(tau.shape)}: partitions={partitions}; a factored τ "
+                             f"takes one coefficient per task vector")
+        return lowrank.reduce(tau, g, acc)
     T = tau.shape[0]
     taus = _flat(tau)
     g = g.reshape(-1)

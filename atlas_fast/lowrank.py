@@ -1,0 +1,250 @@
+"""Low-rank task vectors: τ_t = B_t A_t, kept as the factors and never formed.
+
+A block of parameter shape (rows, *rest) is treated as the matrix (rows, cols), cols = prod(rest), as a linear
+weight or the im2col view of a conv weight. For T stacked task vectors of rank r (a task vector of lower rank
+is padded with zero factors, which add nothing):
+
+    a   (T, r, cols)    A_t
+    bt  (T, r, rows)    B_tᵀ: both factors rank-major, so the T·r rank-one terms of the bank are one (T·r, ·)
+                        matrix of each factor, a view: a_cat = a.reshape(T·r, cols), bt_cat likewise
+
+With c_rep the T coefficients each repeated r times (one per rank-one term):
+
+    merged     θ0 + bt_catᵀ diag(c_rep) a_cat                       one GEMM of inner size T·r
+    dc         dc_t = Σ_{j ∈ t} Σ_col (bt_cat G)[j, col] a_cat[j, col]  for a block gradient G
+    linear     y  = x W0ᵀ + ((x a_catᵀ) ⊙ c_rep) bt_cat             never forms τ nor the merged weight
+               dc = Σ_j∈t Σ_m U[m, j] V[m, j]  with U = x a_catᵀ, V = dy bt_catᵀ: never forms G = dyᵀx
+               dx = dy W0 + (V ⊙ c_rep) a_cat
+
+Every device runs these as stock GEMMs of inner size T·r; the bank is r·(rows + cols) values per task vector
+instead of rows·cols. Partitions (K > 1) mask τ element by element and do not factor: low-rank blocks take one
+coefficient per task vector and block.
+"""
+import math
+
+import torch
+
+
+def is_lowrank(tau):
+    return isinstance(tau, LowRankBlock)
+
+
+def factorable(shape):
+    """Whether a parameter of this shape is factored in a low-rank bank (two or more dimensions)."""
+    return len(shape) >= 2 and math.prod(shape) > 0
+
+
+class LowRankBlock:
+    """T stacked task vectors of one block as factors, shaped (T, *shape) like the dense tensor it replaces."""
+
+    __slots__ = ("a", "bt", "shape")
+
+    def __init__(self, a, bt, shape):
+        shape = torch.Size(shape)
+        if len(shape) < 3:
+            raise ValueError(f"low-rank task vectors of shape {tuple(shape)}: only blocks of two or more "
+                             f"dimensions are factored")
+        T, rows, cols = shape[0], shape[1], math.prod(shape[2:])
+        if a.dim() != 3 or bt.dim() != 3 or a.shape[0] != T or bt.shape[:2] != a.shape[:2] \
+                or a.shape[2] != cols or bt.shape[2] != rows:
+            raise ValueError(f"low-rank task vectors of shape {tuple(shape)}: factors a {tuple(a.shape)} and bt "
+                             f"{tuple(bt.shape)}, expected ({T}, r, {cols}) and ({T}, r, {rows})")
+        if a.dtype != bt.dtype or a.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"low-rank task vectors: factors of dtypes {a.dtype} and {bt.dtype}, expected one "
+                             f"float dtype")
+        if a.device != bt.device:
+            raise ValueError(f"low-rank task vectors: factors on {a.device} and {bt.device}")
+        self.a, self.bt, self.shape = a, bt, shape
+
+    @classmethod
+    def from_factors(cls, b, a, shape):
+        """From B (T, rows, r) and A (T, r, cols) with τ_t = (B_t A_t).reshape(shape[1:])."""
+        return cls(a, b.transpose(1, 2).contiguous(), shape)
+
+    @property
+    def rank(self):
+        return self.a.shape[1]
+
+    @property
+    def dtype(self):
+        return self.a.dtype
+
+    @property
+    def device(self):
+        return self.a.device
+
+    @property
+    def requires_grad(self):
+        return False
+
+    @property
+    def rows(self):
+        return self.shape[1]
+
+    @property
+    def cols(self):
+        return math.prod(self.shape[2:])
+
+    @property
+    def nbytes(self):
+        return (self.a.numel() + self.bt.numel()) * self.a.element_size()
+
+    @property
+    def element_bytes(self):
+        """Bytes per element of the dense block it stands for: what the cost model counts."""
+        return self.nbytes / max(1, math.prod(self.shape))
+
+    def dim(self):
+        return len(self.shape)
+
+    def numel(self):
+        return math.prod(self.shape)
+
+    def a_cat(self, dtype):
+        """(T·r, cols) of `dtype`: the rank-one terms' right factors, a view when the dtype matches."""
+        return self.a.reshape(-1, self.cols).to(dtype)
+
+    def bt_cat(self, dtype):
+        """(T·r, rows) of `dtype`: the rank-one terms' left factors."""
+        return self.bt.reshape(-1, self.rows).to(dtype)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        shape = list(shape)
+        if -1 in shape:
+            i = shape.index(-1)
+            shape[i] = self.numel() // max(1, math.prod(s for j, s in enumerate(shape) if j != i))
+        if math.prod(shape) != self.numel() or tuple(shape[:2]) != tuple(self.shape[:2]):
+            raise ValueError(f"low-rank task vectors {tuple(self.shape)} reshape only within a row (T and the rows "
+                             f"stay), not to {tuple(shape)}")
+        return LowRankBlock(self.a, self.bt, shape)
+
+    def to(self, device=None, dtype=None):
+        return LowRankBlock(self.a.to(device=device, dtype=dtype), self.bt.to(device=device, dtype=dtype),
+                            self.shape)
+
+    def index_select(self, dim, index):
+        """The task vectors at `index` (dim 0 only)."""
+        if dim != 0:
+            raise ValueError(f"low-rank task vectors select along the task axis (dim 0), not dim {dim}")
+        return LowRankBlock(self.a.index_select(0, index), self.bt.index_select(0, index),
+                            (len(index), *self.shape[1:]))
+
+    def dense(self, dtype=torch.float32):
+        """The (T, *shape) tensor of the task vectors (tests, conversions; the ops never form it)."""
+        return torch.bmm(self.bt.transpose(1, 2).to(dtype), self.a.to(dtype)).view(self.shape)
+
+    def __repr__(self):
+        return f"LowRankBlock(rank {self.rank}, shape={tuple(self.shape)}, {self.dtype}, {self.device})"
+
+
+def stack(parts, shape):
+    """One LowRankBlock of per-task (B, A) pairs (None: a zero task vector), ranks padded with zero factors to
+    the largest; shape: the block's parameter shape."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    given = [a for p in parts if p is not None for a in p[1:]]
+    r = max([1] + [a.shape[0] for a in given])
+    dtype, device = (given[0].dtype, given[0].device) if given else (torch.float32, None)
+    a = torch.zeros(len(parts), r, cols, dtype=dtype, device=device)
+    bt = torch.zeros(len(parts), r, rows, dtype=dtype, device=device)
+    for t, p in enumerate(parts):
+        if p is not None:
+            b_t, a_t = p
+            a[t, :a_t.shape[0]] = a_t.reshape(a_t.shape[0], cols)
+            bt[t, :b_t.shape[1]] = b_t.t()
+    return LowRankBlock(a, bt, (len(parts), *shape))
+
+
+def truncate(tau, rank=None, energy=None):
+    """The truncated SVD of one task vector tau (rows, *rest) as (B (rows, r), A (r, cols), energy kept): rank r
+    given (at most τ's numerical rank), or the smallest r keeping `energy` of ‖τ‖² (Σ σ_kept² / Σ σ²). float32
+    factors, computed in float64."""
+    if (rank is None) == (energy is None):
+        raise ValueError("truncate: give rank= or energy=, one of them")
+    m = tau.detach().reshape(tau.shape[0], -1).to(torch.float64)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    sq = s.square()
+    total = float(sq.sum())
+    if rank is None:
+        if not 0 < energy <= 1:
+            raise ValueError(f"truncate: energy={energy}, expected a fraction in (0, 1]")
+        kept = torch.cumsum(sq, 0) / total if total > 0 else torch.ones_like(sq)
+        rank = min(len(s), int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1)
+    elif not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"truncate: rank={rank!r}, expected an int >= 1")
+    # Beyond the numerical rank the factors would be rounding noise: never keep more terms than that.
+    numerical = int((s > s[0] * max(m.shape) * torch.finfo(torch.float64).eps).sum()) if len(s) else 0
+    r = min(rank, max(1, numerical))
+    frac = float(sq[:r].sum()) / total if total > 0 else 1.0
+    return (u[:, :r] * s[:r]).to(torch.float32), vh[:r].to(torch.float32), frac
+
+
+# ---------------------------------------------------------------- the computations
+
+def _c_rep(block, coef, dtype):
+    """(T·r,) the coefficient of each rank-one term; coef (T, 1)."""
+    if coef.dim() != 2 or coef.shape != (block.shape[0], 1):
+        raise ValueError(f"low-rank task vectors {tuple(block.shape)}: coefficients of shape {tuple(coef.shape)}, "
+                         f"expected ({block.shape[0]}, 1): partitions do not apply to a factored τ")
+    return coef[:, 0].to(dtype).repeat_interleave(block.rank)
+
+
+def merge(theta0, block, coef):
+    """θ0 + Σ_t c_t B_t A_t shaped like θ0, in coef's dtype. coef (T, 1)."""
+    dtype = coef.dtype
+    a = block.a_cat(dtype) * _c_rep(block, coef, dtype)[:, None]
+    merged = torch.addmm(theta0.reshape(block.rows, -1).to(dtype), block.bt_cat(dtype).t(), a)
+    return merged.view(theta0.shape)
+
+
+def reduce(block, g, acc=torch.float32):
+    """dc (T, 1) in dtype acc: dc_t = ⟨B_t A_t, g⟩ for a block gradient g shaped like the block."""
+    p = block.bt_cat(acc) @ g.reshape(block.rows, -1).to(acc)            # (T·r, cols)
+    per_term = (p * block.a_cat(acc)).sum(1)
+    return per_term.view(block.shape[0], block.rank).sum(1, keepdim=True)
+
+
+def factored(m, rows, cols):
+    """Whether a linear forward of m input rows adds Σ c (x Aᵀ) Bᵀ (m·Tr·(rows + cols) multiply-adds) rather
+    than merging its weight first (Tr·rows·cols, then the one GEMM it needs anyway)."""
+    return m * (rows + cols) <= rows * cols
+
+
+def linear(x, weight, bias, block, coef):
+    """y = x (W0 + Σ_t c_t B_t A_t)ᵀ + bias (bias merged already)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    bias = None if bias is None else bias.to(x.dtype)
+    if not factored(x2.shape[0], block.rows, block.cols):
+        return torch.nn.functional.linear(x, merge(weight, block, coef).to(x.dtype), bias)
+    u = x2 @ block.a_cat(x.dtype).t()
+    u.mul_(_c_rep(block, coef, x.dtype))
+    y = torch.nn.functional.linear(x2, weight.to(x.dtype), bias)
+    y.addmm_(u, block.bt_cat(x.dtype))
+    return y.view(*x.shape[:-1], block.rows)
+
+
+def linear_backward(grad_out, x, weight, block, coef, needs_input_grad):
+    """(dx or None, dc (T, 1) in coef's dtype) of linear(); dy = grad_out."""
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    acc = coef.dtype
+    u = x2 @ block.a_cat(x.dtype).t()                                     # (M, T·r)
+    v = dy @ block.bt_cat(dy.dtype).t()                                   # (M, T·r)
+    per_term = (u.to(acc) * v.to(acc)).sum(0)
+    dc = per_term.view(block.shape[0], block.rank).sum(1, keepdim=True)
+    if not needs_input_grad:
+        return None, dc
+    if x2.shape[0] <= block.rows:   # V is at hand: m·Tr·cols to add (V ⊙ c) A, against Tr·rows·cols to merge
+        dx = dy @ weight.to(dy.dtype)
+        dx.addmm_(v.mul_(_c_rep(block, coef, v.dtype)), block.a_cat(dy.dtype))
+    else:
+        dx = dy @ merge(weight, block, coef).to(dy.dtype)
+    return dx.view(x.shape), dc
+
+
+def fingerprint(block):
+    """(‖τ_t‖², Σ τ_t) per task vector in float64, from the factors: ‖B A‖² = ⟨BᵀB, A Aᵀ⟩ and 1ᵀ B A 1."""
+    a, bt = block.a.to(torch.float64), block.bt.to(torch.float64)
+    sq = (torch.bmm(bt, bt.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+    total = (bt.sum(2) * a.sum(2)).sum(1)
+    return sq, total
