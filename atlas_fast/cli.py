@@ -130,6 +130,11 @@ def _add_bank(sub):
                    help="storage of the bank: int8 has one scale per output row, int4 one per --group-size "
                         "input columns (1-D blocks stay float32); the quantisation error per block is printed")
     p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128)")
+    low = p.add_mutually_exclusive_group()
+    low.add_argument("--rank", type=int, help="a low-rank bank: each task vector of every 2-D+ block as its "
+                                              "truncated SVD of this rank (float32 factors; 1-D blocks stay dense)")
+    low.add_argument("--energy", type=float, help="a low-rank bank: the smallest rank keeping this fraction of "
+                                                  "each task vector's squared norm (e.g. 0.9)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled-module checkpoints (runs code from the file: only for files you trust)")
     p.set_defaults(run=_run_bank, parser=p)
@@ -138,13 +143,15 @@ def _add_bank(sub):
 def _run_bank(args):
     from . import quant
     from .adapt import build_bank
+    if (args.rank is not None or args.energy is not None) and args.dtype != "float32":
+        args.parser.error(f"--rank/--energy make a float32 low-rank bank; --dtype {args.dtype} cannot be combined")
     try:
         tv = build_bank(args.pretrained, args.finetuned, args.out, args.prefix, args.dtype, args.allow_pickle,
-                        args.group_size)
+                        args.group_size, args.rank, args.energy)
     except _user_errors() as e:
         _fail(args, e)
     print(f"wrote {args.out}: {tv}")
-    if tv.format in quant.FORMATS:
+    if tv.format in quant.FORMATS + ("lowrank",):
         print(tv.quantization_report(blocks=5))
     return 0
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import lowrank
 from .task_vectors import TaskVectors, read_state_dict
 
 PEFT_PREFIX = "base_model.model."
@@ -267,20 +268,30 @@ def _transposed(w0, a, b, base_module, config):
     return tuple(w0.shape) == in_out
 
 
-def lora_task_vectors(base, adapters, dtype=torch.float32, lora_alpha=None, r=None):
+def lora_task_vectors(base, adapters, dtype=torch.float32, lora_alpha=None, r=None, low_rank=False):
     """A TaskVectors bank from LoRA adapters (paths, or LoraAdapters read against `base`): one task vector per
     adapter over every parameter any of them changes, zero where an adapter leaves a parameter alone. The
-    parameters no adapter changes are not in the bank: compose(model, bank, strict=False) keeps them at θ0."""
+    parameters no adapter changes are not in the bank: compose(model, bank, strict=False) keeps them at θ0.
+    low_rank=True keeps the adapters' factors as a low-rank bank (lowrank.LowRankBlock, float32; ranks padded to
+    the largest with zero factors) instead of multiplying them out; a parameter that some adapter stores whole
+    (modules_to_save) stays dense."""
     adapters = [a if isinstance(a, LoraAdapter) else read_lora(a, base, lora_alpha, r) for a in adapters]
     if not adapters:
         raise ValueError("lora_task_vectors: no adapters")
+    if low_rank and dtype != torch.float32:
+        raise ValueError(f"lora_task_vectors(low_rank=True): the factors are float32; dtype={dtype} cannot be "
+                         f"combined")
     params, _ = _base_entries(base)
     touched = set().union(*(a.shapes for a in adapters))
     names = [n for n in params if n in touched]
-    vectors = {}
+    vectors, factored = {}, {}
     for n in names:
         shape = params[n].shape
+        if low_rank and lowrank.factorable(shape) and not any(n in a.full for a in adapters):
+            vectors[n] = lowrank.stack([a.factors.get(n) for a in adapters], shape)
+            factored[n] = 1.0   # the factors are the adapters' own: all of τ is kept
+            continue
         vectors[n] = torch.stack([a.delta(n).to(dtype) if n in a.shapes else torch.zeros(shape, dtype=dtype)
                                   for a in adapters])
     skipped = {n: why for a in adapters for n, why in a.skipped.items()}
-    return TaskVectors(vectors, sources=[a.path for a in adapters], skipped=skipped)
+    return TaskVectors(vectors, sources=[a.path for a in adapters], skipped=skipped, lowrank_energy=factored)

@@ -107,6 +107,36 @@ def test_quantised_bank(world, tmp_path, capsys, dtype, bound):
                 assert ((v[t] - tau).norm() / tau.norm()).item() < bound, name
 
 
+def test_low_rank_bank_adapts(world, tmp_path, capsys):
+    """bank --energy 0.99: every task vector within √(1 − 0.99) of the checkpoints' difference; adapt trains on it."""
+    from atlas_fast import TaskVectors
+    w = world
+    bank = tmp_path / "lowrank.safetensors"
+    assert main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", str(bank),
+                 "--energy", "0.99"]) == 0
+    out = capsys.readouterr().out
+    assert "lowrank bank (rank" in out and "energy of ‖τ‖² kept per block" in out
+    tv = TaskVectors.load(bank)
+    assert tv.format == "lowrank" and min(tv.lowrank_energy.values()) >= 0.99
+    base = torch.load(w["theta0"], weights_only=True)
+    for t, path in enumerate(w["finetuned"]):
+        tuned = torch.load(path, weights_only=True)
+        for name, v in tv.to(dtype=torch.float32).vectors.items():
+            tau = tuned["visual." + name].float() - base["visual." + name].float()
+            if tau.norm() > 0:
+                assert ((v[t] - tau).norm() / tau.norm()).item() <= 0.1 + 1e-5, name
+    run = tmp_path / "run"
+    assert main(["adapt", "--model", w["config"], "--pretrained", w["theta0"], "--bank", str(bank),
+                 "--data", w["upright"], "--classnames", w["classnames"], "--templates", w["templates"],
+                 "--shots", "5", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "20",
+                 "--workers", "0", "--out", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["selected_epoch"] == 1
+    with pytest.raises(SystemExit):
+        main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", str(bank), "--rank", "2",
+              "--dtype", "int8"])
+    assert "--dtype int8 cannot be combined" in capsys.readouterr().err
+
+
 def test_missing_files(world, tmp_path, capsys):
     assert "nope.safetensors: no such task-vector file" in _adapt_error(
         world, capsys, bank=str(tmp_path / "nope.safetensors"))

@@ -237,3 +237,34 @@ def test_embedding_factors_and_peft_name_variants(tmp_path):
     assert_rel(ad.delta("lin.weight"), 2 * b_lin.double() @ a_lin.double(), 1e-6, "linear τ")
     assert_rel(ad.delta("lin.bias"), lin_bias.double() - model.lin.bias.detach().double(), 1e-6, "bias τ")
     assert_rel(ad.delta("head.weight"), head_w.double() - model.head.weight.detach().double(), 1e-6, "head τ")
+
+
+def test_low_rank_bank_keeps_the_factors(model, tmp_path):
+    """low_rank=True: the adapters' factors as LowRankBlocks (ranks 2 and 4 padded to 4, zero for an adapter that
+    leaves conv alone), the whole-stored head dense; composed against the float64 reference of τ computed here."""
+    f1, f2 = _factors(5), {k: v for k, v in _factors(7).items() if k != "conv"}
+    head = _head(model, 6)
+    a1 = _write(tmp_path / "a1", f1, CONFIG, {f"{P}head.{k}": v for k, v in head.items()})
+    a2 = _write(tmp_path / "a2", f2, {"r": 4, "lora_alpha": 4})
+    bank = lora_task_vectors(model, [a1, a2], low_rank=True)
+    assert bank.format == "lowrank" and bank.lowrank_energy == {n: 1.0 for n in ("conv.weight", "fc1.weight",
+                                                                                  "proj.weight")}
+    assert [bank[n].rank for n in ("conv.weight", "fc1.weight", "proj.weight")] == [2, 4, 4]
+    assert isinstance(bank["head.weight"], torch.Tensor)
+    e1 = _expected(model, f1, {"conv": 4.0, "fc1": 0.75, "proj": 2.0}, {f"head.{k}": v for k, v in head.items()})
+    e2 = _expected(model, f2, {"fc1": 1.0, "proj": 1.0})
+    dense = {n: torch.stack([e1[n], e2.get(n, torch.zeros_like(e1[n]))]) for n in bank.names}
+    for n in ("conv.weight", "fc1.weight", "proj.weight"):
+        assert_rel(bank[n].dense(torch.float64), dense[n], 1e-6, f"factors of {n}")
+    atlas = atlas_fast.compose(copy.deepcopy(model), bank, backend="torch", strict=False)
+    with torch.no_grad():
+        atlas.coefficients.uniform_(-0.8, 0.8)
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(8))
+    y = atlas(x)
+    weight = torch.randn_like(y)
+    (y * weight).sum().backward()
+    c64 = atlas.coefficients.detach().double().requires_grad_()
+    ref = reference_call(model, merged_reference(model, dense, c64), x)
+    assert_rel(y, ref, 1e-5, "output")
+    assert_rel(atlas.coefficients.grad, torch.autograd.grad((ref * weight.double()).sum(), c64)[0], 1e-4,
+               "coefficient gradient")

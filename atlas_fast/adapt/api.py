@@ -377,16 +377,18 @@ def merge(model, bank, coefficients, out, pretrained=None, backend="auto", devic
     return out
 
 
-def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", allow_pickle=False, group_size=None):
+def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", allow_pickle=False, group_size=None,
+               rank=None, energy=None):
     """Build a task-vector bank (τ_t = finetuned_t − pretrained) from checkpoint files and save it to `out`.
-    dtype: float32, bfloat16, float16, int8 (per-row scales) or int4 (scales per group_size input columns)."""
+    dtype: float32, bfloat16, float16, int8 (per-row scales) or int4 (scales per group_size input columns);
+    rank= or energy= (float32 only) factors each task vector of every 2-D+ block by truncated SVD instead."""
     if dtype not in DTYPES and dtype not in quant.FORMATS:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join((*DTYPES, *quant.FORMATS))}")
     finetuned = _as_list(finetuned)
     if not finetuned:
         raise ValueError("finetuned: no fine-tuned checkpoint given")
     tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=DTYPES.get(dtype, dtype), prefix=prefix or None,
-                                      allow_pickle=allow_pickle, group_size=group_size)
+                                      allow_pickle=allow_pickle, group_size=group_size, rank=rank, energy=energy)
     tv.save(out)
     return tv
 
