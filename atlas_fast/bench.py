@@ -14,7 +14,9 @@ no variant inherits another's allocator state:
 --bank-dtype int8 | int4 stores the bank quantised (int8 with a scale per row, int4 with a scale per 128
 columns; atlas_fast.quant): the backends run on it as it is, the paper-style naive baseline (which has no
 quantised storage) on its dequantised float32 copy, so the check compares the same task vectors; backends
-that do not dequantise (cuda) are reported unavailable.
+that do not dequantise (cuda) are reported unavailable. --rank r makes a low-rank bank instead: random rank-r
+factors τ_t = B_t A_t (float32, LoRA-like) for every block of two or more dimensions, which the backends compose
+without forming τ (atlas_fast.lowrank); the naive baseline runs on the factors multiplied out.
 
 A step is forward + backward of a scalar loss on a fixed random batch ("step" mode), or forward +
 backward + AdamW on the coefficients over a stream of batches ("tta" mode). Step time is the median
@@ -66,6 +68,7 @@ class Settings:
     tasks: int = 8
     batch: int = 8
     bank_dtype: str = "fp32"
+    rank: Optional[int] = None   # a low-rank bank of random rank-r factors (fp32 only)
     amp: bool = False
     backends: List[str] = field(default_factory=lambda: ["naive", "finetune", "torch"])
     granularity: str = "block"
@@ -116,6 +119,12 @@ def validate(s: Settings) -> None:
     for name, allowed in (("bank_dtype", BANK_DTYPES), ("granularity", ("block", "task")), ("mode", ("step", "tta"))):
         if getattr(s, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: expected one of {', '.join(allowed)}")
+    if s.rank is not None:
+        if s.rank < 1:
+            raise ValueError(f"--rank must be at least 1, got {s.rank}")
+        if s.bank_dtype != "fp32" or s.partitions > 1:
+            raise ValueError(f"--rank {s.rank}: a low-rank bank holds float32 factors and takes --partitions 1 "
+                             f"(got --bank-dtype {s.bank_dtype}, --partitions {s.partitions})")
     if s.granularity == "task" and s.partitions > 1:
         raise ValueError(f"--partitions {s.partitions} needs --granularity block: partitions split each block, "
                          "and --granularity task has one coefficient per task vector")
@@ -183,17 +192,24 @@ def _torch_dtype(name):
 
 
 def _bank(model, s: Settings):
-    """The synthetic bank in --bank-dtype; a quantised one is quantised from float32 task vectors."""
+    """The synthetic bank in --bank-dtype; a quantised one is quantised from float32 task vectors; with --rank a
+    low-rank bank of random factors."""
     from .task_vectors import synthetic_task_vectors
+    if s.rank is not None:
+        return synthetic_task_vectors(model, s.tasks, seed=s.seed, rank=s.rank)
     if s.bank_dtype in QUANTIZED_BANKS:
         return synthetic_task_vectors(model, s.tasks, seed=s.seed).to(dtype=_torch_dtype(s.bank_dtype))
     return synthetic_task_vectors(model, s.tasks, dtype=_torch_dtype(s.bank_dtype), seed=s.seed)
 
 
-def _bank_bytes_per_task(model, bank_dtype):
-    """Bytes of one task vector over the model's floating parameters in this storage dtype (scales included)."""
-    from . import quant
+def _bank_bytes_per_task(model, bank_dtype, rank=None):
+    """Bytes of one task vector over the model's floating parameters in this storage dtype (scales included), or
+    as rank-`rank` float32 factors."""
+    from . import lowrank, quant
     params = [p for p in model.parameters() if p.is_floating_point()]
+    if rank is not None:
+        return sum(4 * (rank * (p.shape[0] + p.numel() // p.shape[0]) if lowrank.factorable(p.shape) else p.numel())
+                   for p in params)
     if bank_dtype in QUANTIZED_BANKS:
         return sum(quant.storage_bytes(p.shape, bank_dtype) for p in params)
     return sum(p.numel() for p in params) * {"fp32": 4, "bf16": 2, "fp16": 2}[bank_dtype]
@@ -239,7 +255,8 @@ class Runner:
             model.requires_grad_(False)
             if variant == "naive":
                 from .baselines.naive import NaiveAtlas
-                plain = bank.to(dtype=_torch_dtype("fp32")) if s.bank_dtype in QUANTIZED_BANKS else bank
+                dense = s.bank_dtype in QUANTIZED_BANKS or s.rank is not None
+                plain = bank.to(dtype=_torch_dtype("fp32")) if dense else bank
                 self.net = NaiveAtlas(model, plain, granularity=s.granularity, partitions=s.partitions, seed=s.seed)
             else:
                 from . import compose
@@ -388,7 +405,7 @@ def _bandwidth(s: Settings, tick):
 
     model, _, _ = _load_model(s)
     params = sum(p.numel() for p in model.parameters() if p.is_floating_point())
-    per_task = _bank_bytes_per_task(model, s.bank_dtype)
+    per_task = _bank_bytes_per_task(model, s.bank_dtype, s.rank)
     del model
     device = torch.device(s.device)
     src = torch.ones(COPY_BYTES // 4, device=device)
@@ -646,7 +663,8 @@ def _describe(s: Settings) -> str:
     param, values = s.sweep or (None, None)
     tasks = ",".join(map(str, values)) if param == "tasks" else s.tasks
     batch = ",".join(map(str, values)) if param == "batch" else s.batch
-    return (f"{os.path.basename(s.model)}, T={tasks}, batch {batch}, bank {s.bank_dtype}, {amp}, "
+    bank = s.bank_dtype if s.rank is None else f"rank {s.rank} (fp32 factors)"
+    return (f"{os.path.basename(s.model)}, T={tasks}, batch {batch}, bank {bank}, {amp}, "
             f"{s.granularity}{partitions}, {s.mode} mode, {s.device}"
             + (f", {s.threads} thread{'s' if s.threads > 1 else ''}" if s.threads else ""))
 

@@ -20,6 +20,8 @@ def _add_bench(sub):
     p.add_argument("--batch", type=int, help="images per step (default 8)")
     p.add_argument("--bank-dtype", choices=bench.BANK_DTYPES,
                    help="storage dtype of the task vectors (default fp32 on a CPU, bf16 on a GPU)")
+    p.add_argument("--rank", type=int, help="a low-rank bank: random rank-r factors τ = B·A per 2-D+ block "
+                                            "(float32; composed without forming τ)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--backends", type=_comma_list,
@@ -50,8 +52,10 @@ def _run_bench(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     s = bench.default_settings(device)
-    for name in ("model", "tasks", "batch", "bank_dtype", "amp", "backends", "granularity", "partitions", "steps",
-                 "warmup", "out", "mode", "seed", "threads"):
+    if args.rank is not None and args.bank_dtype is None:
+        args.bank_dtype = "fp32"   # the factors are float32 on every device
+    for name in ("model", "tasks", "batch", "bank_dtype", "rank", "amp", "backends", "granularity", "partitions",
+                 "steps", "warmup", "out", "mode", "seed", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
@@ -70,6 +74,8 @@ def _run_bench_groups(args, s):
     from . import bench_grouped
     if not 1 <= args.groups <= s.batch or s.model.endswith(".json"):
         args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
+    if s.rank is not None:
+        args.parser.error("--groups with --rank: grouped compositions take float banks, not low-rank ones")
     if s.bank_dtype not in bench_grouped.BANK_DTYPES:
         args.parser.error(f"--groups with --bank-dtype {s.bank_dtype}: grouped compositions take float banks "
                           f"({', '.join(bench_grouped.BANK_DTYPES)})")

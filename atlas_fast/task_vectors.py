@@ -527,11 +527,14 @@ def _check_finite(v, name, sources):
         mapped.release(v, s, s + part.numel())
 
 
-def synthetic_task_vectors(model, num_tasks, rel_scale=1e-2, dtype=torch.float32, seed=0):
+def synthetic_task_vectors(model, num_tasks, rel_scale=1e-2, dtype=torch.float32, seed=0, rank=None):
     """Random task vectors for every floating parameter of `model`, of magnitude rel_scale × the
     parameter's RMS (at least rel_scale × 1e-2 for all-zero parameters): a realistic stand-in for benchmarks
     and tests, where fine-tuned checkpoints are not at hand. Drawn on the parameters' device (the numbers
-    depend on the device's generator)."""
+    depend on the device's generator). rank=r: a low-rank bank of random rank-r factors (LoRA-like; float32)
+    for the parameters of two or more dimensions, of the same entry magnitude."""
+    if rank is not None and (not isinstance(rank, int) or rank < 1 or dtype != torch.float32):
+        raise ValueError(f"synthetic_task_vectors: rank={rank!r} needs an int >= 1 and dtype=torch.float32")
     generators = {}
     vectors = {}
     for name, p in model.named_parameters():
@@ -541,6 +544,14 @@ def synthetic_task_vectors(model, num_tasks, rel_scale=1e-2, dtype=torch.float32
             generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
         rms = p.detach().float().pow(2).mean().sqrt().item() if p.numel() else 0.0
         scale = rel_scale * max(rms, 1e-2)
-        v = torch.randn((num_tasks, *p.shape), generator=generators[p.device], device=p.device) * scale
+        g = generators[p.device]
+        if rank is not None and lowrank.factorable(p.shape):
+            rows, cols = p.shape[0], p.numel() // p.shape[0]
+            a = torch.randn((num_tasks, rank, cols), generator=g, device=p.device)
+            bt = torch.randn((num_tasks, rank, rows), generator=g, device=p.device) * (scale / rank ** 0.5)
+            vectors[name] = lowrank.LowRankBlock(a, bt, (num_tasks, *p.shape))
+            continue
+        v = torch.randn((num_tasks, *p.shape), generator=g, device=p.device) * scale
         vectors[name] = v.to(dtype)
-    return TaskVectors(vectors, sources=[f"synthetic[{t}]" for t in range(num_tasks)])
+    energy = {k: 1.0 for k, v in vectors.items() if lowrank.is_lowrank(v)}
+    return TaskVectors(vectors, sources=[f"synthetic[{t}]" for t in range(num_tasks)], lowrank_energy=energy)

@@ -87,6 +87,27 @@ def test_bench_quantised_bank(tmp_path, tiny_model, bank_dtype):
     assert "dequantise" in bench.unavailable_reason("cuda", torch.device("cpu"), bank_dtype)
     assert quant.FORMATS == bench.QUANTIZED_BANKS
 
+def test_bench_low_rank_bank(tmp_path, tiny_model):
+    """--rank 3: the torch backend on the factors agrees with naive on the bank multiplied out, and the floor
+    reads the factors' bytes."""
+    out = tmp_path / "out"
+    stdout = _bench("--model", tiny_model, "--tasks", "2", "--batch", "2", "--steps", "1", "--warmup", "0", "--rank",
+                    "3", "--backends", "naive,finetune,torch", "--device", "cpu", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["rank"] == 3 and results["settings"]["bank_dtype"] == "fp32"
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert by_name["torch"]["status"] == "ok"
+    assert by_name["torch"]["rel_err_out"] <= bench.TOLERANCE["fp32"][0]
+    assert by_name["torch"]["rel_err_grad"] <= bench.TOLERANCE["fp32"][1]
+    visual, _, _ = bench._load_model(bench.Settings(model=tiny_model))
+    bank = bench._bank(visual, bench.Settings(model=tiny_model, tasks=2, rank=3))
+    assert bank.format == "lowrank" and bank.rank == 3
+    assert by_name["floor"]["bank_gb"] == pytest.approx(bank.nbytes / 1e9)
+    assert "rank 3 (fp32 factors)" in stdout
+    with pytest.raises(ValueError, match="--rank 3: a low-rank bank holds float32 factors"):
+        bench.validate(bench.Settings(model=tiny_model, rank=3, bank_dtype="bf16", out=str(tmp_path)))
+
+
 def test_bench_sweep_tta(tmp_path, tiny_model):
     out = tmp_path / "out"
     _bench("--model", tiny_model, "--batch", "2", "--steps", "2", "--warmup", "0", "--backends", "torch",
