@@ -11,6 +11,11 @@ partitions (K > 1) a chunk merges as D = cᵀτ (K, n), keeping D[k(i), i], and 
 (T, K): no per-task gather, and the partition index k(i) is hashed once per block and cached as uint8
 (hashing.cached_partition_index).
 
+On a CPU the walk over a float32, bfloat16 or float16 bank runs compiled (cpu_native: csrc/cpu_walk.c, built on
+first use when a C compiler is there): each element is read once, widened in registers, merged and reduced against
+its partition's coefficients in the same pass; the stock-op walk below is the fallback and the path on other
+devices, for float64 and for quantised banks.
+
 Quantised banks (quant.QuantizedBlock, int8 or int4) go through the same walk: each chunk, a whole number of
 rows, is dequantised into the reused buffer (QuantizedBlock.dequantize_rows) where a half-precision chunk is
 upcast, so the merge and the reduction read the int8/int4 bank and never a dequantised copy of a layer.
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from .. import lowrank
 from ..hashing import cached_partition_index
 from ..quant import is_quantized
+from . import cpu_native
 from .base import Backend
 
 # Bytes of one chunk of the bank in the compute dtype. Large enough that a chunk costs a handful of BLAS calls
@@ -43,6 +49,10 @@ def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None):
     more than the arithmetic."""
     T, numel = taus.shape[0], taus.numel() // max(1, taus.shape[0])
     K = (coef if coef is not None else dc).shape[1]
+    if cpu_native.takes(taus, acc, K):
+        part = cached_partition_index(numel, key, K, taus.device) if K > 1 else None
+        cpu_native.walk(taus, part, K, coef, merged, g, dc)
+        return
     n = min(numel, max(1, CHUNK_BYTES // (T * torch.finfo(acc).bits // 8)))
     quantized = is_quantized(taus)
     if quantized:  # whole rows: each row has its scales

@@ -1,0 +1,226 @@
+/* One pass of the torch backend over a block's task vectors on a CPU (atlas_fast/backends/cpu_native.py):
+
+       merged[i] += Σ_t coef[t, k(i)] τ_t[i]              when merged is given
+       dc[t, k]  += Σ_{i : k(i) = k} τ_t[i] g[i]          when g is given
+
+   τ is T rows of n elements (row stride ld) in float32, bfloat16 or float16, read once and widened to float32 in
+   registers: no upcast copy and no one-hot matrix. k(i) is
+   the uint8 partition index (NULL when K = 1). The elements are split into contiguous ranges, one per thread, and
+   walked BLOCK elements at a time so that the block of merged, g and the K masked copies of g stay in L1 while
+   the T rows stream through. Each thread sums its dc in double, added to dc at the end. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 1024
+#define MAX_K 256
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float widen_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Row elements [offset, offset + m) of τ as float32: the row itself for float32, else widened into buf (the
+   conversion the compiler vectorises). */
+static inline const float *load_row(const void *tau, int dtype, int64_t offset, int64_t m, float *restrict buf) {
+    if (dtype == F32) return (const float *)tau + offset;
+    if (dtype == BF16) {
+        const uint16_t *src = (const uint16_t *)tau + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) buf[i] = widen_bf16(src[i]);
+    } else {
+        const _Float16 *src = (const _Float16 *)tau + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) buf[i] = (float)src[i];
+    }
+    return buf;
+}
+
+static inline void axpy(float *restrict out, float c, const float *restrict x, int64_t m) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) out[i] += c * x[i];
+}
+
+static inline float dot(const float *restrict x, const float *restrict y, int64_t m) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < m; i++) sum += x[i] * y[i];
+    return sum;
+}
+
+static inline void mask(float *restrict out, const float *restrict g, const uint8_t *restrict p, int k, int64_t m) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) out[i] = p[i] == k ? g[i] : 0.0f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+
+/* 16 elements of a row from element off, float32 (lanes outside `live` are 0). */
+static inline __m512 load16(const void *tau, int dtype, int64_t off, __mmask16 live) {
+    if (dtype == F32) return _mm512_maskz_loadu_ps(live, (const float *)tau + off);
+    __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)tau + off);
+    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* K <= 16 partitions in AVX-512 registers. Sixteen elements at a time, all T rows: the merged lanes stay in a
+   register across the rows (loaded and stored once, as a BLAS gemv does), the lanes' coefficients c[t, k(i)] come
+   from one permute of row t of the coefficients, and the reduction adds τ·g into T·K register-width sums, masked
+   to each partition, flushed into double once per block. */
+static void walk_range_avx512(const void *tau, int dtype, int64_t T, int64_t ld, int64_t lo, int64_t hi,
+                              const uint8_t *part, int64_t K, const float *coef, float *merged, const float *g,
+                              double *dc_acc) {
+    __m512i idx[BLOCK / 16];
+    __mmask16 masks[16][BLOCK / 16];
+    const __mmask16 coef_lanes = (__mmask16)((1u << K) - 1);
+    __m512 *sums = g != NULL ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(T * K)) : NULL;
+    if (g != NULL && sums == NULL) return;
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        int64_t m = hi - s < BLOCK ? hi - s : BLOCK, groups = (m + 15) / 16;
+        const __mmask16 last = m % 16 ? (__mmask16)((1u << (m % 16)) - 1) : (__mmask16)0xFFFF;
+        if (K > 1)
+            for (int64_t j = 0; j < groups; j++) {
+                __mmask16 live = j == groups - 1 ? last : (__mmask16)0xFFFF;
+                idx[j] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, part + s + 16 * j));
+                for (int64_t k = 0; k < K; k++)
+                    masks[k][j] = _mm512_mask_cmpeq_epi32_mask(live, idx[j], _mm512_set1_epi32((int)k));
+            }
+        if (sums != NULL)
+            for (int64_t q = 0; q < T * K; q++) sums[q] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < groups; j++) {
+            __mmask16 live = j == groups - 1 ? last : (__mmask16)0xFFFF;
+            int64_t off = s + 16 * j;
+            __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, merged + off) : _mm512_setzero_ps();
+            __m512 gv = g != NULL ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
+            for (int64_t t = 0; t < T; t++) {
+                __m512 r = load16(tau, dtype, t * ld + off, live);
+                if (merged != NULL) {
+                    __m512 cm = K == 1 ? _mm512_set1_ps(coef[t])
+                                       : _mm512_permutexvar_ps(idx[j], _mm512_maskz_loadu_ps(coef_lanes, coef + t * K));
+                    out = _mm512_fmadd_ps(cm, r, out);
+                }
+                if (g != NULL) {
+                    __m512 *st = sums + t * K;
+                    if (K == 1) st[0] = _mm512_fmadd_ps(r, gv, st[0]);
+                    else {
+                        __m512 pr = _mm512_mul_ps(r, gv);
+                        for (int64_t k = 0; k < K; k++) st[k] = _mm512_mask_add_ps(st[k], masks[k][j], st[k], pr);
+                    }
+                }
+            }
+            if (merged != NULL) _mm512_mask_storeu_ps(merged + off, live, out);
+        }
+        if (sums != NULL)
+            for (int64_t q = 0; q < T * K; q++) dc_acc[q] += _mm512_reduce_add_ps(sums[q]);
+    }
+    free(sums);
+}
+#endif
+
+/* The portable walk (and K > 16 partitions). With partitions the merge accumulates one candidate sum per partition, acc[k][i] = Σ_t c[t, k] τ_t[i] (K
+   vector FMAs per element and row, no gather), and keeps acc[k(i)][i] once per block; the reduction takes K dot
+   products of each row with g masked to one partition, gk[k][i] = g[i] if k(i) = k else 0. */
+static void walk_range(const void *tau, int dtype, int64_t T, int64_t ld, int64_t lo, int64_t hi,
+                       const uint8_t *part, int64_t K, const float *coef, float *merged, const float *g,
+                       double *dc_acc) {
+#ifdef HAVE_AVX512
+    if (K <= 16) {
+        walk_range_avx512(tau, dtype, T, ld, lo, hi, part, K, coef, merged, g, dc_acc);
+        return;
+    }
+#endif
+    float buf[BLOCK];
+    float *acc = NULL, *gk = NULL;
+    if (merged != NULL && K > 1) acc = (float *)malloc(sizeof(float) * (size_t)(K * BLOCK));
+    if (g != NULL && K > 1) gk = (float *)malloc(sizeof(float) * (size_t)(K * BLOCK));
+    for (int64_t s = lo; s < hi; s += BLOCK) {
+        int64_t m = hi - s < BLOCK ? hi - s : BLOCK;
+        const uint8_t *p = part != NULL ? part + s : NULL;
+        if (gk != NULL)
+            for (int64_t k = 0; k < K; k++) mask(gk + k * BLOCK, g + s, p, (int)k, m);
+        if (acc != NULL) memset(acc, 0, sizeof(float) * (size_t)(K * BLOCK));
+        for (int64_t t = 0; t < T; t++) {
+            const float *row = load_row(tau, dtype, t * ld + s, m, buf);
+            if (merged != NULL) {
+                const float *c = coef + t * K;
+                if (K == 1) axpy(merged + s, c[0], row, m);
+                else
+                    for (int64_t k = 0; k < K; k++) axpy(acc + k * BLOCK, c[k], row, m);
+            }
+            if (g != NULL)
+                for (int64_t k = 0; k < K; k++) dc_acc[t * K + k] += dot(row, gk != NULL ? gk + k * BLOCK : g + s, m);
+        }
+        if (acc != NULL) {
+            float *out = merged + s;
+            for (int64_t i = 0; i < m; i++) out[i] += acc[p[i] * BLOCK + i];
+        }
+    }
+    free(acc);
+    free(gk);
+}
+
+struct job {
+    const void *tau;
+    int dtype;
+    int64_t T, ld, lo, hi, K;
+    const uint8_t *part;
+    const float *coef, *g;
+    float *merged;
+    double *acc;
+};
+
+static void *run_job(void *arg) {
+    struct job *j = (struct job *)arg;
+    if (j->lo < j->hi)
+        walk_range(j->tau, j->dtype, j->T, j->ld, j->lo, j->hi, j->part, j->K, j->coef, j->merged, j->g, j->acc);
+    return NULL;
+}
+
+/* Returns 0, or 1 for arguments it does not take (the caller falls back to stock torch ops). The threads are
+   plain pthreads: an OpenMP runtime of its own would spin against torch's. */
+int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, const uint8_t *part, int64_t K,
+               const float *coef, float *merged, const float *g, float *dc, int nthreads) {
+    if (K < 1 || K > MAX_K || (K > 1 && part == NULL) || dtype < F32 || dtype > F16 || nthreads < 1) return 1;
+    if ((merged == NULL) != (coef == NULL) || (g == NULL) != (dc == NULL)) return 1;
+    int64_t per = (n + nthreads - 1) / nthreads;
+    per = (per + BLOCK - 1) / BLOCK * BLOCK;
+    int used = per > 0 ? (int)((n + per - 1) / per) : 1;
+    if (used < 1) used = 1;
+    double *acc = (double *)calloc((size_t)(used * T * K), sizeof(double));
+    struct job *jobs = (struct job *)calloc((size_t)used, sizeof(struct job));
+    pthread_t *threads = (pthread_t *)calloc((size_t)used, sizeof(pthread_t));
+    char *spawned = (char *)calloc((size_t)used, 1);
+    int status = acc == NULL || jobs == NULL || threads == NULL || spawned == NULL;
+    if (!status) {
+        for (int w = 0; w < used; w++) {
+            int64_t lo = w * per, hi = lo + per < n ? lo + per : n;
+            jobs[w] = (struct job){tau, dtype, T, ld, lo, hi, K, part, coef, g, merged, acc + w * T * K};
+        }
+        /* The calling thread takes range 0; a range whose thread cannot start runs here too. */
+        for (int w = 1; w < used; w++) spawned[w] = pthread_create(&threads[w], NULL, run_job, &jobs[w]) == 0;
+        run_job(&jobs[0]);
+        for (int w = 1; w < used; w++) {
+            if (spawned[w]) pthread_join(threads[w], NULL);
+            else run_job(&jobs[w]);
+        }
+        if (dc != NULL) {
+            for (int64_t j = 0; j < T * K; j++) {
+                double total = 0.0;
+                for (int w = 0; w < used; w++) total += acc[w * T * K + j];
+                dc[j] += (float)total;
+            }
+        }
+    }
+    free(spawned);
+    free(threads);
+    free(jobs);
+    free(acc);
+    return status;
+}

@@ -1,0 +1,78 @@
+"""The compiled CPU walk (csrc/cpu_walk.c) against float64 sums computed here: every bank dtype, partitions from
+one to past the AVX-512 path's 16, odd lengths across blocks and threads; and its absence falls back cleanly."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from atlas_fast.backends import cpu_native
+from atlas_fast.hashing import partition_index
+
+from helpers import assert_rel
+
+needs_native = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native.unavailable_reason()}")
+
+
+def _reference(tau, part, K, coef, theta0, g):
+    t64, c64 = tau.double(), coef.double()
+    cmap = c64[:, part.long()] if K > 1 else c64.expand(-1, tau.shape[1])
+    merged = theta0.double() + (cmap * t64).sum(0)
+    onehot = torch.nn.functional.one_hot(part.long(), K).double() if K > 1 else torch.ones(tau.shape[1], 1).double()
+    return merged, t64 @ (g.double()[:, None] * onehot)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("n,threads", [(5, 1), (4099, 2), (3 * 1024 + 1, 3)])
+def test_walk_against_float64(dtype, K, n, threads):
+    torch.manual_seed(K + n)
+    T = 5
+    tau = (torch.randn(T, n) * 1e-2).to(dtype)
+    part = partition_index(n, 7, K).to(torch.uint8)
+    coef, theta0, g = torch.randn(T, K), torch.randn(n) * 1e-2, torch.randn(n)   # θ0 of the sums' scale
+    merged_ref, dc_ref = _reference(tau, part, K, coef, theta0, g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        merged, dc = theta0.clone(), torch.zeros(T, K)
+        cpu_native.walk(tau, part if K > 1 else None, K, coef, merged, g, dc)
+        merge_only, dc_only = theta0.clone(), torch.zeros(T, K)
+        cpu_native.walk(tau, part if K > 1 else None, K, coef=coef, merged=merge_only)
+        cpu_native.walk(tau, part if K > 1 else None, K, g=g, dc=dc_only)
+    finally:
+        torch.set_num_threads(before)
+    assert_rel(merged, merged_ref, 1e-6, "merged")
+    assert_rel(dc, dc_ref, 1e-5, "dc")
+    assert torch.equal(merge_only, merged)
+    assert_rel(dc_only, dc_ref, 1e-5, "dc alone")
+
+
+@needs_native
+def test_walk_reads_strided_rows_and_names_bad_arguments():
+    """Rows of a wider tensor (a view with row stride > n) are read in place."""
+    T, n, K = 3, 1500, 2
+    wide = torch.randn(T, n + 37)
+    tau = wide[:, :n]
+    part = partition_index(n, 1, K).to(torch.uint8)
+    coef, g = torch.randn(T, K), torch.randn(n)
+    dc = torch.zeros(T, K)
+    cpu_native.walk(tau, part, K, g=g, dc=dc)
+    assert_rel(dc, _reference(tau, part, K, coef, torch.zeros(n), g)[1], 1e-5, "dc")
+    with pytest.raises(ValueError, match=r"dc must be a contiguous float32 \(3, 2\)"):
+        cpu_native.walk(tau, part, K, g=g, dc=torch.zeros(T, K, dtype=torch.float64))
+    with pytest.raises(ValueError, match="partitions K=2 need a contiguous uint8 index of 1500 elements"):
+        cpu_native.walk(tau, part[:10], K, g=g, dc=dc)
+
+
+def test_disabled_walk_falls_back():
+    code = ("from atlas_fast.backends import cpu_native; import torch;"
+            "from atlas_fast.backends.torch_backend import merge_and_reduce;"
+            "print(cpu_native.unavailable_reason());"
+            "m, dc = merge_and_reduce(torch.ones(4, 3), torch.ones(2, 4, 3).bfloat16(), torch.ones(2, 2), 5,"
+            " torch.ones(4, 3)); print(float(m.sum()), float(dc.sum()))")
+    env = dict(os.environ, ATLAS_FAST_CPU_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.splitlines() == ["disabled by ATLAS_FAST_CPU_NATIVE=0", "36.0 24.0"]
