@@ -90,7 +90,7 @@ def test_sources_ship_with_the_package():
     """The JIT loader finds csrc/, and setup.py's package data covers every file in it."""
     src = cuda_backend.source_dir()
     assert src is not None and (src / "atlas_linear.cu").is_file() and (src / "merge_blocks.cu").is_file()
-    patterns = ["*.cu", "*.cuh", "*.h", "*.cpp"]
+    patterns = ["*.cu", "*.cuh", "*.h", "*.cpp", "*.c"]
     assert f'"atlas_fast.csrc": {patterns}'.replace("'", '"') in (ROOT / "setup.py").read_text()
     unshipped = [p.name for p in src.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
     assert unshipped == []
