@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from .stacked import StackedBlock
+
 
 def is_lowrank(tau):
     return isinstance(tau, LowRankBlock)
@@ -34,10 +36,11 @@ def factorable(shape):
     return len(shape) >= 2 and math.prod(shape) > 0
 
 
-class LowRankBlock:
+class LowRankBlock(StackedBlock):
     """T stacked task vectors of one block as factors, shaped (T, *shape) like the dense tensor it replaces."""
 
     __slots__ = ("a", "bt", "shape")
+    _what = "low-rank task vectors"
 
     def __init__(self, a, bt, shape):
         shape = torch.Size(shape)
@@ -74,31 +77,8 @@ class LowRankBlock:
         return self.a.device
 
     @property
-    def requires_grad(self):
-        return False
-
-    @property
-    def rows(self):
-        return self.shape[1]
-
-    @property
-    def cols(self):
-        return math.prod(self.shape[2:])
-
-    @property
     def nbytes(self):
         return (self.a.numel() + self.bt.numel()) * self.a.element_size()
-
-    @property
-    def element_bytes(self):
-        """Bytes per element of the dense block it stands for: what the cost model counts."""
-        return self.nbytes / max(1, math.prod(self.shape))
-
-    def dim(self):
-        return len(self.shape)
-
-    def numel(self):
-        return math.prod(self.shape)
 
     def a_cat(self, dtype):
         """(T·r, cols) of `dtype`: the rank-one terms' right factors, a view when the dtype matches."""
@@ -108,15 +88,7 @@ class LowRankBlock:
         """(T·r, rows) of `dtype`: the rank-one terms' left factors."""
         return self.bt.reshape(-1, self.rows).to(dtype)
 
-    def reshape(self, *shape):
-        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        shape = list(shape)
-        if -1 in shape:
-            i = shape.index(-1)
-            shape[i] = self.numel() // max(1, math.prod(s for j, s in enumerate(shape) if j != i))
-        if math.prod(shape) != self.numel() or tuple(shape[:2]) != tuple(self.shape[:2]):
-            raise ValueError(f"low-rank task vectors {tuple(self.shape)} reshape only within a row (T and the rows "
-                             f"stay), not to {tuple(shape)}")
+    def _with_shape(self, shape):
         return LowRankBlock(self.a, self.bt, shape)
 
     def to(self, device=None, dtype=None):

@@ -25,6 +25,7 @@ import math
 import torch
 
 from . import lowrank
+from .stacked import StackedBlock
 
 FORMATS = ("int8", "int4")
 DEFAULT_GROUP = 128
@@ -52,12 +53,13 @@ def quantizable(shape):
     return len(shape) >= 2 and math.prod(shape) > 0
 
 
-class QuantizedBlock:
+class QuantizedBlock(StackedBlock):
     """T stacked task vectors of one block in int8 or int4, shaped (T, *shape) like the float tensor it
     replaces. `reshape` keeps T and the rows (the im2col view of a conv weight); `dequantize` gives the float
     tensor (tests, conversions; the backends dequantise a chunk at a time with dequantize_rows)."""
 
     __slots__ = ("data", "scale", "group", "shape")
+    _what = "quantised task vectors"
 
     def __init__(self, data, scale, group, shape):
         shape = torch.Size(shape)
@@ -93,37 +95,10 @@ class QuantizedBlock:
         return self.data.device
 
     @property
-    def requires_grad(self):
-        return False
-
-    @property
-    def cols(self):
-        return math.prod(self.shape[2:])
-
-    @property
-    def element_bytes(self):
-        """Bytes per value, scales included: what the cost model counts for one element of the bank."""
-        return self.nbytes / max(1, math.prod(self.shape))
-
-    @property
     def nbytes(self):
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
-    def dim(self):
-        return len(self.shape)
-
-    def numel(self):
-        return math.prod(self.shape)
-
-    def reshape(self, *shape):
-        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        shape = list(shape)
-        if -1 in shape:
-            i = shape.index(-1)
-            shape[i] = self.numel() // max(1, math.prod(s for j, s in enumerate(shape) if j != i))
-        if math.prod(shape) != self.numel() or tuple(shape[:2]) != tuple(self.shape[:2]):
-            raise ValueError(f"quantised task vectors {tuple(self.shape)} reshape only within a row "
-                             f"(T and the rows stay), not to {tuple(shape)}")
+    def _with_shape(self, shape):
         return QuantizedBlock(self.data, self.scale, self.group, shape)
 
     def to(self, device=None):
