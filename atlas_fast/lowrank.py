@@ -114,7 +114,7 @@ def stack(parts, shape):
     """One LowRankBlock of per-task (B, A) pairs (None: a zero task vector), ranks padded with zero factors to
     the largest; shape: the block's parameter shape."""
     rows, cols = shape[0], math.prod(shape[1:])
-    given = [a for p in parts if p is not None for a in p[1:]]
+    given = [p[1] for p in parts if p is not None]   # the A factors
     r = max([1] + [a.shape[0] for a in given])
     dtype, device = (given[0].dtype, given[0].device) if given else (torch.float32, None)
     a = torch.zeros(len(parts), r, cols, dtype=dtype, device=device)
