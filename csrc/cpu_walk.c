@@ -4,7 +4,9 @@
        dc[t, k]  += Σ_{i : k(i) = k} τ_t[i] g[i]          when g is given
 
    τ is T rows of n elements (row stride ld) in float32, bfloat16 or float16, read once and widened to float32 in
-   registers: no upcast copy and no one-hot matrix. k(i) is
+   registers: no upcast copy and no one-hot matrix. With AVX-512 and K <= 16 it may also be int8 (one float32
+   scale per row of `cols` elements) or int4 (two values a byte, q + 8 in the low nibble first; one scale per
+   `group` columns, group a multiple of 16), dequantised in registers (atlas_fast/quant.py). k(i) is
    the uint8 partition index (NULL when K = 1). The elements are split into contiguous ranges, one per thread, and
    walked BLOCK elements at a time so that the block of merged, g and the K masked copies of g stay in L1 while
    the T rows stream through. Each thread sums its dc in double, added to dc at the end. */
@@ -16,7 +18,17 @@
 #define BLOCK 1024
 #define MAX_K 256
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4 };
+
+/* The bank: ld is the stride between task vectors in elements of its storage (bytes for int8 and int4). A
+   quantised bank is (T, rows, cols) with scale (T, rows) (int8) or (T, rows, ceil(cols / group)) (int4). */
+struct bank {
+    const void *data;
+    int dtype;
+    int64_t ld;
+    const float *scale;
+    int64_t rows, cols, group;
+};
 
 static inline float widen_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -62,28 +74,51 @@ static inline void mask(float *restrict out, const float *restrict g, const uint
 #include <immintrin.h>
 #define HAVE_AVX512 1
 
-/* 16 elements of a row from element off, float32 (lanes outside `live` are 0). */
-static inline __m512 load16(const void *tau, int dtype, int64_t off, __mmask16 live) {
-    if (dtype == F32) return _mm512_maskz_loadu_ps(live, (const float *)tau + off);
-    __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)tau + off);
-    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
+/* 16 elements of task vector t from flat element off, as float32 (lanes outside the prefix mask `live` are 0). A
+   quantised bank's 16 lanes lie in one row and, for int4, in one scale group: the walk cuts its blocks at rows. */
+static inline __m512 load16(const struct bank *b, int64_t t, int64_t off, __mmask16 live) {
+    if (b->dtype == F32) return _mm512_maskz_loadu_ps(live, (const float *)b->data + t * b->ld + off);
+    if (b->dtype == BF16 || b->dtype == F16) {
+        __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)b->data + t * b->ld + off);
+        if (b->dtype == F16) return _mm512_cvtph_ps(h);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    int64_t row = off / b->cols, col = off - row * b->cols;
+    __m512i q;
+    float scale;
+    if (b->dtype == I8) {
+        q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, (const int8_t *)b->data + t * b->ld + off));
+        scale = b->scale[t * b->rows + row];
+    } else {
+        const uint8_t *bytes = (const uint8_t *)b->data + t * b->ld + row * ((b->cols + 1) / 2) + col / 2;
+        int lanes = __builtin_popcount((unsigned)live);
+        __m128i packed = _mm_maskz_loadu_epi8((__mmask16)((1u << ((lanes + 1) / 2)) - 1), bytes);
+        __m128i low = _mm_and_si128(packed, _mm_set1_epi8(15));
+        __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
+        __m128i nibbles = _mm_maskz_mov_epi8(live, _mm_unpacklo_epi8(low, high));   /* column order */
+        q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_maskz_set1_epi32(live, 8));
+        int64_t groups = (b->cols + b->group - 1) / b->group;
+        scale = b->scale[(t * b->rows + row) * groups + col / b->group];
+    }
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale));
 }
 
 /* K <= 16 partitions in AVX-512 registers. Sixteen elements at a time, all T rows: the merged lanes stay in a
    register across the rows (loaded and stored once, as a BLAS gemv does), the lanes' coefficients c[t, k(i)] come
    from one permute of row t of the coefficients, and the reduction adds τ·g into T·K register-width sums, masked
    to each partition, flushed into double once per block. */
-static void walk_range_avx512(const void *tau, int dtype, int64_t T, int64_t ld, int64_t lo, int64_t hi,
-                              const uint8_t *part, int64_t K, const float *coef, float *merged, const float *g,
-                              double *dc_acc) {
+static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
+                              int64_t K, const float *coef, float *merged, const float *g, double *dc_acc) {
     __m512i idx[BLOCK / 16];
     __mmask16 masks[16][BLOCK / 16];
     const __mmask16 coef_lanes = (__mmask16)((1u << K) - 1);
     __m512 *sums = g != NULL ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(T * K)) : NULL;
     if (g != NULL && sums == NULL) return;
-    for (int64_t s = lo; s < hi; s += BLOCK) {
-        int64_t m = hi - s < BLOCK ? hi - s : BLOCK, groups = (m + 15) / 16;
+    const int quantised = bank->dtype == I8 || bank->dtype == I4;
+    for (int64_t s = lo, m; s < hi; s += m) {
+        m = hi - s < BLOCK ? hi - s : BLOCK;
+        if (quantised && m > bank->cols - s % bank->cols) m = bank->cols - s % bank->cols;  /* to the row's end */
+        int64_t groups = (m + 15) / 16;
         const __mmask16 last = m % 16 ? (__mmask16)((1u << (m % 16)) - 1) : (__mmask16)0xFFFF;
         if (K > 1)
             for (int64_t j = 0; j < groups; j++) {
@@ -100,7 +135,7 @@ static void walk_range_avx512(const void *tau, int dtype, int64_t T, int64_t ld,
             __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, merged + off) : _mm512_setzero_ps();
             __m512 gv = g != NULL ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
             for (int64_t t = 0; t < T; t++) {
-                __m512 r = load16(tau, dtype, t * ld + off, live);
+                __m512 r = load16(bank, t, off, live);
                 if (merged != NULL) {
                     __m512 cm = K == 1 ? _mm512_set1_ps(coef[t])
                                        : _mm512_permutexvar_ps(idx[j], _mm512_maskz_loadu_ps(coef_lanes, coef + t * K));
@@ -127,12 +162,14 @@ static void walk_range_avx512(const void *tau, int dtype, int64_t T, int64_t ld,
 /* The portable walk (and K > 16 partitions). With partitions the merge accumulates one candidate sum per partition, acc[k][i] = Σ_t c[t, k] τ_t[i] (K
    vector FMAs per element and row, no gather), and keeps acc[k(i)][i] once per block; the reduction takes K dot
    products of each row with g masked to one partition, gk[k][i] = g[i] if k(i) = k else 0. */
-static void walk_range(const void *tau, int dtype, int64_t T, int64_t ld, int64_t lo, int64_t hi,
-                       const uint8_t *part, int64_t K, const float *coef, float *merged, const float *g,
-                       double *dc_acc) {
+static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
+                       int64_t K, const float *coef, float *merged, const float *g, double *dc_acc) {
+    const void *tau = bank->data;
+    const int dtype = bank->dtype;
+    const int64_t ld = bank->ld;
 #ifdef HAVE_AVX512
     if (K <= 16) {
-        walk_range_avx512(tau, dtype, T, ld, lo, hi, part, K, coef, merged, g, dc_acc);
+        walk_range_avx512(bank, T, lo, hi, part, K, coef, merged, g, dc_acc);
         return;
     }
 #endif
@@ -167,9 +204,8 @@ static void walk_range(const void *tau, int dtype, int64_t T, int64_t ld, int64_
 }
 
 struct job {
-    const void *tau;
-    int dtype;
-    int64_t T, ld, lo, hi, K;
+    const struct bank *bank;
+    int64_t T, lo, hi, K;
     const uint8_t *part;
     const float *coef, *g;
     float *merged;
@@ -178,19 +214,37 @@ struct job {
 
 static void *run_job(void *arg) {
     struct job *j = (struct job *)arg;
-    if (j->lo < j->hi)
-        walk_range(j->tau, j->dtype, j->T, j->ld, j->lo, j->hi, j->part, j->K, j->coef, j->merged, j->g, j->acc);
+    if (j->lo < j->hi) walk_range(j->bank, j->T, j->lo, j->hi, j->part, j->K, j->coef, j->merged, j->g, j->acc);
     return NULL;
 }
 
+/* Whether the walk takes a bank of this dtype with K partitions: quantised banks only in the AVX-512 walk. */
+int atlas_walk_takes(int dtype, int64_t K, int64_t group) {
+    if (K < 1 || K > MAX_K || dtype < F32 || dtype > I4) return 0;
+    if (dtype <= F16) return 1;
+#ifdef HAVE_AVX512
+    return K <= 16 && (dtype == I8 || (group > 0 && group % 16 == 0));
+#else
+    (void)group;
+    return 0;
+#endif
+}
+
 /* Returns 0, or 1 for arguments it does not take (the caller falls back to stock torch ops). The threads are
-   plain pthreads: an OpenMP runtime of its own would spin against torch's. */
-int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, const uint8_t *part, int64_t K,
-               const float *coef, float *merged, const float *g, float *dc, int nthreads) {
-    if (K < 1 || K > MAX_K || (K > 1 && part == NULL) || dtype < F32 || dtype > F16 || nthreads < 1) return 1;
+   plain pthreads: an OpenMP runtime of its own would spin against torch's. scale, rows, cols and group describe a
+   quantised bank (NULL and zeros otherwise); ld is in elements of the storage. */
+int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, const float *scale, int64_t rows,
+               int64_t cols, int64_t group, const uint8_t *part, int64_t K, const float *coef, float *merged,
+               const float *g, float *dc, int nthreads) {
+    if (!atlas_walk_takes(dtype, K, group) || (K > 1 && part == NULL) || nthreads < 1) return 1;
     if ((merged == NULL) != (coef == NULL) || (g == NULL) != (dc == NULL)) return 1;
+    const int quantised = dtype == I8 || dtype == I4;
+    if (quantised && (scale == NULL || rows < 1 || cols < 1 || rows * cols != n)) return 1;
+    const struct bank bank = {tau, dtype, ld, scale, rows, cols, group};
+    /* Ranges of whole blocks, or of whole rows for a quantised bank (its blocks are cut at rows). */
+    int64_t unit = quantised ? cols : BLOCK;
     int64_t per = (n + nthreads - 1) / nthreads;
-    per = (per + BLOCK - 1) / BLOCK * BLOCK;
+    per = (per + unit - 1) / unit * unit;
     int used = per > 0 ? (int)((n + per - 1) / per) : 1;
     if (used < 1) used = 1;
     double *acc = (double *)calloc((size_t)(used * T * K), sizeof(double));
@@ -201,7 +255,7 @@ int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, con
     if (!status) {
         for (int w = 0; w < used; w++) {
             int64_t lo = w * per, hi = lo + per < n ? lo + per : n;
-            jobs[w] = (struct job){tau, dtype, T, ld, lo, hi, K, part, coef, g, merged, acc + w * T * K};
+            jobs[w] = (struct job){&bank, T, lo, hi, K, part, coef, g, merged, acc + w * T * K};
         }
         /* The calling thread takes range 0; a range whose thread cannot start runs here too. */
         for (int w = 1; w < used; w++) spawned[w] = pthread_create(&threads[w], NULL, run_job, &jobs[w]) == 0;

@@ -1,5 +1,6 @@
-"""The compiled CPU walk (csrc/cpu_walk.c) against float64 sums computed here: every bank dtype, partitions from
-one to past the AVX-512 path's 16, odd lengths across blocks and threads; and its absence falls back cleanly."""
+"""The compiled CPU walk (csrc/cpu_walk.c) against float64 sums computed here: every bank dtype (int8 and int4
+where it has AVX-512), partitions from one to past the AVX-512 path's 16, odd lengths across blocks and threads;
+and its absence falls back cleanly."""
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from atlas_fast import quant
 from atlas_fast.backends import cpu_native
 from atlas_fast.hashing import partition_index
 
@@ -48,6 +50,26 @@ def test_walk_against_float64(dtype, K, n, threads):
     assert_rel(dc, dc_ref, 1e-5, "dc")
     assert torch.equal(merge_only, merged)
     assert_rel(dc_only, dc_ref, 1e-5, "dc alone")
+
+
+@needs_native
+@pytest.mark.parametrize("fmt,group,cols", [("int8", None, 70), ("int4", 16, 97), ("int4", 48, 1100)])
+@pytest.mark.parametrize("K", [1, 5])
+def test_quantised_walk_against_float64(fmt, group, cols, K):
+    """int8 and int4 rows, odd lengths and rows longer than a block, against the dequantised bank in float64."""
+    if not cpu_native.takes(quant.quantize(torch.ones(1, 1, 16), fmt, group or 16), torch.float32, K):
+        pytest.skip("this CPU's compiled walk does not dequantise (no AVX-512)")
+    torch.manual_seed(cols + K)
+    T, rows = 3, 9
+    block = quant.quantize(torch.randn(T, rows, cols) * 1e-2, fmt, group or 128)
+    n = rows * cols
+    part = partition_index(n, 5, K).to(torch.uint8)
+    coef, theta0, g = torch.randn(T, K), torch.randn(n) * 1e-2, torch.randn(n)
+    merged_ref, dc_ref = _reference(block.dequantize(torch.float64).reshape(T, n), part, K, coef, theta0, g)
+    merged, dc = theta0.clone(), torch.zeros(T, K)
+    cpu_native.walk(block, part if K > 1 else None, K, coef, merged, g, dc)
+    assert_rel(merged, merged_ref, 1e-6, "merged")
+    assert_rel(dc, dc_ref, 1e-5, "dc")
 
 
 @needs_native

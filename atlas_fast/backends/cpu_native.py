@@ -10,6 +10,10 @@ headers) into a cache keyed by the source, the compiler and the CPU's flags (ATL
 ~/.cache/atlas_fast), written under a temporary name and renamed, so concurrent processes never load a half-written
 library. Without a compiler, or with ATLAS_FAST_CPU_NATIVE=0, available() is False and the torch backend keeps its
 stock-op walk, which computes the same sums.
+
+int8 and int4 banks (quant.QuantizedBlock) take the compiled walk where it has AVX-512, with up to 16 partitions
+and, for int4, groups of a multiple of 16 columns: it dequantises 16 values at a time in registers (one scale per
+row, or per group) instead of a chunk into a float32 buffer.
 """
 import ctypes
 import hashlib
@@ -21,7 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ..quant import is_quantized
+
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_QUANT = {"int8": 3, "int4": 4}
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
 _state = {}
 
@@ -74,8 +81,11 @@ def _compile():
     handle = ctypes.CDLL(str(lib))
     fn = handle.atlas_walk
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    handle.atlas_walk_takes.restype = ctypes.c_int
+    handle.atlas_walk_takes.argtypes = [ctypes.c_int, i64, i64]
+    _state["takes"] = handle.atlas_walk_takes
     return fn
 
 
@@ -96,10 +106,14 @@ def available():
 
 
 def takes(taus, acc, K):
-    """Whether walk() takes these task vectors (T, numel) for accumulation dtype acc and K partitions (a uint8
-    partition index: K <= 256)."""
-    return (acc == torch.float32 and K <= 256 and isinstance(taus, torch.Tensor) and taus.device.type == "cpu"
-            and taus.dtype in _DTYPES and taus.dim() == 2 and taus.stride(1) == 1 and available())
+    """Whether walk() takes these task vectors — a (T, numel) tensor or a QuantizedBlock — for accumulation dtype
+    acc and K partitions (a uint8 partition index: K <= 256)."""
+    if acc != torch.float32 or K > 256 or taus.device.type != "cpu" or not available():
+        return False
+    if is_quantized(taus):
+        return (taus.data.is_contiguous() and taus.scale.dtype == torch.float32 and taus.scale.is_contiguous()
+                and bool(_state["takes"](_QUANT[taus.format], K, taus.group)))
+    return taus.dtype in _DTYPES and taus.dim() == 2 and taus.stride(1) == 1
 
 
 def _ptr(t):
@@ -108,8 +122,9 @@ def _ptr(t):
 
 def walk(taus, part, K, coef=None, merged=None, g=None, dc=None):
     """merged += Σ_t coef[t, k(i)] τ_t[i]; dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i], in place, one pass. taus (T, n)
-    with contiguous rows (takes()); part uint8 (n,) or None for K = 1; coef, dc (T, K), merged, g (n,) float32."""
-    T, n = taus.shape
+    with contiguous rows, or a QuantizedBlock (takes()); part uint8 (n,) or None for K = 1; coef, dc (T, K),
+    merged, g (n,) float32."""
+    T, n = taus.shape[0], taus.numel() // max(1, taus.shape[0])
     coef = None if coef is None else coef.detach().contiguous()
     g = None if g is None else g.to(torch.float32).contiguous()
     for name, t, shape in (("merged", merged, (n,)), ("dc", dc, (T, K)), ("coef", coef, (T, K)), ("g", g, (n,))):
@@ -118,7 +133,12 @@ def walk(taus, part, K, coef=None, merged=None, g=None, dc=None):
                              f"{tuple(t.shape)}")
     if K > 1 and (part is None or part.dtype != torch.uint8 or part.numel() < n or not part.is_contiguous()):
         raise ValueError(f"cpu walk: partitions K={K} need a contiguous uint8 index of {n} elements")
-    status = _function()(_ptr(taus), _DTYPES[taus.dtype], T, n, taus.stride(0), _ptr(part) if K > 1 else None, K,
-                         _ptr(coef), _ptr(merged), _ptr(g), _ptr(dc), torch.get_num_threads())
+    if is_quantized(taus):
+        bank = (_ptr(taus.data), _QUANT[taus.format], T, n, taus.data.stride(0), _ptr(taus.scale), taus.rows,
+                taus.cols, taus.group)
+    else:
+        bank = (_ptr(taus), _DTYPES[taus.dtype], T, n, taus.stride(0), None, 0, 0, 0)
+    status = _function()(*bank, _ptr(part) if K > 1 else None, K, _ptr(coef), _ptr(merged), _ptr(g), _ptr(dc),
+                         torch.get_num_threads())
     if status != 0:
-        raise RuntimeError(f"cpu walk refused T={T}, n={n}, K={K}, dtype {taus.dtype}")
+        raise RuntimeError(f"cpu walk refused T={T}, n={n}, K={K}, bank {taus.dtype}")

@@ -11,10 +11,10 @@ partitions (K > 1) a chunk merges as D = cᵀτ (K, n), keeping D[k(i), i], and 
 (T, K): no per-task gather, and the partition index k(i) is hashed once per block and cached as uint8
 (hashing.cached_partition_index).
 
-On a CPU the walk over a float32, bfloat16 or float16 bank runs compiled (cpu_native: csrc/cpu_walk.c, built on
-first use when a C compiler is there): each element is read once, widened in registers, merged and reduced against
-its partition's coefficients in the same pass; the stock-op walk below is the fallback and the path on other
-devices, for float64 and for quantised banks.
+On a CPU the walk runs compiled (cpu_native: csrc/cpu_walk.c, built on first use when a C compiler is there) for
+float32, bfloat16 and float16 banks, and with AVX-512 for int8 and int4 ones: each element is read once, widened or
+dequantised in registers, merged and reduced against its partition's coefficients in the same pass; the stock-op
+walk below is the fallback and the path on other devices and for float64.
 
 Quantised banks (quant.QuantizedBlock, int8 or int4) go through the same walk: each chunk, a whole number of
 rows, is dequantised into the reused buffer (QuantizedBlock.dequantize_rows) where a half-precision chunk is
