@@ -78,7 +78,10 @@ def _compile():
                     os.remove(tmp)
         except OSError as e:
             return f"cannot build the CPU walk in {cache}: {e}"
-    handle = ctypes.CDLL(str(lib))
+    try:
+        handle = ctypes.CDLL(str(lib))
+    except OSError as e:
+        return f"cannot load the CPU walk {lib}: {e}"
     fn = handle.atlas_walk
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
