@@ -113,9 +113,10 @@ def _model_options(p, bank=True):
     p.add_argument("--backend", default="auto", help="atlas backend: auto, torch, triton or cuda")
 
 
-def _data_options(p):
-    p.add_argument("--data", nargs="+", required=True,
-                   help="image folder(s): <dir>/<class>/<image>, or <dir>/train and <dir>/val|test in that layout")
+def _data_options(p, required=True):
+    p.add_argument("--data", nargs="+", required=required,
+                   help="image folder(s): <dir>/<class>/<image>, or <dir>/train and <dir>/val|test in that layout"
+                        + ("" if required else " (not read by --method random)"))
     p.add_argument("--classnames", nargs="+",
                    help="class-name file(s), one name per line in sorted folder order (default: folder names)")
     p.add_argument("--templates", help="prompt-template file, one template with {} per line")
@@ -302,7 +303,7 @@ def _add_select(sub):
                                    "<name>.selection.json. --method random chooses at random, for comparison, and "
                                    "reads no data.")
     _model_options(p)
-    _data_options(p)
+    _data_options(p, required=False)
     p.add_argument("--keep", type=int, required=True, help="task vectors kept per block (1 <= keep <= T)")
     p.add_argument("--method", default="gradient", choices=("gradient", "random"))
     p.add_argument("--shots", type=int, help="labelled images per class, as for adapt with the same --seed "

@@ -183,3 +183,10 @@ def test_cli_select(world, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "atlas-fast select: error: keep=3: expected an int with 1 <= keep <= 2 (the bank's task vectors)"
     assert not (tmp_path / "three.safetensors").exists()
+    bare = ["select", "--model", world["config"], "--pretrained", world["theta0"], "--bank", world["bank"],
+            "--keep", "1", "--no-progress"]
+    assert main([*bare, "--method", "random", "--out", str(tmp_path / "random.safetensors")]) == 0
+    assert capsys.readouterr().out.startswith("random selection: 1 of 2 task vectors")
+    with pytest.raises(SystemExit):
+        main([*bare, "--out", str(tmp_path / "nodata.safetensors")])
+    assert "data: gradient selection scores on labelled data" in capsys.readouterr().err
