@@ -86,6 +86,20 @@ def _adapt_error(world, capsys, *extra, data=None, bank=None, classnames=None):
     return err[-1]
 
 
+def _errors_against_checkpoints(w, tv):
+    """{(task vector, block): ‖τ_bank − τ‖ / ‖τ‖} against τ taken directly from the world's checkpoints, for the
+    blocks a checkpoint changes."""
+    base = torch.load(w["theta0"], weights_only=True)
+    errors = {}
+    for t, path in enumerate(w["finetuned"]):
+        tuned = torch.load(path, weights_only=True)
+        for name, v in tv.to(dtype=torch.float32).vectors.items():
+            tau = tuned["visual." + name].float() - base["visual." + name].float()
+            if tau.norm() > 0:
+                errors[t, name] = ((v[t] - tau).norm() / tau.norm()).item()
+    return errors
+
+
 @pytest.mark.parametrize("dtype, bound", [("int8", 0.01), ("int4", 0.15)])
 def test_quantised_bank(world, tmp_path, capsys, dtype, bound):
     from atlas_fast import TaskVectors
@@ -97,14 +111,8 @@ def test_quantised_bank(world, tmp_path, capsys, dtype, bound):
     assert f"{dtype} bank" in out and "relative error per block" in out
     tv = TaskVectors.load(bank)
     assert tv.format == dtype
-    # against τ taken directly from the checkpoints
-    base = torch.load(w["theta0"], weights_only=True)
-    for t, path in enumerate(w["finetuned"]):
-        tuned = torch.load(path, weights_only=True)
-        for name, v in tv.to(dtype=torch.float32).vectors.items():
-            tau = tuned["visual." + name].float() - base["visual." + name].float()
-            if tau.norm() > 0:
-                assert ((v[t] - tau).norm() / tau.norm()).item() < bound, name
+    for block, err in _errors_against_checkpoints(w, tv).items():
+        assert err < bound, block
 
 
 def test_low_rank_bank_adapts(world, tmp_path, capsys):
@@ -118,13 +126,8 @@ def test_low_rank_bank_adapts(world, tmp_path, capsys):
     assert "lowrank bank (rank" in out and "energy of ‖τ‖² kept per block" in out
     tv = TaskVectors.load(bank)
     assert tv.format == "lowrank" and min(tv.lowrank_energy.values()) >= 0.99
-    base = torch.load(w["theta0"], weights_only=True)
-    for t, path in enumerate(w["finetuned"]):
-        tuned = torch.load(path, weights_only=True)
-        for name, v in tv.to(dtype=torch.float32).vectors.items():
-            tau = tuned["visual." + name].float() - base["visual." + name].float()
-            if tau.norm() > 0:
-                assert ((v[t] - tau).norm() / tau.norm()).item() <= 0.1 + 1e-5, name
+    for block, err in _errors_against_checkpoints(w, tv).items():
+        assert err <= 0.1 + 1e-5, block
     run = tmp_path / "run"
     assert main(["adapt", "--model", w["config"], "--pretrained", w["theta0"], "--bank", str(bank),
                  "--data", w["upright"], "--classnames", w["classnames"], "--templates", w["templates"],

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import atlas_fast
 from atlas_fast.lora import lora_task_vectors, read_lora
 
-from helpers import assert_rel, merged_reference, reference_call
+from helpers import assert_coef_grad, assert_rel, merged_reference, reference_call
 
 P = "base_model.model."
 
@@ -164,6 +164,25 @@ def test_low_precision_file_bin_file_and_passed_settings(model, tmp_path):
         read_lora(_write(tmp_path / "cfg", _factors(4), CONFIG), model, lora_alpha=16)
 
 
+def _composed_against_reference(model, bank, dense, granularity="block", partitions=1):
+    """A copy of `model` composed with `bank` (strict=False) at random coefficients: output and coefficient gradient
+    against the float64 reference of the dense task vectors `dense`. Returns the AtlasModel."""
+    atlas = atlas_fast.compose(copy.deepcopy(model), bank, granularity, partitions, backend="torch", seed=3,
+                               strict=False)
+    with torch.no_grad():
+        atlas.coefficients.uniform_(-0.8, 0.8)
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(8))
+    y = atlas(x)
+    weight = torch.randn_like(y)
+    (y * weight).sum().backward()
+    c64 = atlas.coefficients.detach().double().requires_grad_()
+    ref = reference_call(model, merged_reference(model, dense, c64, granularity, partitions, seed=3), x)
+    assert_rel(y, ref, 1e-5, "output")
+    assert_coef_grad(atlas.coefficients.grad, torch.autograd.grad((ref * weight.double()).sum(), c64)[0],
+                     atlas.block_names, 1e-4, granularity, partitions)
+    return atlas
+
+
 @pytest.mark.parametrize("granularity,partitions", [("block", 1), ("block", 3), ("task", 1)])
 def test_compose_with_two_adapters_against_float64_reference(model, tmp_path, granularity, partitions):
     a1 = _write(tmp_path / "a1", _factors(5), CONFIG, {f"{P}head.{k}": v for k, v in _head(model, 6).items()})
@@ -172,20 +191,8 @@ def test_compose_with_two_adapters_against_float64_reference(model, tmp_path, gr
     assert bank.names == ["conv.weight", "fc1.weight", "proj.weight", "head.weight", "head.bias"]
     assert bank.sources == [str(a1), str(a2)]
     assert torch.count_nonzero(bank["conv.weight"][1]) == 0, "an adapter that leaves conv alone has τ = 0 there"
-    atlas = atlas_fast.compose(copy.deepcopy(model), bank, granularity, partitions, backend="torch", seed=3,
-                               strict=False)
+    atlas = _composed_against_reference(model, bank, bank, granularity, partitions)
     assert set(atlas.report.missing_from_bank) == {"conv.bias", "norm.weight", "norm.bias", "fc1.bias", "proj.bias"}
-    with torch.no_grad():
-        atlas.coefficients.uniform_(-0.8, 0.8)
-    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(8))
-    y = atlas(x)
-    weight = torch.randn_like(y)
-    (y * weight).sum().backward()
-    c64 = atlas.coefficients.detach().double().requires_grad_()
-    ref = reference_call(model, merged_reference(model, bank, c64, granularity, partitions, seed=3), x)
-    assert_rel(y, ref, 1e-5, "output")
-    assert_rel(atlas.coefficients.grad, torch.autograd.grad((ref * weight.double()).sum(), c64)[0], 1e-4,
-               "coefficient gradient")
 
 
 def test_errors_name_the_file_and_entry(model, tmp_path):
@@ -256,15 +263,4 @@ def test_low_rank_bank_keeps_the_factors(model, tmp_path):
     dense = {n: torch.stack([e1[n], e2.get(n, torch.zeros_like(e1[n]))]) for n in bank.names}
     for n in ("conv.weight", "fc1.weight", "proj.weight"):
         assert_rel(bank[n].dense(torch.float64), dense[n], 1e-6, f"factors of {n}")
-    atlas = atlas_fast.compose(copy.deepcopy(model), bank, backend="torch", strict=False)
-    with torch.no_grad():
-        atlas.coefficients.uniform_(-0.8, 0.8)
-    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(8))
-    y = atlas(x)
-    weight = torch.randn_like(y)
-    (y * weight).sum().backward()
-    c64 = atlas.coefficients.detach().double().requires_grad_()
-    ref = reference_call(model, merged_reference(model, dense, c64), x)
-    assert_rel(y, ref, 1e-5, "output")
-    assert_rel(atlas.coefficients.grad, torch.autograd.grad((ref * weight.double()).sum(), c64)[0], 1e-4,
-               "coefficient gradient")
+    _composed_against_reference(model, bank, dense)

@@ -338,14 +338,10 @@ def _dequantised(tv):
     return {k: v.dequantize() if quant.is_quantized(v) else v for k, v in tv.vectors.items()}
 
 
-@pytest.mark.parametrize("fmt,group", FORMATS)
-@pytest.mark.parametrize("granularity,partitions", [("block", 1), ("task", 1), ("block", 3)])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compose_against_reference(fmt, group, granularity, partitions, backend):
-    torch.manual_seed(0)
-    model, x = Mixed(), torch.randn(4, 3, 5, 5)
-    bank = synthetic_task_vectors(model, 3, rel_scale=0.05).to(dtype=torch.int8 if fmt == "int8" else "int4",
-                                                                group_size=group)
+def composed_against_reference(model, x, bank, dense, granularity, partitions, backend):
+    """A copy of `model` composed with `bank` at random coefficients: its output, input gradient and coefficient
+    gradient against the float64 reference of the dense task vectors `dense`. Returns (AtlasModel, reference
+    output) for further checks."""
     atlas = compose(copy.deepcopy(model), bank, granularity=granularity, partitions=partitions, backend=backend)
     assert set(atlas.report.fused) >= {"conv.weight", "lin.weight", "attn.in_proj_weight", "attn.out_proj.weight"}
     assert set(atlas.report.generic) == {"ln.weight", "ln.bias", "proj", "emb.weight"}
@@ -355,13 +351,25 @@ def test_compose_against_reference(fmt, group, granularity, partitions, backend)
     y = atlas(xl)
     g = torch.randn_like(y)
     y.backward(g)
-    y_ref, dc_ref, dx_ref = reference_outputs_and_grad(model, _dequantised(bank), atlas.coefficients, (x,),
-                                                       grad_out=g, granularity=granularity,
-                                                       partitions=partitions, input_grads=True)
+    y_ref, dc_ref, dx_ref = reference_outputs_and_grad(model, dense, atlas.coefficients, (x,), grad_out=g,
+                                                       granularity=granularity, partitions=partitions,
+                                                       input_grads=True)
     tol_out, tol_grad = TOL[torch.float32]
     assert_rel(y, y_ref, tol_out)
     assert_rel(xl.grad, dx_ref, tol_grad, "grad x")
     assert_coef_grad(atlas.coefficients.grad, dc_ref, atlas.block_names, tol_grad, granularity, partitions)
+    return atlas, y_ref
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("granularity,partitions", [("block", 1), ("task", 1), ("block", 3)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compose_against_reference(fmt, group, granularity, partitions, backend):
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(4, 3, 5, 5)
+    bank = synthetic_task_vectors(model, 3, rel_scale=0.05).to(dtype=torch.int8 if fmt == "int8" else "int4",
+                                                                group_size=group)
+    composed_against_reference(model, x, bank, _dequantised(bank), granularity, partitions, backend)
 
 
 def test_composed_model_moves_keep_scales_and_copies():
