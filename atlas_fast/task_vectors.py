@@ -183,17 +183,13 @@ class TaskVectors:
             names.append(source)
         if not names:
             raise ValueError("TaskVectors: the list of fine-tuned models is empty")
-        if factor:
-            vectors = {k: lowrank.stack(v, floats[k].shape) if k in errors else torch.stack(v) for k, v in bank.items()}
-            tv = cls(vectors, sources=names, skipped=skipped, check_finite=False,
-                     lowrank_energy={k: kept / total if total > 0 else 1.0 for k, (kept, total) in errors.items()})
-            tv._log_quantization()
-            return tv
-        vectors = {k: _stack(v) for k, v in bank.items()}
+        vectors = {k: _stack(v, floats[k].shape) for k, v in bank.items()}
+        # errors: (‖τ − q(τ)‖², ‖τ‖²) per quantised block, (‖τ‖² kept, ‖τ‖²) per factored one.
         # Only a float16 bank can hold a non-finite value that the float32 difference did not have.
         tv = cls(vectors, sources=names, skipped=skipped, check_finite=fmt is None and dtype != torch.float32,
-                 quant_errors={k: _relative(*e) for k, e in errors.items()})
-        if fmt is not None:
+                 quant_errors={} if factor else {k: _relative(*e) for k, e in errors.items()},
+                 lowrank_energy={k: _kept(*e) for k, e in errors.items()} if factor else {})
+        if fmt is not None or factor:
             tv._log_quantization()
         return tv
 
@@ -319,8 +315,8 @@ class TaskVectors:
                 b, a, k_t, n_t = _factor(v[t], rank, energy)
                 parts.append((b, a))
                 kept, total = kept + k_t, total + n_t
-            vectors[k] = lowrank.stack(parts, v.shape[1:])
-            energies[k] = kept / total if total > 0 else 1.0
+            vectors[k] = _stack(parts, v.shape[1:])
+            energies[k] = _kept(kept, total)
         tv = TaskVectors(vectors, self.sources, self.skipped, check_finite=False, lowrank_energy=energies)
         tv._log_quantization()
         return tv
@@ -471,8 +467,10 @@ def _group_size(fmt, group_size):
     return None
 
 
-def _stack(parts):
-    """The (T, *shape) stack of one block's per-task tensors or (1, *shape) QuantizedBlocks."""
+def _stack(parts, shape):
+    """The (T, *shape) stack of one block's per-task tensors, (1, *shape) QuantizedBlocks or (B, A) factors."""
+    if isinstance(parts[0], tuple):
+        return lowrank.stack(parts, shape)
     if not quant.is_quantized(parts[0]):
         return torch.stack(parts)
     shape = (len(parts), *parts[0].shape[1:])
@@ -482,6 +480,11 @@ def _stack(parts):
 
 def _relative(err_sq, ref_sq):
     return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0
+
+
+def _kept(kept_sq, total_sq):
+    """The fraction of ‖τ‖² a factored block keeps (all of a zero block)."""
+    return kept_sq / total_sq if total_sq > 0 else 1.0
 
 
 def _nbytes(v):
