@@ -1,6 +1,6 @@
 /* One pass of the torch backend over a block's task vectors on a CPU (atlas_fast/backends/cpu_native.py):
 
-       merged[i] += Σ_t coef[t, k(i)] τ_t[i]              when merged is given
+       merged[i] = base[i] + Σ_t coef[t, k(i)] τ_t[i]     when merged is given (base: merged itself when NULL)
        dc[t, k]  += Σ_{i : k(i) = k} τ_t[i] g[i]          when g is given
 
    τ is T rows of n elements (row stride ld) in float32, bfloat16 or float16, read once and widened to float32 in
@@ -9,7 +9,8 @@
    `group` columns, group a multiple of 16), dequantised in registers (atlas_fast/quant.py). k(i) is
    the uint8 partition index (NULL when K = 1). The elements are split into contiguous ranges, one per thread, and
    walked BLOCK elements at a time so that the block of merged, g and the K masked copies of g stay in L1 while
-   the T rows stream through. Each thread sums its dc in double, added to dc at the end. */
+   the T rows stream through. Each thread sums its dc in double, added to dc at the end. Reading θ0 as base
+   saves the caller a separate pass that copies θ0 into merged before the walk. */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -108,7 +109,8 @@ static inline __m512 load16(const struct bank *b, int64_t t, int64_t off, __mmas
    from one permute of row t of the coefficients, and the reduction adds τ·g into T·K register-width sums, masked
    to each partition, flushed into double once per block. */
 static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
-                              int64_t K, const float *coef, float *merged, const float *g, double *dc_acc) {
+                              int64_t K, const float *coef, const float *base, float *merged, const float *g,
+                              double *dc_acc) {
     __m512i idx[BLOCK / 16];
     __mmask16 masks[16][BLOCK / 16];
     const __mmask16 coef_lanes = (__mmask16)((1u << K) - 1);
@@ -132,7 +134,7 @@ static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, in
         for (int64_t j = 0; j < groups; j++) {
             __mmask16 live = j == groups - 1 ? last : (__mmask16)0xFFFF;
             int64_t off = s + 16 * j;
-            __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, merged + off) : _mm512_setzero_ps();
+            __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, base + off) : _mm512_setzero_ps();
             __m512 gv = g != NULL ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
             for (int64_t t = 0; t < T; t++) {
                 __m512 r = load16(bank, t, off, live);
@@ -163,13 +165,14 @@ static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, in
    vector FMAs per element and row, no gather), and keeps acc[k(i)][i] once per block; the reduction takes K dot
    products of each row with g masked to one partition, gk[k][i] = g[i] if k(i) = k else 0. */
 static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
-                       int64_t K, const float *coef, float *merged, const float *g, double *dc_acc) {
+                       int64_t K, const float *coef, const float *base, float *merged, const float *g,
+                       double *dc_acc) {
     const void *tau = bank->data;
     const int dtype = bank->dtype;
     const int64_t ld = bank->ld;
 #ifdef HAVE_AVX512
     if (K <= 16) {
-        walk_range_avx512(bank, T, lo, hi, part, K, coef, merged, g, dc_acc);
+        walk_range_avx512(bank, T, lo, hi, part, K, coef, base, merged, g, dc_acc);
         return;
     }
 #endif
@@ -183,6 +186,7 @@ static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t h
         if (gk != NULL)
             for (int64_t k = 0; k < K; k++) mask(gk + k * BLOCK, g + s, p, (int)k, m);
         if (acc != NULL) memset(acc, 0, sizeof(float) * (size_t)(K * BLOCK));
+        if (merged != NULL && base != merged) memcpy(merged + s, base + s, sizeof(float) * (size_t)m);
         for (int64_t t = 0; t < T; t++) {
             const float *row = load_row(tau, dtype, t * ld + s, m, buf);
             if (merged != NULL) {
@@ -207,14 +211,15 @@ struct job {
     const struct bank *bank;
     int64_t T, lo, hi, K;
     const uint8_t *part;
-    const float *coef, *g;
+    const float *coef, *base, *g;
     float *merged;
     double *acc;
 };
 
 static void *run_job(void *arg) {
     struct job *j = (struct job *)arg;
-    if (j->lo < j->hi) walk_range(j->bank, j->T, j->lo, j->hi, j->part, j->K, j->coef, j->merged, j->g, j->acc);
+    if (j->lo < j->hi)
+        walk_range(j->bank, j->T, j->lo, j->hi, j->part, j->K, j->coef, j->base, j->merged, j->g, j->acc);
     return NULL;
 }
 
@@ -232,10 +237,11 @@ int atlas_walk_takes(int dtype, int64_t K, int64_t group) {
 
 /* Returns 0, or 1 for arguments it does not take (the caller falls back to stock torch ops). The threads are
    plain pthreads: an OpenMP runtime of its own would spin against torch's. scale, rows, cols and group describe a
-   quantised bank (NULL and zeros otherwise); ld is in elements of the storage. */
+   quantised bank (NULL and zeros otherwise); ld is in elements of the storage. base (n,) may be NULL: merged then
+   accumulates onto what it holds. */
 int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, const float *scale, int64_t rows,
-               int64_t cols, int64_t group, const uint8_t *part, int64_t K, const float *coef, float *merged,
-               const float *g, float *dc, int nthreads) {
+               int64_t cols, int64_t group, const uint8_t *part, int64_t K, const float *coef, const float *base,
+               float *merged, const float *g, float *dc, int nthreads) {
     if (!atlas_walk_takes(dtype, K, group) || (K > 1 && part == NULL) || nthreads < 1) return 1;
     if ((merged == NULL) != (coef == NULL) || (g == NULL) != (dc == NULL)) return 1;
     const int quantised = dtype == I8 || dtype == I4;
@@ -255,7 +261,8 @@ int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, con
     if (!status) {
         for (int w = 0; w < used; w++) {
             int64_t lo = w * per, hi = lo + per < n ? lo + per : n;
-            jobs[w] = (struct job){&bank, T, lo, hi, K, part, coef, g, merged, acc + w * T * K};
+            jobs[w] = (struct job){&bank, T, lo, hi, K, part, coef, base != NULL ? base : merged, g, merged,
+                                   acc + w * T * K};
         }
         /* The calling thread takes range 0; a range whose thread cannot start runs here too. */
         for (int w = 1; w < used; w++) spawned[w] = pthread_create(&threads[w], NULL, run_job, &jobs[w]) == 0;

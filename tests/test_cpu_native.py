@@ -44,12 +44,16 @@ def test_walk_against_float64(dtype, K, n, threads):
         merge_only, dc_only = theta0.clone(), torch.zeros(T, K)
         cpu_native.walk(tau, part if K > 1 else None, K, coef=coef, merged=merge_only)
         cpu_native.walk(tau, part if K > 1 else None, K, g=g, dc=dc_only)
+        # merged = θ0 + Σ c τ read from base: whatever merged held (NaN here) is not read
+        from_base, theta0_before = torch.full_like(theta0, float("nan")), theta0.clone()
+        cpu_native.walk(tau, part if K > 1 else None, K, coef=coef, merged=from_base, base=theta0)
     finally:
         torch.set_num_threads(before)
     assert_rel(merged, merged_ref, 1e-6, "merged")
     assert_rel(dc, dc_ref, 1e-5, "dc")
     assert torch.equal(merge_only, merged)
     assert_rel(dc_only, dc_ref, 1e-5, "dc alone")
+    assert torch.equal(from_base, merged) and torch.equal(theta0, theta0_before)
 
 
 @needs_native
@@ -68,8 +72,11 @@ def test_quantised_walk_against_float64(fmt, group, cols, K):
     merged_ref, dc_ref = _reference(block.dequantize(torch.float64).reshape(T, n), part, K, coef, theta0, g)
     merged, dc = theta0.clone(), torch.zeros(T, K)
     cpu_native.walk(block, part if K > 1 else None, K, coef, merged, g, dc)
+    from_base = torch.full_like(theta0, float("nan"))
+    cpu_native.walk(block, part if K > 1 else None, K, coef=coef, merged=from_base, base=theta0)
     assert_rel(merged, merged_ref, 1e-6, "merged")
     assert_rel(dc, dc_ref, 1e-5, "dc")
+    assert torch.equal(from_base, merged)
 
 
 @needs_native

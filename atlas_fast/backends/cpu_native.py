@@ -85,7 +85,7 @@ def _compile():
     fn = handle.atlas_walk
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     handle.atlas_walk_takes.restype = ctypes.c_int
     handle.atlas_walk_takes.argtypes = [ctypes.c_int, i64, i64]
     _state["takes"] = handle.atlas_walk_takes
@@ -123,14 +123,17 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def walk(taus, part, K, coef=None, merged=None, g=None, dc=None):
-    """merged += Σ_t coef[t, k(i)] τ_t[i]; dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i], in place, one pass. taus (T, n)
-    with contiguous rows, or a QuantizedBlock (takes()); part uint8 (n,) or None for K = 1; coef, dc (T, K),
-    merged, g (n,) float32."""
+def walk(taus, part, K, coef=None, merged=None, g=None, dc=None, base=None):
+    """merged = base + Σ_t coef[t, k(i)] τ_t[i] (merged += ... without base); dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i],
+    in place, one pass. taus (T, n) with contiguous rows, or a QuantizedBlock (takes()); part uint8 (n,) or None
+    for K = 1; coef, dc (T, K), merged, g, base (n,) float32."""
     T, n = taus.shape[0], taus.numel() // max(1, taus.shape[0])
     coef = None if coef is None else coef.detach().contiguous()
     g = None if g is None else g.to(torch.float32).contiguous()
-    for name, t, shape in (("merged", merged, (n,)), ("dc", dc, (T, K)), ("coef", coef, (T, K)), ("g", g, (n,))):
+    if base is not None and merged is None:
+        raise ValueError("cpu walk: base without merged")
+    for name, t, shape in (("merged", merged, (n,)), ("dc", dc, (T, K)), ("coef", coef, (T, K)), ("g", g, (n,)),
+                           ("base", base, (n,))):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape):
             raise ValueError(f"cpu walk: {name} must be a contiguous float32 {shape}, got {t.dtype} "
                              f"{tuple(t.shape)}")
@@ -141,7 +144,7 @@ def walk(taus, part, K, coef=None, merged=None, g=None, dc=None):
                 taus.cols, taus.group)
     else:
         bank = (_ptr(taus), _DTYPES[taus.dtype], T, n, taus.stride(0), None, 0, 0, 0)
-    status = _function()(*bank, _ptr(part) if K > 1 else None, K, _ptr(coef), _ptr(merged), _ptr(g), _ptr(dc),
-                         torch.get_num_threads())
+    status = _function()(*bank, _ptr(part) if K > 1 else None, K, _ptr(coef), _ptr(base), _ptr(merged), _ptr(g),
+                         _ptr(dc), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"cpu walk refused T={T}, n={n}, K={K}, bank {taus.dtype}")

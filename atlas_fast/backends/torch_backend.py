@@ -41,18 +41,21 @@ def _flat(tau):
     return tau if is_quantized(tau) else tau.reshape(tau.shape[0], -1)
 
 
-def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None):
+def _walk(taus, key, acc, coef=None, merged=None, g=None, dc=None, base=None):
     """One pass over taus (T, numel) (a tensor, or a QuantizedBlock dequantised a chunk at a time), chunk by
-    chunk: merged += Σ_t coef[t, k(i)] τ_t[i] when merged is given; dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i] when
-    g is given. merged, dc are in dtype acc; g in any float dtype. Work buffers are allocated once per call and
+    chunk: merged += Σ_t coef[t, k(i)] τ_t[i] when merged is given (merged = base + ... when base is given: the
+    compiled walk reads θ0 as it goes, no separate copy); dc[t, k] += Σ_{i: k(i) = k} τ_t[i] g[i] when g is given.
+    merged, base, dc are in dtype acc; g in any float dtype. Work buffers are allocated once per call and
     reused by every chunk: a fresh multi-megabyte tensor per chunk would be faulted in page by page and cost
     more than the arithmetic."""
     T, numel = taus.shape[0], taus.numel() // max(1, taus.shape[0])
     K = (coef if coef is not None else dc).shape[1]
     if cpu_native.takes(taus, acc, K):
         part = cached_partition_index(numel, key, K, taus.device) if K > 1 else None
-        cpu_native.walk(taus, part, K, coef, merged, g, dc)
+        cpu_native.walk(taus, part, K, coef, merged, g, dc, base)
         return
+    if base is not None:
+        merged.copy_(base)
     n = min(numel, max(1, CHUNK_BYTES // (T * torch.finfo(acc).bits // 8)))
     quantized = is_quantized(taus)
     if quantized:  # whole rows: each row has its scales
@@ -100,9 +103,18 @@ def merge_block(theta0, tau, coef, key):
     taus = _flat(tau)
     if K == 1 and not is_quantized(taus) and taus.dtype == coef.dtype:  # one BLAS call reads the bank once
         return torch.addmv(theta0.reshape(-1).to(coef.dtype), taus.t(), coef[:, 0]).view(theta0.shape)
-    merged = theta0.reshape(-1).to(coef.dtype, copy=True)
-    _walk(taus, key, coef.dtype, coef=coef, merged=merged)
+    merged, base = _merge_target(theta0, coef.dtype)
+    _walk(taus, key, coef.dtype, coef=coef, merged=merged, base=base)
     return merged.view(theta0.shape)
+
+
+def _merge_target(theta0, dtype):
+    """(merged, base) for a walk that writes θ0 + Σ c τ: an empty tensor and θ0 itself when θ0 is a contiguous
+    tensor of the accumulation dtype (the walk reads it as it goes), else a converted copy of θ0 and None."""
+    flat = theta0.reshape(-1)
+    if flat.dtype == dtype and flat.is_contiguous():
+        return torch.empty_like(flat), flat
+    return flat.to(dtype, copy=True), None
 
 
 def reduce_block(tau, g, key, partitions, acc=torch.float32):
@@ -125,9 +137,9 @@ def reduce_block(tau, g, key, partitions, acc=torch.float32):
 def merge_and_reduce(theta0, tau, coef, key, g):
     """(merge_block(θ0, τ, coef, key), reduce_block(τ, g, key, K, coef.dtype)) from one pass over the bank."""
     T, K = coef.shape
-    merged = theta0.reshape(-1).to(coef.dtype, copy=True)
+    merged, base = _merge_target(theta0, coef.dtype)
     dc = torch.zeros(T, K, dtype=coef.dtype, device=merged.device)
-    _walk(_flat(tau), key, coef.dtype, coef=coef, merged=merged, g=g.reshape(-1), dc=dc)
+    _walk(_flat(tau), key, coef.dtype, coef=coef, merged=merged, g=g.reshape(-1), dc=dc, base=base)
     return merged.view(theta0.shape), dc
 
 
