@@ -319,11 +319,9 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def unavailable_reason(name, device, bank_dtype="fp32"):
-    """None when backend `name` runs on `device` with a bank in `bank_dtype`, else why not."""
-    from .backends import QUANTIZED_BACKENDS, get_backend
-    if bank_dtype in QUANTIZED_BANKS and name not in QUANTIZED_BACKENDS:
-        return f"does not dequantise {bank_dtype} task vectors yet"
+def unavailable_reason(name, device):
+    """None when backend `name` runs on `device`, else why not."""
+    from .backends import get_backend
     try:
         return get_backend(name).unavailable_reason(device)
     except Exception as e:  # a backend that cannot even be imported is unavailable, with the reason
@@ -345,7 +343,7 @@ def _check(s: Settings, tick):
     for name in s.backends:
         if name in BASELINES:
             continue
-        reason = unavailable_reason(name, torch.device(s.device), s.bank_dtype)
+        reason = unavailable_reason(name, torch.device(s.device))
         if reason is not None:
             report[name] = {"status": "unavailable", "note": reason}
             tick()

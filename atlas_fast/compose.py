@@ -346,7 +346,7 @@ class AtlasModel(nn.Module):
 
     @backend.setter
     def backend(self, name):
-        _check_backend(name, self.coefficients.device, self.atlas.bank_format)
+        _check_backend(name, self.coefficients.device)
         self.atlas.backend = name
 
     @property
@@ -524,12 +524,11 @@ def _tau_at(root, path):
     return quant.get_tau(root.get_submodule(owner) if owner else root, name)
 
 
-def _check_backend(backend, device, bank_format=None):
-    """Raise now, not at the first forward, if `backend` cannot run on `device` with this bank (the format of a
-    quantised bank: a backend that does not dequantise it raises NotImplementedError)."""
+def _check_backend(backend, device):
+    """Raise now, not at the first forward, if `backend` cannot run on `device`."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS + ('auto',)}")
-    resolve(backend, device, torch.float32, bank=bank_format if bank_format in quant.FORMATS else None)
+    resolve(backend, device, torch.float32)
 
 
 def _check_not_composed(model):
@@ -577,15 +576,15 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     model's (compose(clip.visual, bank_of_clip, prefix="visual.")); bank entries outside it are ignored.
     check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
     Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
-    An int8 or int4 bank runs on the torch and triton backends, dequantised inside each merge and reduction;
-    backend="cuda" and grouped calls raise NotImplementedError for it. A low-rank bank runs on every backend
+    An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction; grouped calls
+    raise NotImplementedError for it. A low-rank bank runs on every backend
     (its factored blocks as GEMMs of inner size T·r, ops_lowrank) with partitions=1; grouped calls refuse it.
     """
     _check_not_composed(model)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
+    _check_backend(backend, device)
     bank_format = task_vectors.format if task_vectors.format in quant.FORMATS + (LOWRANK,) else None
-    _check_backend(backend, device, bank_format)
     if bank_format == LOWRANK and partitions != 1:
         raise ValueError(f"compose(partitions={partitions}): a low-rank bank takes partitions=1 (partitions mask τ "
                          f"element by element, which a factored τ = B·A cannot do without forming it); use "

@@ -36,12 +36,6 @@ def _tau(tau: Tensor, scale: Optional[Tensor], group: int, theta0: Tensor):
     return tau if scale is None else quant.QuantizedBlock(tau, scale, group, (tau.shape[0], *theta0.shape))
 
 
-def _backend(name: str, device, dtype, taus):
-    """resolve() for these task vectors: quantised ones need a backend that dequantises their format."""
-    formats = {t.format for t in taus if quant.is_quantized(t)}
-    return resolve(name, device, dtype, bank=formats.pop() if formats else None)
-
-
 def _unpack(tau):
     """(data, scale, group) of a weight's task vectors for the op's arguments."""
     return (tau.data, tau.scale, tau.group) if quant.is_quantized(tau) else (tau, None, 0)
@@ -54,7 +48,7 @@ def _atlas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tens
             coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int, backend: str,
             scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     tau = _tau(tau_w, scale_w, group_w, weight)
-    return _backend(backend, x.device, coef_w.dtype, [tau]).atlas_linear(x, weight, bias, tau, tau_b, coef_w, coef_b,
+    return resolve(backend, x.device, coef_w.dtype).atlas_linear(x, weight, bias, tau, tau_b, coef_w, coef_b,
                                                                          key_w, key_b)
 
 
@@ -68,7 +62,7 @@ def _atlas_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, tau_w: T
                      coef_w: Tensor, key_w: int, key_b: int, needs_input_grad: bool,
                      backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     tau = _tau(tau_w, scale_w, group_w, weight)
-    dx, dcw, dcb = _backend(backend, x.device, coef_w.dtype, [tau]).atlas_linear_backward(
+    dx, dcw, dcb = resolve(backend, x.device, coef_w.dtype).atlas_linear_backward(
         grad_out, x, weight, tau, tau_b, coef_w, key_w, key_b, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
@@ -108,7 +102,7 @@ def _atlas_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tens
             scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     tau = _tau(tau_w, scale_w, group_w, weight)
-    return _backend(backend, x.device, coef_w.dtype, [tau]).atlas_conv2d(x, weight, bias, tau, tau_b, coef_w, coef_b,
+    return resolve(backend, x.device, coef_w.dtype).atlas_conv2d(x, weight, bias, tau, tau_b, coef_w, coef_b,
                                                                          key_w, key_b, conv)
 
 
@@ -130,7 +124,7 @@ def _atlas_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, tau_w: T
                      backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     tau = _tau(tau_w, scale_w, group_w, weight)
-    dx, dcw, dcb = _backend(backend, x.device, coef_w.dtype, [tau]).atlas_conv2d_backward(
+    dx, dcw, dcb = resolve(backend, x.device, coef_w.dtype).atlas_conv2d_backward(
         grad_out, x, weight, tau, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
@@ -212,7 +206,7 @@ def _taus(theta0, tau, scales, groups):
 def _merge_blocks_quant(theta0: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]], groups: List[int],
                         coef: Tensor, keys: List[int], backend: str) -> List[Tensor]:
     taus = _taus(theta0, tau, scales, groups)
-    return _backend(backend, coef.device, coef.dtype, taus).merge_blocks(theta0, taus, coef, keys)
+    return resolve(backend, coef.device, coef.dtype).merge_blocks(theta0, taus, coef, keys)
 
 
 @_merge_blocks_quant.register_fake
@@ -224,7 +218,7 @@ def _(theta0, tau, scales, groups, coef, keys, backend):
 def _merge_blocks_quant_backward(grads: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]],
                                  groups: List[int], keys: List[int], partitions: int, backend: str) -> Tensor:
     taus = _taus(grads, tau, scales, groups)   # each gradient has its θ0's shape
-    return _backend(backend, tau[0].device, grads[0].dtype, taus).merge_blocks_backward(grads, taus, keys, partitions)
+    return resolve(backend, tau[0].device, grads[0].dtype).merge_blocks_backward(grads, taus, keys, partitions)
 
 
 @_merge_blocks_quant_backward.register_fake

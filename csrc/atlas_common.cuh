@@ -82,6 +82,8 @@ cudaError_t dispatch1(DType a, F&& f) {
         case DType::f32: return f(float{});
         case DType::bf16: return f(__nv_bfloat16{});
         case DType::f16: return f(__half{});
+        case DType::i8:
+        case DType::i4: break;  // quantised banks: the linear kernels' dispatch_bank
     }
     return cudaErrorInvalidValue;
 }

@@ -8,7 +8,9 @@
 // combine, then the activation dtype). G is never stored either: a block reduces its finished G tile against
 // each τ_t into per-block partial sums, and a second kernel adds the partials in a fixed order, so dc is
 // bitwise reproducible. bf16/fp16 activations use tensor cores (WMMA, sm_80+); fp32 uses a plain SIMT
-// product, so the fp32 path is exact fp32 and never tf32.
+// product, so the fp32 path is exact fp32 and never tf32. The bank may be float32/bf16/fp16 or int8/int4
+// (atlas_fast/quant.py): every τ element is read through TauView, which dequantises it in registers (q times its
+// row's or group's scale), so a quantised bank is never expanded in memory.
 //
 // The grouped op (G coefficient sets, a group per row) runs the same kernels on Segments (atlas_kernels.h): as
 // multi-adapter serving kernels take an adapter id per request, the rows are sorted into one-group segments and
@@ -127,44 +129,114 @@ __device__ void load_tile_transposed(T* dst, const T* __restrict__ src, int64_t 
     }
 }
 
-// W(c)[n][kk] = W0[i] + Σ_t coef[t, k(i)] τ_t[i] with i = n·Kin + kk, summed in fp32.
+// Quantised banks as kernel types (tags), and TauView: τ_t[n][kk] as fp32 from a bank of any dtype
+// (atlas_kernels.h, Bank), so one kernel body serves float, int8 and int4 banks, dequantising in registers.
+struct Int8Bank {};
+struct Int4Bank {};
+
 template <typename bank_t>
-__device__ __forceinline__ float merged(const float* __restrict__ w0, const bank_t* __restrict__ tau, int64_t T,
-                                        const float* __restrict__ coef, int64_t P, uint32_t key, int64_t NK,
-                                        int64_t i) {
+struct TauView {  // float banks: (T, N, Kin) in bank_t
+    const bank_t* __restrict__ data;
+    int64_t N, Kin;
+    __device__ __forceinline__ float at(int64_t t, int64_t n, int64_t kk) const {
+        return to_float(data[(t * N + n) * Kin + kk]);
+    }
+};
+
+template <>
+struct TauView<Int8Bank> {  // int8 (T, N, Kin), one scale per row
+    const int8_t* __restrict__ data;
+    const float* __restrict__ scale;
+    int64_t N, Kin;
+    __device__ __forceinline__ float at(int64_t t, int64_t n, int64_t kk) const {
+        const int64_t row = t * N + n;
+        return static_cast<float>(data[row * Kin + kk]) * scale[row];
+    }
+};
+
+template <>
+struct TauView<Int4Bank> {  // int4 (T, N, ⌈Kin/2⌉) bytes, q + 8 per nibble, one scale per `group` columns
+    const uint8_t* __restrict__ data;
+    const float* __restrict__ scale;
+    int64_t N, Kin, group;
+    __device__ __forceinline__ float at(int64_t t, int64_t n, int64_t kk) const {
+        const int64_t row = t * N + n;
+        const unsigned byte = data[row * ((Kin + 1) / 2) + kk / 2];
+        const int q = static_cast<int>((kk & 1) != 0 ? byte >> 4 : byte & 15u) - 8;
+        return static_cast<float>(q) * scale[row * ((Kin + group - 1) / group) + kk / group];
+    }
+};
+
+template <typename bank_t>
+TauView<bank_t> view_of(const Bank& b, int64_t N, int64_t Kin) {
+    return {static_cast<const bank_t*>(b.data), N, Kin};
+}
+template <>
+TauView<Int8Bank> view_of<Int8Bank>(const Bank& b, int64_t N, int64_t Kin) {
+    return {static_cast<const int8_t*>(b.data), b.scale, N, Kin};
+}
+template <>
+TauView<Int4Bank> view_of<Int4Bank>(const Bank& b, int64_t N, int64_t Kin) {
+    return {static_cast<const uint8_t*>(b.data), b.scale, N, Kin, b.group};
+}
+
+// The dtype of a bank's bias task vectors: the bank's own for a float bank, fp32 for a quantised one.
+template <typename bank_t> struct BiasOf { using type = bank_t; };
+template <> struct BiasOf<Int8Bank> { using type = float; };
+template <> struct BiasOf<Int4Bank> { using type = float; };
+
+// Calls f(a, b) with the C++ types of an activation dtype and a bank dtype (a tag for int8 and int4).
+template <typename F>
+cudaError_t dispatch_linear(DType act, DType bank, F&& f) {
+    return dispatch1(act, [&](auto a_t) -> cudaError_t {
+        switch (bank) {
+            case DType::i8: return f(a_t, Int8Bank{});
+            case DType::i4: return f(a_t, Int4Bank{});
+            default: return dispatch1(bank, [&](auto b_t) { return f(a_t, b_t); });
+        }
+    });
+}
+
+// W(c)[n][kk] = W0[i] + Σ_t coef[t, k(i)] τ_t[n][kk] with i = n·Kin + kk, summed in fp32.
+template <typename View>
+__device__ __forceinline__ float merged(const float* __restrict__ w0, const View& tau, int64_t T,
+                                        const float* __restrict__ coef, int64_t P, uint32_t key, int64_t n,
+                                        int64_t kk) {
+    const int64_t i = n * tau.Kin + kk;
     const int p = partition_of(static_cast<uint32_t>(i), key, static_cast<int>(P));
     float v = w0[i];
-    for (int64_t t = 0; t < T; ++t) v = fmaf(coef[t * P + p], to_float(tau[t * NK + i]), v);
+    for (int64_t t = 0; t < T; ++t) v = fmaf(coef[t * P + p], tau.at(t, n, kk), v);
     return v;
 }
 
 // The B tile (BK×BN, row-major, LD = LDB) of the merged weight, starting at reduction index red0 and column
 // col0. TRANS: B[kk][n] = W[n][kk] (forward), else B[n][kk] = W[n][kk] (input gradient). Threads walk the
 // kk direction fastest so global reads are contiguous.
-template <bool TRANS, typename act_t, typename bank_t>
-__device__ void load_merged_tile(act_t* Bs, const float* __restrict__ w0, const bank_t* __restrict__ tau,
-                                 int64_t T, const float* __restrict__ coef, int64_t P, uint32_t key, int64_t N,
-                                 int64_t Kin, int64_t red0, int64_t col0) {
+template <bool TRANS, typename act_t, typename View>
+__device__ void load_merged_tile(act_t* Bs, const float* __restrict__ w0, const View& tau, int64_t T,
+                                 const float* __restrict__ coef, int64_t P, uint32_t key, int64_t N, int64_t Kin,
+                                 int64_t red0, int64_t col0) {
     for (int e = threadIdx.x; e < BK * BN; e += THREADS) {
         const int r = TRANS ? e % BK : e / BN, c = TRANS ? e / BK : e % BN;
         const int64_t n = TRANS ? col0 + c : red0 + r, kk = TRANS ? red0 + r : col0 + c;
-        const float v = (n < N && kk < Kin) ? merged(w0, tau, T, coef, P, key, N * Kin, n * Kin + kk) : 0.f;
+        const float v = (n < N && kk < Kin) ? merged(w0, tau, T, coef, P, key, n, kk) : 0.f;
         Bs[r * LDB + c] = from_float<act_t>(v);
     }
 }
 
 // Pointers (row-major, contiguous):
 //   a     (M, R)   act    x (forward, R = Kin) or dy (input gradient, R = N)
-//   w0    (N, Kin) fp32   pre-trained weight;  tau (T, N, Kin) bank;  coef (G, T, P) fp32
-//   bias  (N) fp32, tau_b (T, N) bank, coef_b (G, T, P) fp32: the merged bias added in the forward, or null
+//   w0    (N, Kin) fp32   pre-trained weight;  tau: the bank's view;  coef (G, T, P) fp32
+//   bias  (N) fp32, tau_b (T, N) (BiasOf<bank_t>), coef_b (G, T, P) fp32: the merged bias added in the forward,
+//         or null
 //   out   (M, C)   act    y (C = N) or dx (C = Kin)
 // Block x takes BM consecutive rows (ungrouped: G = 1, seg null) or tile x of seg: BM positions of one group's
 // segment, whose rows it gathers and scatters through seg.rows, with that group's coefficients.
 template <bool TRANS, typename act_t, typename bank_t>
 __global__ void __launch_bounds__(THREADS)
 merged_gemm_kernel(const act_t* __restrict__ a, int64_t M, int64_t N, int64_t Kin, const float* __restrict__ w0,
-                   const bank_t* __restrict__ tau, int64_t T, const float* __restrict__ coef, int64_t P,
-                   uint32_t key, const float* __restrict__ bias, const bank_t* __restrict__ tau_b,
+                   TauView<bank_t> tau, int64_t T, const float* __restrict__ coef, int64_t P, uint32_t key,
+                   const float* __restrict__ bias, const typename BiasOf<bank_t>::type* __restrict__ tau_b,
                    const float* __restrict__ coef_b, uint32_t key_b, Segments seg, act_t* __restrict__ out) {
     __shared__ __align__(128) act_t As[BM * LDA];
     __shared__ __align__(128) act_t Bs[BK * LDB];
@@ -213,11 +285,11 @@ merged_gemm_kernel(const act_t* __restrict__ a, int64_t M, int64_t N, int64_t Ki
 // kk0 = 64·by over the token range [bz·m_chunk, (bz + 1)·m_chunk) (grouped: the positions of seg's tile bz, of
 // one group's rows), then writes
 //   partial[slot, t, k] = Σ_{i in tile, k(i) = k} τ_t[i] G[i],  slot = (bz·gridDim.y + by)·gridDim.x + bx.
-// dy (M, N) act; x (M, Kin) act; tau (T, N, Kin) bank; partial (slots, T, P) fp32.
+// dy (M, N) act; x (M, Kin) act; tau: the bank's view; partial (slots, T, P) fp32.
 template <typename act_t, typename bank_t>
 __global__ void __launch_bounds__(THREADS)
 grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int64_t M, int64_t N, int64_t Kin,
-                 const bank_t* __restrict__ tau, int64_t T, int64_t P, uint32_t key, int64_t m_chunk, Segments seg,
+                 TauView<bank_t> tau, int64_t T, int64_t P, uint32_t key, int64_t m_chunk, Segments seg,
                  float* __restrict__ partial) {
     __shared__ __align__(128) act_t As[BM * LDA];
     __shared__ __align__(128) act_t Bs[BK * LDB];
@@ -247,7 +319,6 @@ grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int6
     constexpr int PER = BM * BN / THREADS;
     float g[PER];
     int part[PER];
-    const int64_t NK = N * Kin;
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
         const int e = threadIdx.x + j * THREADS, r = e / BN, c = e % BN;
@@ -262,8 +333,7 @@ grad_coef_kernel(const act_t* __restrict__ dy, const act_t* __restrict__ x, int6
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
             const int e = threadIdx.x + j * THREADS;
-            const int64_t i = (n0 + e / BN) * Kin + kk0 + e % BN;
-            prod[j] = part[j] >= 0 ? g[j] * to_float(tau[t * NK + i]) : 0.f;
+            prod[j] = part[j] >= 0 ? g[j] * tau.at(t, n0 + e / BN, kk0 + e % BN) : 0.f;
         }
         store_partition_sums<THREADS, PER>(prod, part, P, scratch, partial + (slot * T + t) * P);
     }
@@ -316,7 +386,7 @@ int64_t grad_coef_slots(int64_t M, int64_t N, int64_t Kin, int num_sms) {
 
 // Grid rows: ⌈M / BM⌉ row tiles, or seg's tiles for a grouped call.
 template <typename act_t, typename bank_t, bool TRANS>
-cudaError_t launch_merged_gemm(const void* a, int64_t M, int64_t N, int64_t Kin, const float* w0, const void* tau,
+cudaError_t launch_merged_gemm(const void* a, int64_t M, int64_t N, int64_t Kin, const float* w0, const Bank& bank,
                                int64_t T, const float* coef, int64_t P, uint32_t key, const float* bias,
                                const void* tau_b, const float* coef_b, uint32_t key_b, const Segments& seg,
                                void* out, cudaStream_t stream) {
@@ -324,25 +394,25 @@ cudaError_t launch_merged_gemm(const void* a, int64_t M, int64_t N, int64_t Kin,
     if (tiles == 0 || C == 0) return cudaSuccess;
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(C, BN)));
     merged_gemm_kernel<TRANS, act_t, bank_t><<<grid, THREADS, 0, stream>>>(
-        static_cast<const act_t*>(a), M, N, Kin, w0, static_cast<const bank_t*>(tau), T, coef, P, key, bias,
-        static_cast<const bank_t*>(tau_b), coef_b, key_b, seg, static_cast<act_t*>(out));
+        static_cast<const act_t*>(a), M, N, Kin, w0, view_of<bank_t>(bank, N, Kin), T, coef, P, key, bias,
+        static_cast<const typename BiasOf<bank_t>::type*>(tau_b), coef_b, key_b, seg, static_cast<act_t*>(out));
     return cudaGetLastError();
 }
 
 // The dc kernel on a (⌈N / BM⌉, ⌈Kin / BN⌉, splits) grid, token ranges of m_chunk rows (seg's tiles when grouped).
 cudaError_t launch_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
-                             const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, int64_t m_chunk,
-                             int64_t splits, const Segments& seg, float* workspace, cudaStream_t stream) {
+                             const Bank& bank, int64_t T, int64_t P, uint32_t key, int64_t m_chunk, int64_t splits,
+                             const Segments& seg, float* workspace, cudaStream_t stream) {
     if (splits > kMaxGridZ) return cudaErrorInvalidConfiguration;
     const dim3 grid(static_cast<unsigned>(ceil_div(N, BM)), static_cast<unsigned>(ceil_div(Kin, BN)),
                     static_cast<unsigned>(splits));
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
+    return dispatch_linear(act, bank.dtype, [&](auto a_t, auto b_t) {
         using act_t = decltype(a_t);
         using bank_t = decltype(b_t);
         grad_coef_kernel<act_t, bank_t><<<grid, THREADS, 0, stream>>>(
-            static_cast<const act_t*>(dy), static_cast<const act_t*>(x), M, N, Kin,
-            static_cast<const bank_t*>(tau), T, P, key, m_chunk, seg, workspace);
+            static_cast<const act_t*>(dy), static_cast<const act_t*>(x), M, N, Kin, view_of<bank_t>(bank, N, Kin),
+            T, P, key, m_chunk, seg, workspace);
         return cudaGetLastError();
     });
 }
@@ -350,17 +420,17 @@ cudaError_t launch_grad_coef(const void* dy, const void* x, DType act, int64_t M
 }  // namespace
 
 cudaError_t linear_forward(const void* x, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
-                           const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
+                           const Bank& bank, int64_t T, const float* coef, int64_t P, uint32_t key,
                            const float* bias, const void* tau_b, const float* coef_b, uint32_t key_b, void* y,
                            cudaStream_t stream) {
-    return linear_grouped_forward(x, act, M, N, Kin, w0, tau, bank, T, coef, P, key, bias, tau_b, coef_b, key_b,
+    return linear_grouped_forward(x, act, M, N, Kin, w0, bank, T, coef, P, key, bias, tau_b, coef_b, key_b,
                                   Segments{}, y, stream);
 }
 
 cudaError_t linear_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
-                              const void* tau, DType bank, int64_t T, const float* coef, int64_t P, uint32_t key,
+                              const Bank& bank, int64_t T, const float* coef, int64_t P, uint32_t key,
                               void* dx, cudaStream_t stream) {
-    return linear_grouped_grad_input(dy, act, M, N, Kin, w0, tau, bank, T, coef, P, key, Segments{}, dx, stream);
+    return linear_grouped_grad_input(dy, act, M, N, Kin, w0, bank, T, coef, P, key, Segments{}, dx, stream);
 }
 
 int64_t linear_grad_coef_workspace(int64_t M, int64_t N, int64_t Kin, int64_t T, int64_t P, int num_sms) {
@@ -368,13 +438,13 @@ int64_t linear_grad_coef_workspace(int64_t M, int64_t N, int64_t Kin, int64_t T,
 }
 
 cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
-                             const void* tau, DType bank, int64_t T, int64_t P, uint32_t key, float* workspace,
+                             const Bank& bank, int64_t T, int64_t P, uint32_t key, float* workspace,
                              int num_sms, float* dc, cudaStream_t stream) {
     if (T * P == 0) return cudaSuccess;
     if (N == 0 || Kin == 0) return cudaMemsetAsync(dc, 0, sizeof(float) * T * P, stream);
     const int64_t chunk = grad_coef_chunk(M, N, Kin, num_sms);
     const int64_t splits = M > 0 ? ceil_div(M, chunk) : 1;
-    const cudaError_t err = launch_grad_coef(dy, x, act, M, N, Kin, tau, bank, T, P, key, chunk, splits, Segments{},
+    const cudaError_t err = launch_grad_coef(dy, x, act, M, N, Kin, bank, T, P, key, chunk, splits, Segments{},
                                              workspace, stream);
     if (err != cudaSuccess) return err;
     const int64_t width = T * P, slots = grad_coef_slots(M, N, Kin, num_sms);
@@ -384,20 +454,20 @@ cudaError_t linear_grad_coef(const void* dy, const void* x, DType act, int64_t M
 }
 
 cudaError_t linear_grouped_forward(const void* x, DType act, int64_t M, int64_t N, int64_t Kin, const float* w0,
-                                   const void* tau, DType bank, int64_t T, const float* coef, int64_t P,
+                                   const Bank& bank, int64_t T, const float* coef, int64_t P,
                                    uint32_t key, const float* bias, const void* tau_b, const float* coef_b,
                                    uint32_t key_b, const Segments& seg, void* y, cudaStream_t stream) {
-    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
-        return launch_merged_gemm<decltype(a_t), decltype(b_t), true>(x, M, N, Kin, w0, tau, T, coef, P, key, bias,
+    return dispatch_linear(act, bank.dtype, [&](auto a_t, auto b_t) {
+        return launch_merged_gemm<decltype(a_t), decltype(b_t), true>(x, M, N, Kin, w0, bank, T, coef, P, key, bias,
                                                                       tau_b, coef_b, key_b, seg, y, stream);
     });
 }
 
 cudaError_t linear_grouped_grad_input(const void* dy, DType act, int64_t M, int64_t N, int64_t Kin,
-                                      const float* w0, const void* tau, DType bank, int64_t T, const float* coef,
+                                      const float* w0, const Bank& bank, int64_t T, const float* coef,
                                       int64_t P, uint32_t key, const Segments& seg, void* dx, cudaStream_t stream) {
-    return dispatch2(act, bank, [&](auto a_t, auto b_t) {
-        return launch_merged_gemm<decltype(a_t), decltype(b_t), false>(dy, M, N, Kin, w0, tau, T, coef, P, key,
+    return dispatch_linear(act, bank.dtype, [&](auto a_t, auto b_t) {
+        return launch_merged_gemm<decltype(a_t), decltype(b_t), false>(dy, M, N, Kin, w0, bank, T, coef, P, key,
                                                                        nullptr, nullptr, nullptr, 0, seg, dx, stream);
     });
 }
@@ -411,11 +481,11 @@ int64_t linear_grouped_grad_coef_workspace(int64_t N, int64_t Kin, int64_t T, in
 }
 
 cudaError_t linear_grouped_grad_coef(const void* dy, const void* x, DType act, int64_t M, int64_t N, int64_t Kin,
-                                     const void* tau, DType bank, int64_t T, int64_t P, uint32_t key,
+                                     const Bank& bank, int64_t T, int64_t P, uint32_t key,
                                      const Segments& seg, float* workspace, float* dc, cudaStream_t stream) {
     const int64_t width = T * P;
     if (seg.groups * width == 0) return cudaSuccess;
-    const cudaError_t err = launch_grad_coef(dy, x, act, M, N, Kin, tau, bank, T, P, key, seg.height, seg.tiles, seg,
+    const cudaError_t err = launch_grad_coef(dy, x, act, M, N, Kin, bank, T, P, key, seg.height, seg.tiles, seg,
                                              workspace, stream);
     if (err != cudaSuccess) return err;
     // A group without tiles (no rows, or N·Kin = 0) sums an empty range: dc = 0.

@@ -46,17 +46,50 @@ void check_launch(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// Validated, contiguous operands of the linear op.
+// Validated, contiguous operands of the linear op. bank points into tau_w (and scale_w for int8 / int4).
 struct Linear {
-    Tensor weight, tau_w, coef_w, bias, tau_b, coef_b;
+    Tensor weight, tau_w, scale_w, coef_w, bias, tau_b, coef_b;
     int64_t N, Kin, T, P;
-    atlas::DType act, bank;
+    atlas::DType act;
+    atlas::Bank bank;
     uint32_t key_w, key_b;
 };
 
+// The bank of an (N, Kin) weight: float task vectors (T, N, Kin), or quantised ones (atlas_fast/quant.py): int8
+// data (T, N, Kin) with scale (T, N), or int4 data uint8 (T, N, ⌈Kin/2⌉) with scale (T, N, ⌈Kin/group⌉).
+void check_bank(Linear& L, const Tensor& tau_w, const std::optional<Tensor>& scale_w, int64_t group_w,
+                const at::Device& device) {
+    if (!scale_w.has_value()) {
+        L.bank.dtype = kernel_dtype(tau_w, "tau_w");
+        TORCH_CHECK(tau_w.dim() == 3 && tau_w.size(0) == L.T && tau_w.size(1) == L.N && tau_w.size(2) == L.Kin,
+                    "tau_w must be (T=", L.T, ", ", L.N, ", ", L.Kin, "), got ", tau_w.sizes());
+        L.tau_w = tau_w.contiguous();
+        L.bank.data = L.tau_w.data_ptr();
+        return;
+    }
+    check_device(*scale_w, "scale_w", device);
+    TORCH_CHECK(scale_w->scalar_type() == at::kFloat, "scale_w must be float32, got ", scale_w->scalar_type());
+    const bool int8 = tau_w.scalar_type() == at::kChar;
+    TORCH_CHECK(int8 || tau_w.scalar_type() == at::kByte, "quantised tau_w must be int8 or uint8 (int4), got ",
+                tau_w.scalar_type());
+    TORCH_CHECK(int8 || group_w >= 1, "int4 tau_w needs group_w >= 1, got ", group_w);
+    const int64_t cols = int8 ? L.Kin : (L.Kin + 1) / 2;
+    TORCH_CHECK(tau_w.dim() == 3 && tau_w.size(0) == L.T && tau_w.size(1) == L.N && tau_w.size(2) == cols,
+                int8 ? "int8" : "int4", " tau_w must be (T=", L.T, ", ", L.N, ", ", cols, "), got ", tau_w.sizes());
+    const std::vector<int64_t> scale_shape =
+        int8 ? std::vector<int64_t>{L.T, L.N} : std::vector<int64_t>{L.T, L.N, (L.Kin + group_w - 1) / group_w};
+    TORCH_CHECK(scale_w->sizes() == at::IntArrayRef(scale_shape), "scale_w must be ", at::IntArrayRef(scale_shape),
+                " for this ", int8 ? "int8" : "int4", " tau_w, got ", scale_w->sizes());
+    L.tau_w = tau_w.contiguous();
+    L.scale_w = scale_w->contiguous();
+    L.bank = {L.tau_w.data_ptr(), int8 ? atlas::DType::i8 : atlas::DType::i4, L.scale_w.data_ptr<float>(),
+              int8 ? 0 : group_w};
+}
+
 Linear check_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& tau_w,
                     const std::optional<Tensor>& tau_b, const Tensor& coef_w, const std::optional<Tensor>& coef_b,
-                    int64_t key_w, int64_t key_b) {
+                    int64_t key_w, int64_t key_b, const std::optional<Tensor>& scale_w = std::nullopt,
+                    int64_t group_w = 0) {
     Linear L;
     const at::Device device = x.device();
     check_device(x, "x", device);
@@ -64,7 +97,6 @@ Linear check_linear(const Tensor& x, const Tensor& weight, const std::optional<T
     check_device(tau_w, "tau_w", device);
     check_device(coef_w, "coef_w", device);
     L.act = kernel_dtype(x, "x");
-    L.bank = kernel_dtype(tau_w, "tau_w");
     kernel_dtype(weight, "weight");
     TORCH_CHECK(weight.dim() == 2, "weight must be (out, in), got shape ", weight.sizes());
     L.N = weight.size(0);
@@ -78,10 +110,8 @@ Linear check_linear(const Tensor& x, const Tensor& weight, const std::optional<T
     L.T = coef_w.size(0);
     L.P = coef_w.size(1);
     TORCH_CHECK(L.P >= 1, "coef_w must have at least one partition, got shape ", coef_w.sizes());
-    TORCH_CHECK(tau_w.dim() == 3 && tau_w.size(0) == L.T && tau_w.size(1) == L.N && tau_w.size(2) == L.Kin,
-                "tau_w must be (T=", L.T, ", ", L.N, ", ", L.Kin, "), got ", tau_w.sizes());
+    check_bank(L, tau_w, scale_w, group_w, device);
     L.weight = weight.to(at::kFloat).contiguous();
-    L.tau_w = tau_w.contiguous();
     L.coef_w = coef_w.contiguous();
     L.key_w = block_key(key_w, "key_w");
     L.key_b = block_key(key_b, "key_b");
@@ -97,7 +127,8 @@ Linear check_linear(const Tensor& x, const Tensor& weight, const std::optional<T
         kernel_dtype(*tau_b, "tau_b");
         TORCH_CHECK(tau_b->dim() == 2 && tau_b->size(0) == L.T && tau_b->size(1) == L.N, "tau_b must be (T=", L.T,
                     ", ", L.N, "), got ", tau_b->sizes());
-        L.tau_b = tau_b->to(tau_w.scalar_type()).contiguous();
+        // in the bank's dtype: fp32 for a quantised bank, whose 1-D task vectors stay float
+        L.tau_b = tau_b->to(scale_w.has_value() ? at::kFloat : tau_w.scalar_type()).contiguous();
     }
     if (coef_b.has_value() && tau_b.has_value()) {
         check_device(*coef_b, "coef_b", device);
@@ -116,14 +147,15 @@ const float* fptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<flo
 
 Tensor atlas_linear_cuda_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                  const Tensor& tau_w, const std::optional<Tensor>& tau_b, const Tensor& coef_w,
-                                 const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b) {
+                                 const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b,
+                                 const std::optional<Tensor>& scale_w, int64_t group_w) {
     const c10::cuda::CUDAGuard guard(x.device());
-    const Linear L = check_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b);
+    const Linear L = check_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, scale_w, group_w);
     const Tensor x2 = x.reshape({-1, L.Kin}).contiguous();
     const int64_t M = x2.size(0);
     Tensor y = at::empty({M, L.N}, x.options());
     check_launch(atlas::linear_forward(x2.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
-                                       L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(), L.P, L.key_w,
+                                       L.bank, L.T, L.coef_w.data_ptr<float>(), L.P, L.key_w,
                                        fptr_or_null(L.bias), ptr_or_null(L.tau_b), fptr_or_null(L.coef_b), L.key_b,
                                        y.data_ptr(), at::cuda::getCurrentCUDAStream()),
                  "atlas_linear_cuda_forward");
@@ -262,9 +294,12 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad
                                                               const Tensor& weight, const Tensor& tau_w,
                                                               const std::optional<Tensor>& tau_b,
                                                               const Tensor& coef_w, int64_t key_w, int64_t key_b,
-                                                              bool needs_input_grad) {
+                                                              bool needs_input_grad,
+                                                              const std::optional<Tensor>& scale_w,
+                                                              int64_t group_w) {
     const c10::cuda::CUDAGuard guard(x.device());
-    const Linear L = check_linear(x, weight, std::nullopt, tau_w, std::nullopt, coef_w, std::nullopt, key_w, key_b);
+    const Linear L = check_linear(x, weight, std::nullopt, tau_w, std::nullopt, coef_w, std::nullopt, key_w, key_b,
+                                  scale_w, group_w);
     check_device(grad_out, "grad_out", x.device());
     TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.size(-1) == L.N &&
                     grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
@@ -280,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad
     if (needs_input_grad) {
         dx = at::empty_like(x2);
         check_launch(atlas::linear_grad_input(dy.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
-                                              L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(), L.P,
+                                              L.bank, L.T, L.coef_w.data_ptr<float>(), L.P,
                                               L.key_w, dx.data_ptr(), stream),
                      "atlas_linear_cuda_backward (grad x)");
         dx = dx.view(x.sizes());
@@ -289,9 +324,9 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_cuda_backward(const Tensor& grad
     const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     Tensor workspace = at::empty({atlas::linear_grad_coef_workspace(M, L.N, L.Kin, L.T, L.P, num_sms)}, f32);
     Tensor dcw = at::empty({L.T, L.P}, f32);
-    check_launch(atlas::linear_grad_coef(dy.data_ptr(), x2.data_ptr(), L.act, M, L.N, L.Kin, L.tau_w.data_ptr(),
-                                         L.bank, L.T, L.P, L.key_w, workspace.data_ptr<float>(), num_sms,
-                                         dcw.data_ptr<float>(), stream),
+    check_launch(atlas::linear_grad_coef(dy.data_ptr(), x2.data_ptr(), L.act, M, L.N, L.Kin, L.bank, L.T, L.P,
+                                         L.key_w, workspace.data_ptr<float>(), num_sms, dcw.data_ptr<float>(),
+                                         stream),
                  "atlas_linear_cuda_backward (grad coef_w)");
 
     Tensor dcb = coef_w.new_empty({0});
@@ -401,7 +436,7 @@ Tensor atlas_linear_grouped_cuda_forward(const Tensor& x, const Tensor& row_grou
     const SortedRows sorted = sort_rows(row_group, grouped.G);
     const Tiles tiles = cut_tiles(sorted, atlas::kLinearTileRows, skip);
     check_launch(atlas::linear_grouped_forward(x2.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
-                                               L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(), L.P,
+                                               L.bank, L.T, L.coef_w.data_ptr<float>(), L.P,
                                                L.key_w, fptr_or_null(L.bias), ptr_or_null(L.tau_b),
                                                fptr_or_null(L.coef_b), L.key_b, tiles.seg, y.data_ptr(),
                                                at::cuda::getCurrentCUDAStream()),
@@ -437,7 +472,7 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_grouped_cuda_backward(
         dx = at::empty_like(x2);
         const Tiles tiles = cut_tiles(sorted, atlas::kLinearTileRows, skip);
         check_launch(atlas::linear_grouped_grad_input(dy.data_ptr(), L.act, M, L.N, L.Kin, L.weight.data_ptr<float>(),
-                                                      L.tau_w.data_ptr(), L.bank, L.T, L.coef_w.data_ptr<float>(),
+                                                      L.bank, L.T, L.coef_w.data_ptr<float>(),
                                                       L.P, L.key_w, tiles.seg, dx.data_ptr(), stream),
                      "atlas_linear_grouped_cuda_backward (grad x)");
     }
@@ -452,7 +487,7 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_grouped_cuda_backward(
         {atlas::linear_grouped_grad_coef_workspace(L.N, L.Kin, L.T, L.P, dc_tiles.seg.tiles)}, f32);
     Tensor dcw = at::empty({G, L.T, L.P}, f32);
     check_launch(atlas::linear_grouped_grad_coef(dy.data_ptr(), x2.data_ptr(), L.act, M, L.N, L.Kin,
-                                                 L.tau_w.data_ptr(), L.bank, L.T, L.P, L.key_w, dc_tiles.seg,
+                                                 L.bank, L.T, L.P, L.key_w, dc_tiles.seg,
                                                  workspace.data_ptr<float>(), dcw.data_ptr<float>(), stream),
                  "atlas_linear_grouped_cuda_backward (grad coef_w)");
 
@@ -476,10 +511,12 @@ std::tuple<Tensor, Tensor, Tensor> atlas_linear_grouped_cuda_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
+    // scale_w, group_w: an int8 / int4 tau_w's scales and int4's columns per scale (atlas_fast/quant.py)
     m.def("atlas_linear_cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor tau_w, Tensor? tau_b, "
-          "Tensor coef_w, Tensor? coef_b, int key_w, int key_b) -> Tensor");
+          "Tensor coef_w, Tensor? coef_b, int key_w, int key_b, Tensor? scale_w=None, int group_w=0) -> Tensor");
     m.def("atlas_linear_cuda_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor tau_w, Tensor? tau_b, "
-          "Tensor coef_w, int key_w, int key_b, bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
+          "Tensor coef_w, int key_w, int key_b, bool needs_input_grad, Tensor? scale_w=None, int group_w=0) "
+          "-> (Tensor, Tensor, Tensor)");
     m.def("atlas_linear_cuda_merge(Tensor weight, Tensor tau_w, Tensor coef_w, int key_w, ScalarType dtype) -> Tensor");
     m.def("merge_blocks_cuda(Tensor[] theta0, Tensor[] tau, Tensor coef, int[] keys) -> Tensor[]");
     m.def("merge_blocks_cuda_backward(Tensor[] grads, Tensor[] tau, int[] keys, int partitions) -> Tensor");

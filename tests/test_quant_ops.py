@@ -1,6 +1,6 @@
 """The ops and compose() on int8 and int4 banks, against the float64 reference of the dequantised bank: the
-torch backend, and Triton (in its interpreter on a CPU); the CUDA backend and grouped calls refuse them; the
-composed models' outputs against the float32 bank's."""
+torch backend, Triton (in its interpreter on a CPU) and the CUDA kernels (on a GPU); grouped calls refuse them;
+the composed models' outputs against the float32 bank's."""
 import copy
 
 import pytest
@@ -9,7 +9,6 @@ import torch.nn as nn
 
 import atlas_fast
 from atlas_fast import TaskVectors, compose, quant, synthetic_task_vectors
-from atlas_fast.backends import resolve
 from atlas_fast.hashing import block_key
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
@@ -142,18 +141,23 @@ def test_torch_chunks_of_whole_rows(monkeypatch, chunk_rows, fmt, group):
     assert_rel(torch.autograd.grad(y, cw, g.float())[0], torch.autograd.grad(y_ref, cw, g)[0], TOL[torch.float32][1])
 
 
+_CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("backend", ["torch", _CUDA])
 @pytest.mark.parametrize("fmt,group", FORMATS)
 @pytest.mark.parametrize("conv", [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
                                   dict(stride=(2, 2), padding=(0, 1), dilation=(1, 1), groups=2)])
-def test_conv2d_torch(fmt, group, conv):
-    T, P = 2, 2
-    x = torch.randn(3, 4, 9, 11)
-    w, b = torch.randn(6, 4 // conv["groups"], 3, 3) * 0.2, torch.randn(6) * 0.1
-    tw = quant.quantize(torch.randn(T, *w.shape) * 2e-3, fmt, group or quant.DEFAULT_GROUP)
-    tb = torch.randn(T, 6) * 1e-3
-    cw, cb = random_coef(T, P), random_coef(T, P)
+def test_conv2d(fmt, group, conv, backend):
+    """groups=1 runs the CUDA backend's linear kernels on the im2col view (rows: out channels, as quantised)."""
+    T, P, device = 2, 2, "cuda" if backend == "cuda" else "cpu"
+    x = torch.randn(3, 4, 9, 11, device=device)
+    w, b = torch.randn(6, 4 // conv["groups"], 3, 3, device=device) * 0.2, torch.randn(6, device=device) * 0.1
+    tw = quant.quantize(torch.randn(T, *w.shape, device=device) * 2e-3, fmt, group or quant.DEFAULT_GROUP)
+    tb = torch.randn(T, 6, device=device) * 1e-3
+    cw, cb = random_coef(T, P, device), random_coef(T, P, device)
     xl = x.clone().requires_grad_()
-    y = atlas_fast.atlas_conv2d(xl, w, b, tw, tb, cw, cb, 5, 6, backend="torch", **conv)
+    y = atlas_fast.atlas_conv2d(xl, w, b, tw, tb, cw, cb, 5, 6, backend=backend, **conv)
     x64 = x.double().requires_grad_()
     y_ref = conv2d_ref(x64, w, b, tw.dequantize(torch.float64), tb, cw, cb, 5, 6, **conv)
     g = torch.randn_like(y_ref)
@@ -164,16 +168,18 @@ def test_conv2d_torch(fmt, group, conv):
         assert_rel(got, ref, TOL[torch.float32][1], name)
 
 
+@pytest.mark.parametrize("backend", ["torch", _CUDA])
 @pytest.mark.parametrize("fmt,group", FORMATS)
 @pytest.mark.parametrize("shapes", [[(7, 37), (11,), (5, 2, 3)], [(7, 37), (5, 2, 3)]])
-def test_merge_blocks_float_and_quantised(fmt, group, shapes):
-    T, P = 3, 2
-    theta0 = [torch.randn(s) for s in shapes]
-    taus = [quant.quantize(torch.randn(T, *s) * 1e-2, fmt, group or 128) if len(s) > 1 else torch.randn(T, *s) * 1e-2
-            for s in shapes]
-    coef = torch.randn(T, len(shapes), P, requires_grad=True)
+def test_merge_blocks_float_and_quantised(fmt, group, shapes, backend):
+    """On the CUDA backend the float blocks take its multi-tensor kernels and the quantised ones the walk."""
+    T, P, device = 3, 2, "cuda" if backend == "cuda" else "cpu"
+    theta0 = [torch.randn(s, device=device) for s in shapes]
+    taus = [quant.quantize(torch.randn(T, *s, device=device) * 1e-2, fmt, group or 128) if len(s) > 1
+            else torch.randn(T, *s, device=device) * 1e-2 for s in shapes]
+    coef = torch.randn(T, len(shapes), P, device=device, requires_grad=True)
     keys = [block_key(1, b) for b in range(len(shapes))]
-    merged = atlas_fast.merge_blocks(theta0, taus, coef, keys, backend="torch")
+    merged = atlas_fast.merge_blocks(theta0, taus, coef, keys, backend=backend)
     c64 = coef.detach().double().requires_grad_()
     refs = [merge_ref(t0, t.dequantize(torch.float64) if quant.is_quantized(t) else t, c64[:, b], keys[b])
             for b, (t0, t) in enumerate(zip(theta0, taus))]
@@ -251,14 +257,95 @@ def test_quantised_bias_is_refused():
         atlas_fast.atlas_linear(x, w, b, tw, quant.quantize(tb[..., None], "int8").reshape(3, 45), cw, cb)
 
 
-def test_cuda_backend_refuses_quantised_banks():
-    with pytest.raises(NotImplementedError, match="backend='cuda' does not dequantise int4"):
-        resolve("cuda", "cpu", torch.float32, bank="int4")
+def test_cuda_backend_on_cpu_tensors_names_the_device_for_quantised_banks():
+    """A quantised bank is no reason to refuse the CUDA backend: on CPU tensors it says what it says for any bank."""
+    from atlas_fast.backends import BackendUnavailable
     x, w, b, tw, tb, cw, cb = _linear_case("int8", None)
-    with pytest.raises(NotImplementedError, match="int8"):
+    with pytest.raises(BackendUnavailable, match="CUDA tensors, not on cpu"):
         atlas_fast.atlas_linear(x, w, b, tw, tb, cw, cb, backend="cuda")
-    with pytest.raises(NotImplementedError, match="backend='cuda' does not dequantise int8"):
-        compose(nn.Linear(9, 4), synthetic_task_vectors(nn.Linear(9, 4), 2).to(dtype=torch.int8), backend="cuda")
+    with pytest.raises(BackendUnavailable, match="CUDA tensors, not on cpu"):
+        compose(nn.Linear(9, 4), synthetic_task_vectors(nn.Linear(9, 4), 2).to(dtype="int4"), backend="cuda")
+
+
+def test_cuda_backend_takes_quantised_small_blocks_through_the_walk():
+    """The CUDA backend's merge_blocks / merge_blocks_backward hand quantised blocks to the torch backend's walk
+    (which runs on any device) and keep their order; called here on CPU tensors, where no kernel is needed."""
+    from atlas_fast.backends import get_backend
+    T, P = 3, 2
+    shapes = [(7, 37), (5, 2, 3), (4, 9)]
+    theta0 = [torch.randn(s) for s in shapes]
+    taus = [quant.quantize(torch.randn(T, *s) * 1e-2, "int4", 16) for s in shapes]
+    coef, keys = torch.randn(T, len(shapes), P), [block_key(7, b) for b in range(len(shapes))]
+    grads = [torch.randn(s) for s in shapes]
+    c64 = coef.double()
+    for got, t0, t, b in zip(get_backend("cuda").merge_blocks(theta0, taus, coef, keys), theta0, taus, range(3)):
+        assert_rel(got, merge_ref(t0, t.dequantize(torch.float64), c64[:, b], keys[b]), TOL[torch.float32][0])
+    dc = get_backend("cuda").merge_blocks_backward(grads, taus, keys, P)
+    assert dc.shape == (T, len(shapes), P)
+    for b, (t, g) in enumerate(zip(taus, grads)):
+        c = c64[:, b].clone().requires_grad_()
+        ref = torch.autograd.grad(merge_ref(theta0[b], t.dequantize(torch.float64), c, keys[b]), c, g.double())[0]
+        assert_rel(dc[:, b], ref, TOL[torch.float32][1], f"dc of block {b}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("strategy", ["fused", "merge_once", "keep"])
+@pytest.mark.parametrize("M,K,N,P", [(23, 70, 45, 2), (130, 77, 65, 3)])
+def test_cuda_backend_strategies(fmt, group, strategy, M, K, N, P):
+    """The fused CUDA kernels dequantising int8/int4 tiles in registers (K = 77: an odd int4 width; 130 rows and
+    65 outputs: partial 64-row tiles), merge-once (the walk on the GPU) and merge-once keeping its weight for dx."""
+    from atlas_fast.backends import get_backend, plan
+    saved = plan.set_strategy("merge_once" if strategy == "keep" else strategy), plan.set_keep_budget(
+        1 << 30 if strategy == "keep" else 0)
+    try:
+        _check_linear("cuda", _linear_case(fmt, group, M=M, K=K, N=N, P=P), device="cuda")
+        assert get_backend("cuda").kept.nbytes() == 0, "dx takes the kept weight"
+    finally:
+        plan.set_strategy(saved[0])
+        plan.set_keep_budget(saved[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_cuda_bf16_activations(fmt, group):
+    """bf16 activations (tensor cores) on a quantised bank: within twice plain bf16's error of the reference."""
+    x, w, b, tw, tb, cw, cb = (t.cuda() for t in _linear_case(fmt, group, M=70, K=96, N=80, P=2))
+    xb = x.bfloat16().requires_grad_()
+    y = atlas_fast.atlas_linear(xb, w, b, tw, tb, cw, cb, 3, 4, backend="cuda")
+    tw64 = tw.dequantize(torch.float64)
+    x64 = x.double().requires_grad_()
+    y_ref = linear_ref(x64, w, b, tw64, tb, cw, cb, 3, 4)
+    y_plain = torch.nn.functional.linear(xb, merge_ref(w, tw64, cw, 3).bfloat16(), merge_ref(b, tb, cb, 4).bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_rel(y, y_ref, 2 * assert_rel(y_plain, y_ref, 1.0) + 1e-3)
+    g = torch.randn_like(y_ref)
+    dc = torch.autograd.grad(y, cw, g.bfloat16())[0]
+    dc_ref = torch.autograd.grad(y_ref, cw, g)[0]
+    assert_rel(dc, dc_ref, 2e-2, "dc")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_cuda_opcheck(fmt, group):
+    x, w, b, tw, tb, cw, cb = (t.cuda() for t in _linear_case(fmt, group, M=9, K=11, N=7, P=2))
+    from atlas_fast.backends.cuda_backend import load_extension
+    assert load_extension() is None
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_cuda_forward.default,
+                          (x, w, b, tw.data, tb, cw, cb, 1, 2, tw.scale, tw.group))
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_cuda_backward.default,
+                          (torch.randn(9, 7, device="cuda"), x, w, tw.data, tb, cw, 1, 2, True, tw.scale, tw.group))
+
+
+@pytest.mark.gpu
+def test_cuda_bad_scales_are_named():
+    from atlas_fast.backends.cuda_backend import load_extension
+    assert load_extension() is None
+    x, w, b, tw, tb, cw, cb = (t.cuda() for t in _linear_case("int4", 16, M=9, K=33, N=7))
+    with pytest.raises(RuntimeError, match="scale_w must be"):
+        torch.ops.atlas_fast.atlas_linear_cuda_forward(x, w, b, tw.data, tb, cw, cb, 1, 2, tw.scale[:, :, :1], 16)
+    with pytest.raises(RuntimeError, match="int4 tau_w needs group_w"):
+        torch.ops.atlas_fast.atlas_linear_cuda_forward(x, w, b, tw.data, tb, cw, cb, 1, 2, tw.scale, 0)
 
 
 _SM90_COMPILE = """
@@ -402,15 +489,6 @@ def test_groups_refuse_quantised_banks():
     with pytest.raises(NotImplementedError, match="groups: grouped compositions do not take int8"):
         with atlas.groups(torch.zeros(2, dtype=torch.int64), atlas.group_coefficients(1)):
             pass
-
-
-def test_auto_never_picks_cuda_for_quantised_banks(monkeypatch):
-    """On a GPU "auto" takes Triton, else CUDA; with a quantised bank it skips CUDA for the torch backend."""
-    from atlas_fast.backends import get_backend
-    monkeypatch.setattr(type(get_backend("triton")), "unavailable_reason", lambda self, device: "no triton")
-    monkeypatch.setattr(type(get_backend("cuda")), "unavailable_reason", lambda self, device: None)
-    assert resolve("auto", "cuda", torch.float32).name == "cuda"
-    assert resolve("auto", "cuda", torch.float32, bank="int8").name == "torch"
 
 
 # ---------------------------------------------------------------- accuracy of composed models

@@ -4,15 +4,14 @@
 asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks by the tensors'
 device: on a GPU triton, else cuda; on a CPU torch.
 
-Quantised banks (int8, int4: atlas_fast.quant) are dequantised inside the torch and Triton backends only;
-the CUDA backend refuses them with NotImplementedError, and "auto" picks among the other two.
+Every backend takes quantised banks (int8, int4: atlas_fast.quant), dequantised inside its merges and
+coefficient-gradient reductions.
 """
 import importlib
 
 from .base import Backend, BackendUnavailable
 
 BACKENDS = ("torch", "triton", "cuda")
-QUANTIZED_BACKENDS = ("torch", "triton")
 _MODULES = {"torch": ".torch_backend", "triton": ".triton_backend", "cuda": ".cuda_backend"}
 _loaded = {}
 
@@ -26,21 +25,17 @@ def get_backend(name: str) -> Backend:
     return _loaded[name]
 
 
-def resolve(name: str, device, dtype=None, bank=None) -> Backend:
+def resolve(name: str, device, dtype=None) -> Backend:
     """The backend to run on `device` for the requested name; raises BackendUnavailable with the reason.
-    "auto" takes the torch backend for float64 coefficients (gradcheck), which only it supports. bank: the
-    format of quantised task vectors ("int8", "int4"), None for float ones."""
+    "auto" takes the torch backend for float64 coefficients (gradcheck), which only it supports."""
     device = torch_device(device)
-    if bank is not None and name not in QUANTIZED_BACKENDS + ("auto",):
-        raise NotImplementedError(f"backend={name!r} does not dequantise {bank} task vectors yet; use "
-                                  f"backend='triton' (CUDA) or 'torch', or a float bank (task_vectors.to(dtype=...))")
     if name == "auto" and str(dtype) == "torch.float64":
         return get_backend("torch")
     if name == "auto":
         if device.type == "cuda":
             # Triton first: autotuned for Hopper and ready without a build; the CUDA extension compiles for
             # minutes on its first use.
-            for candidate in ("triton", "cuda") if bank is None else ("triton",):
+            for candidate in ("triton", "cuda"):
                 if get_backend(candidate).unavailable_reason(device) is None:
                     return get_backend(candidate)
         return get_backend("torch")
@@ -56,4 +51,4 @@ def torch_device(device):
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
-__all__ = ["BACKENDS", "QUANTIZED_BACKENDS", "Backend", "BackendUnavailable", "get_backend", "resolve"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "get_backend", "resolve"]

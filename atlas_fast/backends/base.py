@@ -6,8 +6,7 @@ Shapes (T task vectors, K partitions, K = 1 without partitions):
 Outputs have x's dtype; merging and coefficient-gradient reductions accumulate in float32. Float64
 coefficients and banks (for gradcheck) need only be supported by the torch backend. tau_w may be a
 quant.QuantizedBlock (int8 or int4 with float32 scales; the ops carry its data and scales and rebuild it for
-the backend): the backends named in backends.QUANTIZED_BACKENDS dequantise it inside the merge and the dc
-reduction, never as a whole copy; resolve() refuses the others.
+the backend): every backend dequantises it inside the merge and the dc reduction, never as a whole copy.
 A backend overrides what it accelerates; everything else falls back to the torch backend.
 How a backend computes a call is its own choice, made per call: the fused backends either rebuild the merged
 weight tile by tile inside their kernels or merge one layer into a transient buffer and call a stock GEMM, as

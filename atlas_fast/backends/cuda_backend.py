@@ -9,7 +9,12 @@ cuBLAS; the backward merges again for dx (or takes the forward's buffer when pla
 and keeps the fused dc kernel. A conv2d with
 groups=1 runs the same kernels on its im2col view (im2col.Im2colConv, as the triton backend does).
 Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
-(csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
+(csrc/merge_blocks.cu).
+
+int8 and int4 banks (atlas_fast.quant): the fused kernels read the quantised tiles and their scales and dequantise
+in registers (TauView in csrc/atlas_linear.cu). Their merge-once weight and their small blocks go through the torch
+backend's walk, which dequantises a chunk of rows at a time into a reused buffer (no dequantised copy of a block's
+bank either way). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
 backend='torch'). Grouped compositions (G coefficient sets, a group per sample) run the same fused kernels on
 rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward; the Python side is
 grouped.CudaGrouped).
@@ -28,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import plan
+from ..quant import is_quantized
+from . import plan, torch_backend
 from .base import Backend
 from .im2col import Im2colConv
 
@@ -106,11 +112,11 @@ def _register_fakes():
         return t.new_empty((0,))
 
     @torch.library.register_fake("atlas_fast::atlas_linear_cuda_forward")
-    def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+    def _(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, scale_w=None, group_w=0):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("atlas_fast::atlas_linear_cuda_backward")
-    def _(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
+    def _(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, scale_w=None, group_w=0):
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else empty(x)
         dcb = coef_w.new_empty(coef_w.shape) if tau_b is not None else empty(coef_w)
         return dx, coef_w.new_empty(coef_w.shape), dcb
@@ -183,7 +189,20 @@ def _or_none(t, present):
 
 
 def _merge(theta0, tau, coef, key, dtype):
+    if is_quantized(tau):
+        return torch_backend.merge_block(theta0, tau, coef, key).to(dtype)
     return torch.ops.atlas_fast.atlas_linear_cuda_merge(theta0, tau, coef, key, dtype)
+
+
+def _bank(tau_w):
+    """The kernels' (tau_w, scale_w, group_w) arguments: the tensor itself, or a QuantizedBlock's data, scales
+    and int4 group."""
+    return (tau_w.data, tau_w.scale, tau_w.group) if is_quantized(tau_w) else (tau_w, None, 0)
+
+
+def _dense(tau):
+    """The tensors among these task vectors whose dtype _check_dtypes checks (a quantised block's are its own)."""
+    return tuple(t for t in tau if not is_quantized(t))
 
 
 class CudaBackend(Im2colConv, Backend):
@@ -202,11 +221,12 @@ class CudaBackend(Im2colConv, Backend):
         return load_extension()
 
     def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
-        _check_dtypes(coef_w, x, weight, tau_w)
+        _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
         choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
         if choice.forward == "fused":
-            return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b,
-                                                                  key_w, key_b)
+            data, scale, group = _bank(tau_w)
+            return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, data, tau_b, coef_w, coef_b,
+                                                                  key_w, key_b, scale, group)
         w = _merge(weight, tau_w, coef_w, key_w, x.dtype)
         b = None
         if bias is not None:
@@ -217,11 +237,12 @@ class CudaBackend(Im2colConv, Backend):
         return y
 
     def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
-        _check_dtypes(coef_w, x, weight, tau_w)
+        _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
         choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
         fused_dx = needs_input_grad and choice.dx == "fused"
-        dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, tau_w, tau_b, coef_w,
-                                                                       key_w, key_b, fused_dx)
+        data, scale, group = _bank(tau_w)
+        dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, data, tau_b, coef_w,
+                                                                       key_w, key_b, fused_dx, scale, group)
         if needs_input_grad and not fused_dx:
             # The dx of the fused kernel has x's dtype and shape; so has this one.
             kept = self.kept.take(self.kept.key(weight, tau_w, coef_w, key_w, x.dtype))
@@ -230,7 +251,12 @@ class CudaBackend(Im2colConv, Backend):
         return _or_none(dx, needs_input_grad), dcw, _or_none(dcb, tau_b is not None)
 
     def merge_blocks(self, theta0, tau, coef, keys):
-        _check_dtypes(coef, *theta0, *tau)
+        _check_dtypes(coef, *theta0, *_dense(tau))
+        if any(is_quantized(t) for t in tau):
+            return self._split_quantized(
+                tau, lambda b: torch_backend.merge_block(theta0[b], tau[b], coef[:, b], keys[b]).to(theta0[b].dtype),
+                lambda idx: self.merge_blocks([theta0[b] for b in idx], [tau[b] for b in idx], coef[:, idx],
+                                              [keys[b] for b in idx]), list)
         groups = _dtype_groups(theta0, tau)
         if len(groups) == 1:
             return torch.ops.atlas_fast.merge_blocks_cuda(list(theta0), list(tau), coef, list(keys))
@@ -243,7 +269,13 @@ class CudaBackend(Im2colConv, Backend):
         return out
 
     def merge_blocks_backward(self, grads, tau, keys, partitions):
-        _check_dtypes(None, *grads, *tau)
+        _check_dtypes(None, *grads, *_dense(tau))
+        if any(is_quantized(t) for t in tau):
+            return self._split_quantized(
+                tau, lambda b: torch_backend.reduce_block(tau[b], grads[b], keys[b], partitions),
+                lambda idx: self.merge_blocks_backward([grads[b] for b in idx], [tau[b] for b in idx],
+                                                       [keys[b] for b in idx], partitions).unbind(1),
+                lambda parts: torch.stack(parts, dim=1))
         groups = _dtype_groups(grads, tau)
         if len(groups) == 1:
             return torch.ops.atlas_fast.merge_blocks_cuda_backward(list(grads), list(tau), list(keys), partitions)
@@ -252,6 +284,21 @@ class CudaBackend(Im2colConv, Backend):
             dc[:, idx] = torch.ops.atlas_fast.merge_blocks_cuda_backward(
                 [grads[b] for b in idx], [tau[b] for b in idx], [keys[b] for b in idx], partitions)
         return dc
+
+
+    @staticmethod
+    def _split_quantized(tau, one_quantized, dense_blocks, combine):
+        """Results per block, in order: quantised blocks one by one through the torch backend's walk (one_quantized
+        (b)), the float ones in the kernels' launches (dense_blocks(indices) gives one result per index)."""
+        out = [None] * len(tau)
+        dense = [b for b, t in enumerate(tau) if not is_quantized(t)]
+        for b, t in enumerate(tau):
+            if is_quantized(t):
+                out[b] = one_quantized(b)
+        if dense:
+            for b, r in zip(dense, dense_blocks(dense)):
+                out[b] = r
+        return combine(out)
 
 
 BACKEND = CudaBackend()
