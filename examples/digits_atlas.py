@@ -182,7 +182,7 @@ def build_efficientnet(root, steps, log):
     """θ0: EfficientNet-Lite0's ImageNet weights; the head: a linear probe of θ0's features of the PRETRAIN
     digits, the same frozen head for every task."""
     from types import SimpleNamespace
-    from atlas_fast.adapt.api import _features, save_heads
+    from atlas_fast.adapt.api import save_heads
     from atlas_fast.adapt.heads import fit_linear_probe
     os.makedirs(root, exist_ok=True)
     tasks, net, preprocess = DigitTasks(root), efficientnet_lite0(), efficientnet_preprocess()
