@@ -20,7 +20,6 @@ import torch
 from .bench import _proc_status_kb
 
 VARIANTS = ("grouped", "separate", "merged")
-BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -49,7 +48,8 @@ def _build(s: GroupSettings, vit=None):
         import open_clip
         vit = open_clip.create_model(s.model, pretrained=None).visual.eval()
     vit = vit.to(s.device)
-    bank = atlas_fast.synthetic_task_vectors(vit, s.tasks, dtype=BANK_DTYPES[s.bank_dtype], seed=s.seed)
+    from .bench import Settings, _bank
+    bank = _bank(vit, Settings(tasks=s.tasks, bank_dtype=s.bank_dtype, seed=s.seed))   # float or int8 / int4
     model = atlas_fast.compose(vit, bank, s.granularity, s.partitions, backend=s.backend, seed=s.seed)
     coef = torch.rand(s.groups, *model.coefficients.shape, device=s.device) * 0.6 - 0.3
     index = torch.arange(s.batch, device=s.device) % s.groups

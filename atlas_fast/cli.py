@@ -76,9 +76,6 @@ def _run_bench_groups(args, s):
         args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
     if s.rank is not None:
         args.parser.error("--groups with --rank: grouped compositions take float banks, not low-rank ones")
-    if s.bank_dtype not in bench_grouped.BANK_DTYPES:
-        args.parser.error(f"--groups with --bank-dtype {s.bank_dtype}: grouped compositions take float banks "
-                          f"({', '.join(bench_grouped.BANK_DTYPES)})")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
     g = bench_grouped.GroupSettings(model=s.model, tasks=s.tasks, batch=s.batch, groups=args.groups, device=s.device,
                                     backend=backend, bank_dtype=s.bank_dtype, granularity=s.granularity,

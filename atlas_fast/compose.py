@@ -257,9 +257,10 @@ class AtlasModel(nn.Module):
         outputs and gradients are those of a model composed with its group's coefficients alone. Only a call of
         this AtlasModel is grouped, not a call of a submodule or of the wrapped model. Each sample runs as a
         batch of one: dropout draws per sample; statistics over the batch (BatchNorm in training mode) cannot
-        be grouped. Not available with int8, int4 or low-rank task vectors (NotImplementedError)."""
+        be grouped. Not available with low-rank task vectors (NotImplementedError); int8 and int4 banks take the
+        torch implementation of the grouped ops on every backend."""
         fmt = self.atlas.bank_format
-        if fmt is not None:
+        if fmt == LOWRANK:
             raise NotImplementedError(f"groups: grouped compositions do not take {fmt} task vectors yet; "
                                       f"compose a float bank (task_vectors.to(dtype=torch.bfloat16)) to group")
         shape = tuple(self.coefficients.shape)
@@ -304,7 +305,7 @@ class AtlasModel(nn.Module):
         if generic.entries:
             blocks = [b for _, _, b in generic.entries]
             merged = merge_blocks_grouped([owner._parameters[attr] for owner, attr, _ in generic.entries],
-                                          [getattr(generic, f"tau_{i}") for i in range(len(blocks))],
+                                          [quant.get_tau(generic, f"tau_{i}") for i in range(len(blocks))],
                                           atlas.group_blocks(coef, blocks), [atlas.keys[b] for b in blocks])
             sample_params = {name: m.index_select(0, index) for name, m in zip(self.report.generic, merged)}
         model = self.model
@@ -576,8 +577,8 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     model's (compose(clip.visual, bank_of_clip, prefix="visual.")); bank entries outside it are ignored.
     check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
     Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
-    An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction; grouped calls
-    raise NotImplementedError for it. A low-rank bank runs on every backend
+    An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction (grouped calls on the
+    torch implementation of the grouped ops). A low-rank bank runs on every backend
     (its factored blocks as GEMMs of inner size T·r, ops_lowrank) with partitions=1; grouped calls refuse it.
     """
     _check_not_composed(model)

@@ -14,6 +14,9 @@ kernels/atlas_linear_grouped.py; CUDA kernels: csrc/atlas_linear.cu (torch.ops.a
 Under torch.func.vmap (AtlasModel runs a grouped forward as a vmap over samples) the linear and conv ops
 accept a batched activation with an unbatched index of the vmap's batch size: index[n] is the group of the
 n-th vmapped sample, and every row of that sample belongs to it.
+
+Quantised weights (quant.QuantizedBlock) travel as in ops.py: data as tau_w with scale_w and group_w; lists of
+blocks with quantised ones go through atlas_fast::merge_blocks_grouped_quant.
 """
 from typing import List, Optional, Tuple
 
@@ -23,7 +26,7 @@ from torch import Tensor
 from . import quant
 from .backends.grouped import implementation, merge_blocks_grouped as _merge_grouped_impl
 from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
-from .ops import _autocast, _check_bias, _check_block
+from .ops import _autocast, _check_bias, _check_block, _tau, _taus, _unpack
 
 _EMPTY = (0,)
 
@@ -37,46 +40,50 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("atlas_fast::atlas_linear_grouped", mutates_args=())
 def _linear_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor,
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
-                    backend: str) -> Tensor:
-    return implementation(backend, x.device, coef_w.dtype).atlas_linear(x, index, weight, bias, tau_w, tau_b,
-                                                                       coef_w, coef_b, key_w, key_b)
+                    backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
+    return implementation(backend, x.device, coef_w.dtype).atlas_linear(
+        x, index, weight, bias, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, coef_b, key_w, key_b)
 
 
 @_linear_grouped.register_fake
-def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend):
+def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend, scale_w=None, group_w=0):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("atlas_fast::atlas_linear_grouped_backward", mutates_args=())
 def _linear_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight: Tensor, tau_w: Tensor,
                              tau_b: Optional[Tensor], coef_w: Tensor, key_w: int, key_b: int,
-                             needs_input_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                             needs_input_grad: bool, backend: str, scale_w: Optional[Tensor] = None,
+                             group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_linear_backward(
-        grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad)
+        grad_out, x, index, weight, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, key_w, key_b,
+        needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
 @_linear_grouped_backward.register_fake
-def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, backend):
+def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, backend, scale_w=None,
+      group_w=0):
     dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
     dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
     return dx, torch.empty_like(coef_w), dcb
 
 
 def _linear_setup(ctx, inputs, output):
-    x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, backend = inputs
-    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w)
-    ctx.extra = (key_w, key_b, backend)
+    x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, backend, scale_w, group_w = inputs
+    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w, scale_w)
+    ctx.extra = (key_w, key_b, backend, group_w)
 
 
 def _linear_grad(ctx, grad):
-    x, index, weight, tau_w, tau_b, coef_w = ctx.saved_tensors
-    key_w, key_b, backend = ctx.extra
+    x, index, weight, tau_w, tau_b, coef_w, scale_w = ctx.saved_tensors
+    key_w, key_b, backend, group_w = ctx.extra
     need = ctx.needs_input_grad
     dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_grouped_backward(grad, x, index, weight, tau_w, tau_b, coef_w,
-                                                                      key_w, key_b, need[0], backend)
+                                                                      key_w, key_b, need[0], backend, scale_w,
+                                                                      group_w)
     return (dx if need[0] else None, None, None, None, None, None, dcw if need[6] else None,
-            dcb if need[7] and tau_b is not None else None, None, None, None)
+            dcb if need[7] and tau_b is not None else None, None, None, None, None, None)
 
 
 _linear_grouped.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -88,10 +95,10 @@ _linear_grouped.register_autograd(_linear_grad, setup_context=_linear_setup)
 def _conv2d_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor,
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                    backend: str) -> Tensor:
+                    backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    return implementation(backend, x.device, coef_w.dtype).atlas_conv2d(x, index, weight, bias, tau_w, tau_b,
-                                                                       coef_w, coef_b, key_w, key_b, conv)
+    return implementation(backend, x.device, coef_w.dtype).atlas_conv2d(
+        x, index, weight, bias, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, coef_b, key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):
@@ -100,7 +107,7 @@ def _conv_out_size(size, k, s, p, d):
 
 @_conv2d_grouped.register_fake
 def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding, dilation, groups,
-      backend):
+      backend, scale_w=None, group_w=0):
     h, w = (_conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in (0, 1))
     return x.new_empty((x.shape[0], weight.shape[0], h, w))
 
@@ -109,36 +116,39 @@ def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride
 def _conv2d_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight: Tensor, tau_w: Tensor,
                              tau_b: Optional[Tensor], coef_w: Tensor, key_w: int, key_b: int, stride: List[int],
                              padding: List[int], dilation: List[int], groups: int, needs_input_grad: bool,
-                             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                             backend: str, scale_w: Optional[Tensor] = None,
+                             group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_conv2d_backward(
-        grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
+        grad_out, x, index, weight, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, key_w, key_b, conv,
+        needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
 @_conv2d_grouped_backward.register_fake
 def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, padding, dilation, groups,
-      needs_input_grad, backend):
+      needs_input_grad, backend, scale_w=None, group_w=0):
     dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
     dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
     return dx, torch.empty_like(coef_w), dcb
 
 
 def _conv_setup(ctx, inputs, output):
-    x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, stride, padding, dilation, groups, backend = inputs
-    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w)
-    ctx.extra = (key_w, key_b, stride, padding, dilation, groups, backend)
+    (x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, stride, padding, dilation, groups, backend,
+     scale_w, group_w) = inputs
+    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w, scale_w)
+    ctx.extra = (key_w, key_b, stride, padding, dilation, groups, backend, group_w)
 
 
 def _conv_grad(ctx, grad):
-    x, index, weight, tau_w, tau_b, coef_w = ctx.saved_tensors
-    key_w, key_b, stride, padding, dilation, groups, backend = ctx.extra
+    x, index, weight, tau_w, tau_b, coef_w, scale_w = ctx.saved_tensors
+    key_w, key_b, stride, padding, dilation, groups, backend, group_w = ctx.extra
     need = ctx.needs_input_grad
     dx, dcw, dcb = torch.ops.atlas_fast.atlas_conv2d_grouped_backward(
         grad, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, padding, dilation, groups, need[0],
-        backend)
+        backend, scale_w, group_w)
     return (dx if need[0] else None, None, None, None, None, None, dcw if need[6] else None,
-            dcb if need[7] and tau_b is not None else None) + (None,) * 7
+            dcb if need[7] and tau_b is not None else None) + (None,) * 9
 
 
 _conv2d_grouped.register_autograd(_conv_grad, setup_context=_conv_setup)
@@ -214,12 +224,53 @@ def _merge_grad(ctx, grads):
 _merge_grouped.register_autograd(_merge_grad, setup_context=_merge_setup)
 
 
+@torch.library.custom_op("atlas_fast::merge_blocks_grouped_quant", mutates_args=())
+def _merge_grouped_quant(theta0: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]], groups: List[int],
+                         coef: Tensor, keys: List[int]) -> List[Tensor]:
+    return _merge_grouped_impl(theta0, _taus(theta0, tau, scales, groups), coef, keys)
+
+
+@_merge_grouped_quant.register_fake
+def _(theta0, tau, scales, groups, coef, keys):
+    return [t.new_empty((coef.shape[0], *t.shape)) for t in theta0]
+
+
+@torch.library.custom_op("atlas_fast::merge_blocks_grouped_quant_backward", mutates_args=())
+def _merge_grouped_quant_backward(grads: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]],
+                                  groups: List[int], keys: List[int], partitions: int) -> Tensor:
+    # each gradient is (G, *θ0.shape): its first entry has θ0's shape
+    return _merge_grouped_backward_impl(grads, _taus([g[0] for g in grads], tau, scales, groups), keys, partitions)
+
+
+@_merge_grouped_quant_backward.register_fake
+def _(grads, tau, scales, groups, keys, partitions):
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    return grads[0].new_empty((grads[0].shape[0], tau[0].shape[0], len(tau), partitions), dtype=acc)
+
+
+def _merge_quant_setup(ctx, inputs, output):
+    _, tau, scales, groups, coef, keys = inputs
+    ctx.quantized = [s is not None for s in scales]
+    ctx.save_for_backward(*tau, *[s for s in scales if s is not None])
+    ctx.extra = (groups, keys, coef.shape[3], coef.dtype)
+
+
+def _merge_quant_grad(ctx, grads):
+    groups, keys, partitions, dtype = ctx.extra
+    saved = list(ctx.saved_tensors)
+    tau, rest = saved[:len(groups)], iter(saved[len(groups):])
+    scales = [next(rest) if q else None for q in ctx.quantized]
+    dc = torch.ops.atlas_fast.merge_blocks_grouped_quant_backward(list(grads), tau, scales, groups, keys, partitions)
+    no_scales = None if None in scales else [None] * len(scales)   # a list holding a None is one pytree leaf
+    return [None] * len(tau), [None] * len(tau), no_scales, None, dc.to(dtype), None
+
+
+_merge_grouped_quant.register_autograd(_merge_quant_grad, setup_context=_merge_quant_setup)
+
+
 # ---------------------------------------------------------------- functional entry points
 
 def _check_grouped(what, theta0, tau, coef, G=None):
-    if quant.is_quantized(tau):
-        raise NotImplementedError(f"{what}: the grouped ops do not dequantise {tau.format} task vectors yet; "
-                                  f"use a float bank (TaskVectors.to(dtype=torch.float32))")
     if coef.dim() != 3:
         raise ValueError(f"{what}: grouped coefficients must be (G, T, P), got {tuple(coef.shape)}")
     _check_block(what, theta0, tau, coef[0])
@@ -247,8 +298,9 @@ def atlas_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
     if weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} (samples first) does not match weight {tuple(weight.shape)}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
-    return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), index, weight, bias, tau_w, tau_b, coef_w, coef_b,
-                                                     key_w, key_b, backend)
+    data, scale, group = _unpack(tau_w)
+    return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
+                                                     key_w, key_b, backend, scale, group)
 
 
 def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, key_b=0,
@@ -260,9 +312,10 @@ def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
-    return torch.ops.atlas_fast.atlas_conv2d_grouped(_autocast(x), index, weight, bias, tau_w, tau_b, coef_w, coef_b,
+    data, scale, group = _unpack(tau_w)
+    return torch.ops.atlas_fast.atlas_conv2d_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
                                                      key_w, key_b, list(stride), list(padding), list(dilation),
-                                                     groups, backend)
+                                                     groups, backend, scale, group)
 
 
 def merge_blocks_grouped(theta0, tau, coef, keys):
@@ -272,4 +325,8 @@ def merge_blocks_grouped(theta0, tau, coef, keys):
                          f"keys, coefficients of shape {tuple(coef.shape)} (expected (G, T, B, K))")
     for b, (t0, tv) in enumerate(zip(theta0, tau)):
         _check_block(f"block {b}", t0, tv, coef[0, :, b])
-    return torch.ops.atlas_fast.merge_blocks_grouped(list(theta0), list(tau), coef, list(keys))
+    if not any(quant.is_quantized(t) for t in tau):
+        return torch.ops.atlas_fast.merge_blocks_grouped(list(theta0), list(tau), coef, list(keys))
+    data, scales, groups = zip(*map(_unpack, tau))
+    return torch.ops.atlas_fast.merge_blocks_grouped_quant(list(theta0), list(data), list(scales), list(groups), coef,
+                                                           list(keys))

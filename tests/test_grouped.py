@@ -15,6 +15,7 @@ import torch.nn as nn
 from open_clip.transformer import VisionTransformer
 
 import atlas_fast
+from atlas_fast import quant
 from atlas_fast.backends import grouped as grouped_impl
 from atlas_fast.hashing import block_key
 from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
@@ -77,10 +78,20 @@ def _linear_ref(x, weight, bias, tau_w, tau_b, cw, cb, index):
                                    KEY_W, KEY_B) for s, g in enumerate(index.tolist())])
 
 
-def _check_linear(backend, bias, bank_dtype, P, tol=TOL[torch.float32]):
+def _quantised(tau, fmt, group=16):
+    """(the bank the op gets, the float64 one the reference gets): an int8 / int4 QuantizedBlock of tau and its
+    dequantised values, or tau twice when fmt is None."""
+    if fmt is None:
+        return tau, tau
+    q = quant.quantize(tau.float(), fmt, group)
+    return q, q.dequantize(torch.float64)
+
+
+def _check_linear(backend, bias, bank_dtype, P, tol=TOL[torch.float32], fmt=None):
     x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(bias, bank_dtype, P, device=_device(backend))
     x.requires_grad_()
-    y = atlas_linear_grouped(x, index, weight, b, tau_w, tau_b, cw, cb, KEY_W, KEY_B, backend=backend)
+    tau_op, tau_w = _quantised(tau_w, fmt)
+    y = atlas_linear_grouped(x, index, weight, b, tau_op, tau_b, cw, cb, KEY_W, KEY_B, backend=backend)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, cw] + ([cb] if bias else []), dy)
     y_ref, ref = _reference_grads(lambda x_, cw_, cb_: _linear_ref(x_, weight, b, tau_w, tau_b, cw_, cb_, index),
@@ -103,6 +114,16 @@ def test_linear_torch(strategy, bias, P):
                                                (False, torch.float32, 2)])
 def test_linear_triton(bias, bank_dtype, P):
     _check_linear("triton", bias, bank_dtype, P)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("backend,strategy", [("torch", "rowscale"), ("torch", "merge"), ("triton", "merge")],
+                         indirect=["strategy"])
+@pytest.mark.parametrize("P", [1, 3])
+def test_linear_quantised(fmt, backend, strategy, P):
+    """int8 / int4 weights (K = 37: an odd int4 width, groups of 16 with a short last one) against the float64
+    reference of the dequantised bank; every backend runs them through the torch implementation."""
+    _check_linear(backend, True, torch.float32, P, fmt=fmt)
 
 
 @pytest.fixture
@@ -171,9 +192,6 @@ def test_linear_checks():
         atlas_linear_grouped(x, index[:-1], weight, b, tau_w, tau_b, cw, cb, backend="torch")
     with pytest.raises(ValueError, match=r"\(G, T, P\)"):
         atlas_linear_grouped(x, index, weight, b, tau_w, tau_b, cw[0], cb, backend="torch")
-    from atlas_fast import quant
-    with pytest.raises(NotImplementedError, match="weight: the grouped ops do not dequantise int8"):
-        atlas_linear_grouped(x, index, weight, b, quant.quantize(tau_w, "int8"), tau_b, cw, cb, backend="torch")
 
 
 def test_opcheck():
@@ -187,13 +205,23 @@ def test_opcheck():
                            [1, 1], [1, 1], 1, "torch"))
     torch.library.opcheck(torch.ops.atlas_fast.merge_blocks_grouped,
                           ([weight, b], [tau_w, tau_b], torch.randn(3, T, 2, 2, requires_grad=True), [KEY_W, KEY_B]))
+    q, qc = quant.quantize(tau_w, "int4", 4), quant.quantize(tc, "int8")
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_grouped,
+                          (x, index, weight, b, q.data, tau_b, cw, cb, KEY_W, KEY_B, "torch", q.scale, q.group))
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_conv2d_grouped,
+                          (xc, torch.tensor([1, 0, 1]), wc, None, qc.data, None, _coefs(2, 1), None, 0, 0, [1, 1],
+                           [1, 1], [1, 1], 1, "torch", qc.scale, qc.group))
+    torch.library.opcheck(torch.ops.atlas_fast.merge_blocks_grouped_quant,
+                          ([weight, b], [q.data, tau_b], [q.scale, None], [q.group, 0],
+                           torch.randn(3, T, 2, 2, requires_grad=True), [KEY_W, KEY_B]))
 
 
 # ---------------------------------------------------------------- conv2d
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("patchify", [True, False])
-def test_conv2d(backend, patchify):
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_conv2d(backend, patchify, fmt):
     S, C, N = 5, 3, 7
     x = torch.randn(S, C, 13, 11, requires_grad=True)
     index = torch.tensor([2, 0, 2, 2, 0])
@@ -202,7 +230,8 @@ def test_conv2d(backend, patchify):
     tau_w, tau_b = random_bank(weight.shape, T, scale=0.05), random_bank((N,), T, scale=0.05)
     cw, cb = _coefs(3, 2), _coefs(3, 2)
     x, index, weight, bias, tau_w, tau_b, cw, cb = _to(_device(backend), x, index, weight, bias, tau_w, tau_b, cw, cb)
-    y = atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, cw, cb, KEY_W, KEY_B, stride, padding,
+    tau_op, tau_w = _quantised(tau_w, fmt)
+    y = atlas_conv2d_grouped(x, index, weight, bias, tau_op, tau_b, cw, cb, KEY_W, KEY_B, stride, padding,
                              backend=backend)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, cw, cb], dy)
@@ -221,13 +250,17 @@ def test_conv2d(backend, patchify):
 # ---------------------------------------------------------------- merge_blocks_grouped
 
 @pytest.mark.parametrize("P", [1, 4])
-def test_merge_blocks_grouped(P):
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_merge_blocks_grouped(P, fmt):
+    """bf16 blocks, or int8 ones where a block has two or more dimensions (the 1-D one stays float)."""
     shapes = [(37,), (5, 13), (3, 2, 7)]
     theta0 = [torch.randn(s) for s in shapes]
     tau = [random_bank(s, T, torch.bfloat16) for s in shapes]
+    ops_tau = [_quantised(t, fmt if len(s) > 1 else None) for t, s in zip(tau, shapes)]
+    tau = [ref for _, ref in ops_tau]
     keys = [block_key(3, b) for b in range(len(shapes))]
     coef = torch.randn(2, T, len(shapes), P, requires_grad=True)
-    merged = merge_blocks_grouped(theta0, tau, coef, keys)
+    merged = merge_blocks_grouped(theta0, [op for op, _ in ops_tau], coef, keys)
     grads_out = [torch.randn_like(m) for m in merged]
     dc, = torch.autograd.grad(merged, coef, grads_out)
 
@@ -291,9 +324,14 @@ def _grouped_run(model, coef, index, images, weight, input_grad=False):
     return (y.detach(), coef.grad, x.grad) if input_grad else (y.detach(), coef.grad)
 
 
-@pytest.mark.parametrize("backend,granularity,partitions", [("torch", "block", 1), ("torch", "block", 3),
-                                                            ("torch", "task", 1), ("triton", "block", 3)])
-def test_vit_groups_match_separate_compositions(vit, bank, backend, granularity, partitions):
+@pytest.mark.parametrize("backend,granularity,partitions,fmt", [
+    ("torch", "block", 1, None), ("torch", "block", 3, None), ("torch", "task", 1, None), ("triton", "block", 3, None),
+    ("torch", "block", 1, "int8"), ("triton", "block", 3, "int4")])
+def test_vit_groups_match_separate_compositions(vit, bank, backend, granularity, partitions, fmt):
+    """Against compositions run one group at a time (the ungrouped ops), on the same bank: float, or int8 / int4
+    (groups of 16 of the ViT's 48-wide rows)."""
+    if fmt is not None:
+        bank = bank.to(dtype=torch.int8) if fmt == "int8" else bank.to(dtype="int4", group_size=16)
     model = _compose(vit, bank, backend, granularity, partitions)
     assert set(model.report.fused.values()) == {"Conv2d", "MultiheadAttention", "Linear"}
     assert model.report.generic, "the ViT's LayerNorms, embeddings and projection take the generic merge"
@@ -387,9 +425,11 @@ def test_groups_context_checks(vit, bank):
     assert_rel(model(images), _compose(vit, bank)(images), 0.0, "an ungrouped call after the context")
 
 
-def test_bench_grouped_measures_every_variant(vit):
+@pytest.mark.parametrize("bank_dtype", ["fp32", "int8"])
+def test_bench_grouped_measures_every_variant(vit, bank_dtype):
     from atlas_fast import bench_grouped
-    s = bench_grouped.GroupSettings(model="tiny", tasks=2, batch=4, groups=2, backend="torch", steps=1, warmup=0)
+    s = bench_grouped.GroupSettings(model="tiny", tasks=2, batch=4, groups=2, backend="torch", steps=1, warmup=0,
+                                    bank_dtype=bank_dtype)
     results = {v: bench_grouped.measure(v, s, copy.deepcopy(vit)) for v in bench_grouped.VARIANTS}
     assert all(len(r["infer_s"]) == 1 and r["peak_extra_mb"] >= 0 for r in results.values())
     assert results["merged"]["train_s"] is None and len(results["grouped"]["train_s"]) == 1
@@ -437,5 +477,7 @@ def test_cli_bench_groups(monkeypatch):
     assert cli.main(["bench", "--groups", "3", "--batch", "6", "--tasks", "2", "--device", "cpu",
                      "--backends", "naive,torch"]) == 0
     assert (seen[0].groups, seen[0].batch, seen[0].tasks, seen[0].backend) == (3, 6, 2, "torch")
+    assert cli.main(["bench", "--groups", "2", "--batch", "4", "--bank-dtype", "int4", "--device", "cpu"]) == 0
+    assert seen[1].bank_dtype == "int4"
     with pytest.raises(SystemExit):
         cli.main(["bench", "--groups", "7", "--batch", "6", "--device", "cpu"])

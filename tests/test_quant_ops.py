@@ -1,5 +1,5 @@
 """The ops and compose() on int8 and int4 banks, against the float64 reference of the dequantised bank: the
-torch backend, Triton (in its interpreter on a CPU) and the CUDA kernels (on a GPU); grouped calls refuse them;
+torch backend, Triton (in its interpreter on a CPU) and the CUDA kernels (on a GPU) (grouped calls: test_grouped.py);
 the composed models' outputs against the float32 bank's."""
 import copy
 
@@ -481,14 +481,6 @@ def test_composed_model_moves_keep_scales_and_copies():
     assert scales and all(s.dtype == torch.float32 for s in scales)
     assert atlas.model.lin.tau_weight.dtype == torch.uint8 and atlas.model.lin.tau_bias.dtype == torch.bfloat16
     assert_rel(atlas(x.bfloat16()).float(), y, 2e-2, "bfloat16 model")
-
-
-def test_groups_refuse_quantised_banks():
-    model = Mixed()
-    atlas = compose(model, synthetic_task_vectors(model, 2).to(dtype=torch.int8), backend="torch")
-    with pytest.raises(NotImplementedError, match="groups: grouped compositions do not take int8"):
-        with atlas.groups(torch.zeros(2, dtype=torch.int64), atlas.group_coefficients(1)):
-            pass
 
 
 # ---------------------------------------------------------------- accuracy of composed models

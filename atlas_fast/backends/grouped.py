@@ -23,11 +23,17 @@ the forward and again for dx; dc is the fused per-group reduction for every grou
 same kernels on their im2col rows; grouped (depthwise) convs and the generic blocks (merge_blocks_grouped: one
 (G, T)·(T, numel) GEMM per block, on whatever device the tensors are) take the torch implementation on every
 backend.
+
+int8 and int4 banks (quant.QuantizedBlock) take the torch implementation on every backend: its merges and
+reductions walk the bank with the ungrouped torch backend's chunk walk, and where it needs a task vector on its own
+("rowscale", the generic blocks) it dequantises that one task vector of that one block, as transient as a merged
+weight, never the bank.
 """
 import torch
 import torch.nn.functional as F
 
 from ..hashing import cached_partition_index
+from ..quant import QuantizedBlock, is_quantized
 from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import merge_and_reduce, merge_block, reduce_block
@@ -81,6 +87,15 @@ def _row_groups(index, rows_per_sample):
     return index.repeat_interleave(rows_per_sample) if rows_per_sample != 1 else index
 
 
+def _task_vector(tau, t, dtype):
+    """τ_t of a block, shaped like the block, in dtype: a view of a float bank's, or a quantised bank's t-th task
+    vector dequantised on its own."""
+    if is_quantized(tau):
+        one = QuantizedBlock(tau.data[t:t + 1], tau.scale[t:t + 1], tau.group, (1, *tau.shape[1:]))
+        return one.dequantize(dtype)[0]
+    return tau[t].to(dtype)
+
+
 class TorchGrouped:
     """The grouped ops from stock torch ops (reference path; CPU)."""
 
@@ -108,7 +123,7 @@ class TorchGrouped:
         c = coef_w[:, :, 0].index_select(0, row_group).to(x2.dtype)          # (M, T)
         y = F.linear(x2, weight.to(x2.dtype), bias.to(x2.dtype) if bias is not None else None)
         for t in range(tau_w.shape[0]):
-            y.addcmul_(c[:, t:t + 1], F.linear(x2, tau_w[t].to(x2.dtype)))
+            y.addcmul_(c[:, t:t + 1], F.linear(x2, _task_vector(tau_w, t, x2.dtype)))
         if tau_b is not None:
             y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(x2.dtype), tau_b.to(x2.dtype))
         return y
@@ -128,7 +143,7 @@ class TorchGrouped:
             grad_x = gy @ weight.to(gy.dtype) if needs_input_grad else None
             per_row = torch.empty(x2.shape[0], T, dtype=acc, device=x.device)
             for t in range(T):
-                tau = tau_w[t].to(gy.dtype)
+                tau = _task_vector(tau_w, t, gy.dtype)
                 per_row[:, t] = (F.linear(x2, tau) * gy).sum(1, dtype=acc)
                 if needs_input_grad:
                     grad_x.addmm_(gy * c[:, t:t + 1], tau)
@@ -206,26 +221,33 @@ class TorchGrouped:
 def _merge_grouped_block(theta0, tau, coef, key):
     """θ0 + Σ_t coef[g, t, k(i)] τ_t[i] for every group, (G, numel) in coef's dtype; coef (G, T, P)."""
     G, T, P = coef.shape
-    taus = tau.reshape(T, -1)
     out = theta0.reshape(1, -1).to(coef.dtype).repeat(G, 1)
-    if P == 1:
-        return out.addmm_(coef[:, :, 0], taus.to(coef.dtype))
-    part = cached_partition_index(taus.shape[1], key, P, taus.device).long()
+    if P == 1 and not is_quantized(tau):
+        return out.addmm_(coef[:, :, 0], tau.reshape(T, -1).to(coef.dtype))
+    part = cached_partition_index(out.shape[1], key, P, out.device).long() if P > 1 else None
     for t in range(T):  # one (G, numel) product per task vector: no (T·P, numel) one-hot bank
-        out.addcmul_(coef[:, t].index_select(1, part), taus[t].to(coef.dtype))
+        tv = _task_vector(tau, t, coef.dtype).reshape(-1)
+        if part is None:
+            out.addr_(coef[:, t, 0], tv)
+        else:
+            out.addcmul_(coef[:, t].index_select(1, part), tv)
     return out
 
 
 def _reduce_grouped_block(grad, tau, key, partitions, acc):
     """dc (G, T, P) in dtype acc: dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] grad[g, i]; grad (G, numel)."""
     G, T = grad.shape[0], tau.shape[0]
-    taus, grad = tau.reshape(T, -1), grad.reshape(G, -1).to(acc)
-    if partitions == 1:
-        return (grad @ taus.to(acc).t()).unsqueeze(2)
-    part = cached_partition_index(taus.shape[1], key, partitions, taus.device).long()
+    grad = grad.reshape(G, -1).to(acc)
+    if partitions == 1 and not is_quantized(tau):
+        return (grad @ tau.reshape(T, -1).to(acc).t()).unsqueeze(2)
+    part = cached_partition_index(grad.shape[1], key, partitions, grad.device).long() if partitions > 1 else None
     dc = grad.new_zeros(G, T, partitions)
     for t in range(T):
-        dc[:, t].index_add_(1, part, grad * taus[t].to(acc))
+        tv = _task_vector(tau, t, acc).reshape(-1)
+        if part is None:
+            dc[:, t, 0] = grad @ tv
+        else:
+            dc[:, t].index_add_(1, part, grad * tv)
     return dc
 
 
@@ -270,6 +292,8 @@ class KernelGrouped(TorchGrouped):
                             else F.linear(a.index_select(0, rows_g), w, bias(g) if bias else None))
 
     def atlas_linear(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
+        if is_quantized(tau_w):
+            return TORCH.atlas_linear(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
         self._check(x, weight, tau_w, coef_w)
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // x.shape[0] if x.shape[0] else 1
@@ -289,6 +313,9 @@ class KernelGrouped(TorchGrouped):
 
     def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
                               needs_input_grad):
+        if is_quantized(tau_w):
+            return TORCH.atlas_linear_backward(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
+                                               needs_input_grad)
         self._check(x, weight, tau_w, coef_w)
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -306,7 +333,7 @@ class KernelGrouped(TorchGrouped):
         return grad_x, grad_cw, grad_cb
 
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
-        if conv[3] != 1:
+        if conv[3] != 1 or is_quantized(tau_w):
             return super().atlas_conv2d(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
         self._check(x, weight, tau_w, coef_w)
         N = weight.shape[0]
@@ -318,7 +345,7 @@ class KernelGrouped(TorchGrouped):
 
     def atlas_conv2d_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
                               needs_input_grad):
-        if conv[3] != 1:
+        if conv[3] != 1 or is_quantized(tau_w):
             return super().atlas_conv2d_backward(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
                                                  conv, needs_input_grad)
         N = weight.shape[0]
