@@ -9,15 +9,15 @@ cuBLAS; the backward merges again for dx (or takes the forward's buffer when pla
 and keeps the fused dc kernel. A conv2d with
 groups=1 runs the same kernels on its im2col view (im2col.Im2colConv, as the triton backend does).
 Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
-(csrc/merge_blocks.cu).
+(csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
+backend='torch'). Grouped compositions (G coefficient sets, a group per sample) run the same fused kernels on
+rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward; the Python side is
+grouped.CudaGrouped).
 
 int8 and int4 banks (atlas_fast.quant): the fused kernels read the quantised tiles and their scales and dequantise
 in registers (TauView in csrc/atlas_linear.cu). Their merge-once weight and their small blocks go through the torch
 backend's walk, which dequantises a chunk of rows at a time into a reused buffer (no dequantised copy of a block's
-bank either way). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
-backend='torch'). Grouped compositions (G coefficient sets, a group per sample) run the same fused kernels on
-rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward; the Python side is
-grouped.CudaGrouped).
+bank either way).
 
 The kernels are registered as torch.ops.atlas_fast.{atlas_linear_cuda_forward, atlas_linear_cuda_backward,
 atlas_linear_cuda_merge, merge_blocks_cuda, merge_blocks_cuda_backward, atlas_linear_grouped_cuda_forward,
@@ -284,7 +284,6 @@ class CudaBackend(Im2colConv, Backend):
             dc[:, idx] = torch.ops.atlas_fast.merge_blocks_cuda_backward(
                 [grads[b] for b in idx], [tau[b] for b in idx], [keys[b] for b in idx], partitions)
         return dc
-
 
     @staticmethod
     def _split_quantized(tau, one_quantized, dense_blocks, combine):
