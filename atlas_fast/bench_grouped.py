@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .bench import _proc_status_kb
+from .bench import Settings, _bank, _proc_status_kb
 
 VARIANTS = ("grouped", "separate", "merged")
 
@@ -48,7 +48,6 @@ def _build(s: GroupSettings, vit=None):
         import open_clip
         vit = open_clip.create_model(s.model, pretrained=None).visual.eval()
     vit = vit.to(s.device)
-    from .bench import Settings, _bank
     bank = _bank(vit, Settings(tasks=s.tasks, bank_dtype=s.bank_dtype, seed=s.seed))   # float or int8 / int4
     model = atlas_fast.compose(vit, bank, s.granularity, s.partitions, backend=s.backend, seed=s.seed)
     coef = torch.rand(s.groups, *model.coefficients.shape, device=s.device) * 0.6 - 0.3

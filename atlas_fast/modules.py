@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from . import quant
 from .hashing import block_key
 from . import ops_grouped  # noqa: F401  (registers the grouped ops the modules call in a grouped forward)
-from .ops import _autocast, _unpack, atlas_conv2d, atlas_linear
+from .ops import _autocast, atlas_conv2d, atlas_linear
 
 GRANULARITIES = ("block", "task")
 
@@ -143,7 +143,7 @@ class _AtlasBlocks(nn.Module):
         AtlasModel runs a grouped forward under vmap: see ops_grouped)."""
         if self.atlas.grouped is None:
             return atlas_linear(x, w, b, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
-        data, scale, group = _unpack(tw)
+        data, scale, group = quant.unpack(tw)
         return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), self.atlas.grouped[0], w, b, data, tb, cw, cb,
                                                          kw, kb, self.atlas.backend, scale, group)
 
@@ -183,7 +183,7 @@ class AtlasConv2d(_AtlasBlocks):
         tw, cw, kw = self._block_args("weight")
         tb, cb, kb = self._block_args("bias")
         if self.atlas.grouped is not None:
-            data, scale, group = _unpack(tw)
+            data, scale, group = quant.unpack(tw)
             return torch.ops.atlas_fast.atlas_conv2d_grouped(
                 _autocast(x), self.atlas.grouped[0], self.weight, self.bias, data, tb, cw, cb, kw, kb,
                 list(self.stride), list(self.padding), list(self.dilation), self.groups, self.atlas.backend, scale,

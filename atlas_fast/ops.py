@@ -36,11 +36,6 @@ def _tau(tau: Tensor, scale: Optional[Tensor], group: int, theta0: Tensor):
     return tau if scale is None else quant.QuantizedBlock(tau, scale, group, (tau.shape[0], *theta0.shape))
 
 
-def _unpack(tau):
-    """(data, scale, group) of a weight's task vectors for the op's arguments."""
-    return (tau.data, tau.scale, tau.group) if quant.is_quantized(tau) else (tau, None, 0)
-
-
 # ---------------------------------------------------------------- linear
 
 @torch.library.custom_op("atlas_fast::atlas_linear", mutates_args=())
@@ -226,21 +221,32 @@ def _(grads, tau, scales, groups, keys, partitions, backend):
     return tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
 
 
-def _merge_quant_setup(ctx, inputs, output):
-    _, tau, scales, groups, coef, keys, backend = inputs
+def _save_taus(ctx, tau, scales):
+    """Save a list of task-vector data and their optional scales for a backward (restored by _saved_taus)."""
     ctx.quantized = [s is not None for s in scales]
     ctx.save_for_backward(*tau, *[s for s in scales if s is not None])
+
+
+def _saved_taus(ctx):
+    """(tau, scales) saved by _save_taus, and the gradient to return for the scales input: torch.library matches
+    it to the inputs' pytree, where a list holding a None is one leaf."""
+    saved = list(ctx.saved_tensors)
+    n = len(ctx.quantized)
+    rest = iter(saved[n:])
+    scales = [next(rest) if q else None for q in ctx.quantized]
+    return saved[:n], scales, None if None in scales else [None] * n
+
+
+def _merge_quant_setup(ctx, inputs, output):
+    _, tau, scales, groups, coef, keys, backend = inputs
+    _save_taus(ctx, tau, scales)
     ctx.extra = (groups, keys, coef.shape[2], backend)
 
 
 def _merge_quant_grad(ctx, grads):
     groups, keys, partitions, backend = ctx.extra
-    saved = list(ctx.saved_tensors)
-    tau, rest = saved[:len(groups)], iter(saved[len(groups):])
-    scales = [next(rest) if q else None for q in ctx.quantized]
+    tau, scales, no_scales = _saved_taus(ctx)
     dc = torch.ops.atlas_fast.merge_blocks_quant_backward(list(grads), tau, scales, groups, keys, partitions, backend)
-    # torch.library matches this structure to the inputs' pytree, where a list holding a None is one leaf.
-    no_scales = None if None in scales else [None] * len(scales)
     return [None] * len(tau), [None] * len(tau), no_scales, None, dc, None, None
 
 
@@ -299,7 +305,7 @@ def atlas_linear(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
         return torch.ops.atlas_fast.atlas_linear_lowrank(_autocast(x), weight, _lowrank_bias(bias, tau_b, coef_b, key_b,
                                                                                              coef_w, backend),
                                                          tau_w.a, tau_w.bt, coef_w)
-    data, scale, group = _unpack(tau_w)
+    data, scale, group = quant.unpack(tau_w)
     return torch.ops.atlas_fast.atlas_linear(_autocast(x), weight, bias, data, tau_b, coef_w, coef_b, key_w, key_b,
                                        backend, scale, group)
 
@@ -316,7 +322,7 @@ def atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, ke
         w = torch.ops.atlas_fast.merge_lowrank(weight, tau_w.a, tau_w.bt, coef_w)
         b = _lowrank_bias(bias, tau_b, coef_b, key_b, coef_w, backend)
         return torch.nn.functional.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation), groups)
-    data, scale, group = _unpack(tau_w)
+    data, scale, group = quant.unpack(tau_w)
     return torch.ops.atlas_fast.atlas_conv2d(_autocast(x), weight, bias, data, tau_b, coef_w, coef_b, key_w, key_b,
                                        list(stride), list(padding), list(dilation), groups, backend, scale, group)
 
@@ -334,7 +340,7 @@ def merge_blocks(theta0, tau, coef, keys, backend="auto"):
         return _merge_some_lowrank(theta0, tau, coef, keys, backend, factored)
     if not any(quant.is_quantized(t) for t in tau):
         return torch.ops.atlas_fast.merge_blocks(list(theta0), list(tau), coef, list(keys), backend)
-    data, scales, groups = zip(*map(_unpack, tau))
+    data, scales, groups = zip(*map(quant.unpack, tau))
     return torch.ops.atlas_fast.merge_blocks_quant(list(theta0), list(data), list(scales), list(groups), coef,
                                                    list(keys), backend)
 

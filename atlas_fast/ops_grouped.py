@@ -26,7 +26,7 @@ from torch import Tensor
 from . import quant
 from .backends.grouped import implementation, merge_blocks_grouped as _merge_grouped_impl
 from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
-from .ops import _autocast, _check_bias, _check_block, _tau, _taus, _unpack
+from .ops import _autocast, _check_bias, _check_block, _tau, _taus, _save_taus, _saved_taus
 
 _EMPTY = (0,)
 
@@ -41,8 +41,9 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 def _linear_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor,
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
-    return implementation(backend, x.device, coef_w.dtype).atlas_linear(
-        x, index, weight, bias, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, coef_b, key_w, key_b)
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    return implementation(backend, x.device, coef_w.dtype, tau).atlas_linear(x, index, weight, bias, tau, tau_b,
+                                                                            coef_w, coef_b, key_w, key_b)
 
 
 @_linear_grouped.register_fake
@@ -55,9 +56,9 @@ def _linear_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight:
                              tau_b: Optional[Tensor], coef_w: Tensor, key_w: int, key_b: int,
                              needs_input_grad: bool, backend: str, scale_w: Optional[Tensor] = None,
                              group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_linear_backward(
-        grad_out, x, index, weight, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, key_w, key_b,
-        needs_input_grad)
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype, tau).atlas_linear_backward(
+        grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
@@ -97,8 +98,9 @@ def _conv2d_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Ten
                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    return implementation(backend, x.device, coef_w.dtype).atlas_conv2d(
-        x, index, weight, bias, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, coef_b, key_w, key_b, conv)
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    return implementation(backend, x.device, coef_w.dtype, tau).atlas_conv2d(x, index, weight, bias, tau, tau_b,
+                                                                            coef_w, coef_b, key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):
@@ -119,9 +121,9 @@ def _conv2d_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight:
                              backend: str, scale_w: Optional[Tensor] = None,
                              group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_conv2d_backward(
-        grad_out, x, index, weight, _tau(tau_w, scale_w, group_w, weight), tau_b, coef_w, key_w, key_b, conv,
-        needs_input_grad)
+    tau = _tau(tau_w, scale_w, group_w, weight)
+    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype, tau).atlas_conv2d_backward(
+        grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
@@ -250,18 +252,14 @@ def _(grads, tau, scales, groups, keys, partitions):
 
 def _merge_quant_setup(ctx, inputs, output):
     _, tau, scales, groups, coef, keys = inputs
-    ctx.quantized = [s is not None for s in scales]
-    ctx.save_for_backward(*tau, *[s for s in scales if s is not None])
+    _save_taus(ctx, tau, scales)
     ctx.extra = (groups, keys, coef.shape[3], coef.dtype)
 
 
 def _merge_quant_grad(ctx, grads):
     groups, keys, partitions, dtype = ctx.extra
-    saved = list(ctx.saved_tensors)
-    tau, rest = saved[:len(groups)], iter(saved[len(groups):])
-    scales = [next(rest) if q else None for q in ctx.quantized]
+    tau, scales, no_scales = _saved_taus(ctx)
     dc = torch.ops.atlas_fast.merge_blocks_grouped_quant_backward(list(grads), tau, scales, groups, keys, partitions)
-    no_scales = None if None in scales else [None] * len(scales)   # a list holding a None is one pytree leaf
     return [None] * len(tau), [None] * len(tau), no_scales, None, dc.to(dtype), None
 
 
@@ -298,7 +296,7 @@ def atlas_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
     if weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} (samples first) does not match weight {tuple(weight.shape)}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
-    data, scale, group = _unpack(tau_w)
+    data, scale, group = quant.unpack(tau_w)
     return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
                                                      key_w, key_b, backend, scale, group)
 
@@ -312,7 +310,7 @@ def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
-    data, scale, group = _unpack(tau_w)
+    data, scale, group = quant.unpack(tau_w)
     return torch.ops.atlas_fast.atlas_conv2d_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
                                                      key_w, key_b, list(stride), list(padding), list(dilation),
                                                      groups, backend, scale, group)
@@ -327,6 +325,6 @@ def merge_blocks_grouped(theta0, tau, coef, keys):
         _check_block(f"block {b}", t0, tv, coef[0, :, b])
     if not any(quant.is_quantized(t) for t in tau):
         return torch.ops.atlas_fast.merge_blocks_grouped(list(theta0), list(tau), coef, list(keys))
-    data, scales, groups = zip(*map(_unpack, tau))
+    data, scales, groups = zip(*map(quant.unpack, tau))
     return torch.ops.atlas_fast.merge_blocks_grouped_quant(list(theta0), list(data), list(scales), list(groups), coef,
                                                            list(keys))

@@ -48,6 +48,12 @@ def is_quantized(tau):
     return isinstance(tau, QuantizedBlock)
 
 
+def unpack(tau):
+    """(data, scale, group) of a weight's task vectors as the ops and kernels take them: the tensor itself with no
+    scale for float task vectors."""
+    return (tau.data, tau.scale, tau.group) if is_quantized(tau) else (tau, None, 0)
+
+
 def quantizable(shape):
     """Whether a parameter of this shape is quantised in a quantised bank (two or more dimensions)."""
     return len(shape) >= 2 and math.prod(shape) > 0

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..quant import is_quantized
+from ..quant import is_quantized, unpack
 from . import plan, torch_backend
 from .base import Backend
 from .im2col import Im2colConv
@@ -177,7 +177,8 @@ def _check_dtypes(coef, *tensors):
 
 
 def _dtype_groups(values, tau):
-    """Indices of the blocks grouped by (value dtype, task-vector dtype), in first-seen order."""
+    """Indices of the blocks grouped by (value dtype, task-vector dtype), in first-seen order: one kernel launch
+    per group; a group of quantised task vectors (int8 or uint8 data) takes the torch backend's walk."""
     groups = {}
     for b, (v, t) in enumerate(zip(values, tau)):
         groups.setdefault((v.dtype, t.dtype), []).append(b)
@@ -192,12 +193,6 @@ def _merge(theta0, tau, coef, key, dtype):
     if is_quantized(tau):
         return torch_backend.merge_block(theta0, tau, coef, key).to(dtype)
     return torch.ops.atlas_fast.atlas_linear_cuda_merge(theta0, tau, coef, key, dtype)
-
-
-def _bank(tau_w):
-    """The kernels' (tau_w, scale_w, group_w) arguments: the tensor itself, or a QuantizedBlock's data, scales
-    and int4 group."""
-    return (tau_w.data, tau_w.scale, tau_w.group) if is_quantized(tau_w) else (tau_w, None, 0)
 
 
 def _dense(tau):
@@ -224,7 +219,7 @@ class CudaBackend(Im2colConv, Backend):
         _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
         choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
         if choice.forward == "fused":
-            data, scale, group = _bank(tau_w)
+            data, scale, group = unpack(tau_w)
             return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, data, tau_b, coef_w, coef_b,
                                                                   key_w, key_b, scale, group)
         w = _merge(weight, tau_w, coef_w, key_w, x.dtype)
@@ -240,7 +235,7 @@ class CudaBackend(Im2colConv, Backend):
         _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
         choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
         fused_dx = needs_input_grad and choice.dx == "fused"
-        data, scale, group = _bank(tau_w)
+        data, scale, group = unpack(tau_w)
         dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, data, tau_b, coef_w,
                                                                        key_w, key_b, fused_dx, scale, group)
         if needs_input_grad and not fused_dx:
@@ -252,52 +247,29 @@ class CudaBackend(Im2colConv, Backend):
 
     def merge_blocks(self, theta0, tau, coef, keys):
         _check_dtypes(coef, *theta0, *_dense(tau))
-        if any(is_quantized(t) for t in tau):
-            return self._split_quantized(
-                tau, lambda b: torch_backend.merge_block(theta0[b], tau[b], coef[:, b], keys[b]).to(theta0[b].dtype),
-                lambda idx: self.merge_blocks([theta0[b] for b in idx], [tau[b] for b in idx], coef[:, idx],
-                                              [keys[b] for b in idx]), list)
         groups = _dtype_groups(theta0, tau)
-        if len(groups) == 1:
+        if len(groups) == 1 and not is_quantized(tau[0]):
             return torch.ops.atlas_fast.merge_blocks_cuda(list(theta0), list(tau), coef, list(keys))
         out = [None] * len(theta0)
         for idx in groups:
-            merged = torch.ops.atlas_fast.merge_blocks_cuda([theta0[b] for b in idx], [tau[b] for b in idx],
-                                                            coef[:, idx], [keys[b] for b in idx])
+            args = ([theta0[b] for b in idx], [tau[b] for b in idx], coef[:, idx], [keys[b] for b in idx])
+            merged = (torch_backend.BACKEND.merge_blocks(*args) if is_quantized(tau[idx[0]])
+                      else torch.ops.atlas_fast.merge_blocks_cuda(*args))
             for b, m in zip(idx, merged):
                 out[b] = m
         return out
 
     def merge_blocks_backward(self, grads, tau, keys, partitions):
         _check_dtypes(None, *grads, *_dense(tau))
-        if any(is_quantized(t) for t in tau):
-            return self._split_quantized(
-                tau, lambda b: torch_backend.reduce_block(tau[b], grads[b], keys[b], partitions),
-                lambda idx: self.merge_blocks_backward([grads[b] for b in idx], [tau[b] for b in idx],
-                                                       [keys[b] for b in idx], partitions).unbind(1),
-                lambda parts: torch.stack(parts, dim=1))
         groups = _dtype_groups(grads, tau)
-        if len(groups) == 1:
+        if len(groups) == 1 and not is_quantized(tau[0]):
             return torch.ops.atlas_fast.merge_blocks_cuda_backward(list(grads), list(tau), list(keys), partitions)
-        dc = tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
+        dc = grads[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
         for idx in groups:
-            dc[:, idx] = torch.ops.atlas_fast.merge_blocks_cuda_backward(
-                [grads[b] for b in idx], [tau[b] for b in idx], [keys[b] for b in idx], partitions)
+            args = ([grads[b] for b in idx], [tau[b] for b in idx], [keys[b] for b in idx], partitions)
+            dc[:, idx] = (torch_backend.BACKEND.merge_blocks_backward(*args) if is_quantized(tau[idx[0]])
+                          else torch.ops.atlas_fast.merge_blocks_cuda_backward(*args))
         return dc
-
-    @staticmethod
-    def _split_quantized(tau, one_quantized, dense_blocks, combine):
-        """Results per block, in order: quantised blocks one by one through the torch backend's walk (one_quantized
-        (b)), the float ones in the kernels' launches (dense_blocks(indices) gives one result per index)."""
-        out = [None] * len(tau)
-        dense = [b for b, t in enumerate(tau) if not is_quantized(t)]
-        for b, t in enumerate(tau):
-            if is_quantized(t):
-                out[b] = one_quantized(b)
-        if dense:
-            for b, r in zip(dense, dense_blocks(dense)):
-                out[b] = r
-        return combine(out)
 
 
 BACKEND = CudaBackend()

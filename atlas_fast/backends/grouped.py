@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hashing import cached_partition_index
-from ..quant import QuantizedBlock, is_quantized
+from ..quant import is_quantized
 from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import merge_and_reduce, merge_block, reduce_block
@@ -91,8 +91,7 @@ def _task_vector(tau, t, dtype):
     """τ_t of a block, shaped like the block, in dtype: a view of a float bank's, or a quantised bank's t-th task
     vector dequantised on its own."""
     if is_quantized(tau):
-        one = QuantizedBlock(tau.data[t:t + 1], tau.scale[t:t + 1], tau.group, (1, *tau.shape[1:]))
-        return one.dequantize(dtype)[0]
+        return tau.index_select(0, torch.tensor([t], device=tau.device)).dequantize(dtype)[0]
     return tau[t].to(dtype)
 
 
@@ -292,8 +291,6 @@ class KernelGrouped(TorchGrouped):
                             else F.linear(a.index_select(0, rows_g), w, bias(g) if bias else None))
 
     def atlas_linear(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
-        if is_quantized(tau_w):
-            return TORCH.atlas_linear(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b)
         self._check(x, weight, tau_w, coef_w)
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // x.shape[0] if x.shape[0] else 1
@@ -313,9 +310,6 @@ class KernelGrouped(TorchGrouped):
 
     def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
                               needs_input_grad):
-        if is_quantized(tau_w):
-            return TORCH.atlas_linear_backward(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
-                                               needs_input_grad)
         self._check(x, weight, tau_w, coef_w)
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -333,7 +327,7 @@ class KernelGrouped(TorchGrouped):
         return grad_x, grad_cw, grad_cb
 
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
-        if conv[3] != 1 or is_quantized(tau_w):
+        if conv[3] != 1:
             return super().atlas_conv2d(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
         self._check(x, weight, tau_w, coef_w)
         N = weight.shape[0]
@@ -345,7 +339,7 @@ class KernelGrouped(TorchGrouped):
 
     def atlas_conv2d_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
                               needs_input_grad):
-        if conv[3] != 1 or is_quantized(tau_w):
+        if conv[3] != 1:
             return super().atlas_conv2d_backward(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
                                                  conv, needs_input_grad)
         N = weight.shape[0]
@@ -442,7 +436,8 @@ TORCH, TRITON, CUDA = TorchGrouped(), TritonGrouped(), CudaGrouped()
 _KERNELS = {"triton": TRITON, "cuda": CUDA}
 
 
-def implementation(backend, device, dtype):
+def implementation(backend, device, dtype, tau_w=None):
     """The grouped implementation for a backend name: the kernels of the backend it resolves to ("triton" or
-    "cuda"), else the torch implementation."""
-    return _KERNELS.get(resolve(backend, device, dtype).name, TORCH)
+    "cuda"), else the torch implementation, which also takes every call on quantised task vectors tau_w."""
+    resolved = resolve(backend, device, dtype)
+    return TORCH if is_quantized(tau_w) else _KERNELS.get(resolved.name, TORCH)
