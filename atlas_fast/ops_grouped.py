@@ -42,8 +42,8 @@ def _linear_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Ten
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     tau = _tau(tau_w, scale_w, group_w, weight)
-    return implementation(backend, x.device, coef_w.dtype, tau).atlas_linear(x, index, weight, bias, tau, tau_b,
-                                                                            coef_w, coef_b, key_w, key_b)
+    return implementation(backend, x.device, coef_w.dtype).atlas_linear(x, index, weight, bias, tau, tau_b,
+                                                                        coef_w, coef_b, key_w, key_b)
 
 
 @_linear_grouped.register_fake
@@ -57,7 +57,7 @@ def _linear_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight:
                              needs_input_grad: bool, backend: str, scale_w: Optional[Tensor] = None,
                              group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     tau = _tau(tau_w, scale_w, group_w, weight)
-    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype, tau).atlas_linear_backward(
+    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_linear_backward(
         grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
@@ -99,8 +99,8 @@ def _conv2d_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Ten
                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     tau = _tau(tau_w, scale_w, group_w, weight)
-    return implementation(backend, x.device, coef_w.dtype, tau).atlas_conv2d(x, index, weight, bias, tau, tau_b,
-                                                                            coef_w, coef_b, key_w, key_b, conv)
+    return implementation(backend, x.device, coef_w.dtype).atlas_conv2d(x, index, weight, bias, tau, tau_b,
+                                                                        coef_w, coef_b, key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):
@@ -122,7 +122,7 @@ def _conv2d_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight:
                              group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     tau = _tau(tau_w, scale_w, group_w, weight)
-    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype, tau).atlas_conv2d_backward(
+    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_conv2d_backward(
         grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 

@@ -351,7 +351,8 @@ struct GroupedLinear {
 GroupedLinear check_grouped(const Tensor& x, const Tensor& row_group, const Tensor& weight,
                             const std::optional<Tensor>& bias, const Tensor& tau_w, const std::optional<Tensor>& tau_b,
                             const Tensor& coef_w, const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b,
-                            const std::optional<Tensor>& skip) {
+                            const std::optional<Tensor>& skip, const std::optional<Tensor>& scale_w,
+                            int64_t group_w) {
     TORCH_CHECK(coef_w.dim() == 3 && coef_w.size(0) >= 1, "coef_w must be float32 (G, T, P) with G >= 1, got ",
                 coef_w.scalar_type(), " ", coef_w.sizes());
     TORCH_CHECK(x.dim() == 2, "x must be (rows, in), got shape ", x.sizes());
@@ -360,7 +361,8 @@ GroupedLinear check_grouped(const Tensor& x, const Tensor& row_group, const Tens
         TORCH_CHECK(coef_b->sizes() == coef_w.sizes(), "coef_b must be float32 shaped like coef_w ", coef_w.sizes(),
                     ", got ", coef_b->scalar_type(), " ", coef_b->sizes());
     const std::optional<Tensor> coef_b0 = with_coef_b ? std::optional<Tensor>((*coef_b)[0]) : std::nullopt;
-    GroupedLinear out{check_linear(x, weight, bias, tau_w, tau_b, coef_w[0], coef_b0, key_w, key_b), coef_w.size(0)};
+    GroupedLinear out{check_linear(x, weight, bias, tau_w, tau_b, coef_w[0], coef_b0, key_w, key_b, scale_w, group_w),
+                      coef_w.size(0)};
     out.L.coef_w = coef_w.contiguous();
     if (with_coef_b) out.L.coef_b = coef_b->contiguous();
     check_device(row_group, "row_group", x.device());
@@ -425,10 +427,11 @@ Tensor atlas_linear_grouped_cuda_forward(const Tensor& x, const Tensor& row_grou
                                          const std::optional<Tensor>& bias, const Tensor& tau_w,
                                          const std::optional<Tensor>& tau_b, const Tensor& coef_w,
                                          const std::optional<Tensor>& coef_b, int64_t key_w, int64_t key_b,
-                                         const std::optional<Tensor>& skip) {
+                                         const std::optional<Tensor>& skip, const std::optional<Tensor>& scale_w,
+                                         int64_t group_w) {
     const c10::cuda::CUDAGuard guard(x.device());
     const GroupedLinear grouped = check_grouped(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w,
-                                                key_b, skip);
+                                                key_b, skip, scale_w, group_w);
     const Linear& L = grouped.L;
     const Tensor x2 = x.contiguous();
     const int64_t M = x2.size(0);
@@ -449,10 +452,10 @@ Tensor atlas_linear_grouped_cuda_forward(const Tensor& x, const Tensor& row_grou
 std::tuple<Tensor, Tensor, Tensor> atlas_linear_grouped_cuda_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& row_group, const Tensor& weight, const Tensor& tau_w,
     const std::optional<Tensor>& tau_b, const Tensor& coef_w, int64_t key_w, int64_t key_b, bool needs_input_grad,
-    const std::optional<Tensor>& skip) {
+    const std::optional<Tensor>& skip, const std::optional<Tensor>& scale_w, int64_t group_w) {
     const c10::cuda::CUDAGuard guard(x.device());
     const GroupedLinear grouped = check_grouped(x, row_group, weight, std::nullopt, tau_w, std::nullopt, coef_w,
-                                                std::nullopt, key_w, key_b, skip);
+                                                std::nullopt, key_w, key_b, skip, scale_w, group_w);
     const Linear& L = grouped.L;
     const int64_t G = grouped.G, M = x.size(0);
     check_device(grad_out, "grad_out", x.device());
@@ -521,10 +524,11 @@ TORCH_LIBRARY_FRAGMENT(atlas_fast, m) {
     m.def("merge_blocks_cuda(Tensor[] theta0, Tensor[] tau, Tensor coef, int[] keys) -> Tensor[]");
     m.def("merge_blocks_cuda_backward(Tensor[] grads, Tensor[] tau, int[] keys, int partitions) -> Tensor");
     m.def("atlas_linear_grouped_cuda_forward(Tensor x, Tensor row_group, Tensor weight, Tensor? bias, Tensor tau_w, "
-          "Tensor? tau_b, Tensor coef_w, Tensor? coef_b, int key_w, int key_b, Tensor? skip) -> Tensor");
+          "Tensor? tau_b, Tensor coef_w, Tensor? coef_b, int key_w, int key_b, Tensor? skip, Tensor? scale_w=None, "
+          "int group_w=0) -> Tensor");
     m.def("atlas_linear_grouped_cuda_backward(Tensor grad_out, Tensor x, Tensor row_group, Tensor weight, "
-          "Tensor tau_w, Tensor? tau_b, Tensor coef_w, int key_w, int key_b, bool needs_input_grad, Tensor? skip) "
-          "-> (Tensor, Tensor, Tensor)");
+          "Tensor tau_w, Tensor? tau_b, Tensor coef_w, int key_w, int key_b, bool needs_input_grad, Tensor? skip, "
+          "Tensor? scale_w=None, int group_w=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(atlas_fast, CUDA, m) {

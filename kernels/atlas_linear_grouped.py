@@ -10,14 +10,17 @@ map → the forward, input-gradient and coefficient-gradient kernels → tile co
 partition hash, the merged tile and the dot helper are those of kernels/atlas_linear.py.
 
 Shapes: x (M, K) · row_group (M,) int64 in [0, G) · W0 (N, K) · τ (T, N, K) · c (G, T, P) float32 ·
-b0 (N,) · τ' (T, N) · c' (G, T, P). Dtypes and accumulation as in kernels/atlas_linear.py.
+b0 (N,) · τ' (T, N) · c' (G, T, P). Dtypes, accumulation and the int8/int4 weight banks (QUANT, dequantised
+in registers) as in kernels/atlas_linear.py.
 """
 import torch
 import triton
 import triton.language as tl
 
-from atlas_fast.kernels.atlas_linear import (INTERPRET, _check_bank, _check_out, _dot, _dot_precision, _key32,
-                                             _max_shared_memory, _merged_tile, _partition, _upcast)
+from atlas_fast.kernels.atlas_linear import (INTERPRET, QUANT_INT4, _bank_args, _check_bank, _check_out, _dot,
+                                             _dot_precision, _key32, _max_shared_memory, _merged_quant_tile,
+                                             _merged_tile, _partition, _task_strides, _tau_tile, _upcast)
+from atlas_fast.quant import is_quantized
 
 
 class Segments:
@@ -70,7 +73,8 @@ def atlas_linear_grouped_fwd_kernel(
     tile_group_ptr,  # Segments.tile_group (tiles,) int32
     tile_start_ptr,  # Segments.tile_start (tiles,) int32
     w_ptr,           # W0 (N, K) row-major contiguous
-    tau_w_ptr,       # τ (T, N, K) contiguous
+    tau_w_ptr,       # τ (T, N, K) contiguous; int8 (T, N, K) or int4 data (T, N, ⌈K/2⌉) uint8 when QUANT
+    scale_w_ptr,     # scales of a quantised τ: (T, N) or (T, N, ⌈K/GROUP⌉) float32; unused when QUANT = 0
     coef_w_ptr,      # c (G, T, P) float32 contiguous
     b_ptr,           # b0 (N,) contiguous; unused unless HAS_BIAS
     tau_b_ptr,       # τ' (T_B, N) contiguous; unused when T_B = 0
@@ -80,7 +84,7 @@ def atlas_linear_grouped_fwd_kernel(
     stride_xm, stride_xk, stride_ym,
     key_w, key_b,    # block keys as int32 bit patterns of the uint32 keys
     T: tl.constexpr, T_B: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Axis 0 walks the row tiles (sorted by group), so programs running together mostly share a group and
@@ -101,7 +105,8 @@ def atlas_linear_grouped_fwd_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         flat = offs_n[None, :] * K + offs_k[:, None]
-        w = _merged_tile(w_ptr, tau_w_ptr, coef_w, flat, mask_k[:, None] & mask_n[None, :], key_w, N * K, T, P)
+        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w, flat, offs_n[None, :], offs_k[:, None],
+                               mask_k[:, None] & mask_n[None, :], key_w, N, K, T, P, QUANT, GROUP)
         acc = _dot(x, w, acc, UPCAST, PRECISION)
     if HAS_BIAS:
         bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr + g * (T_B * P), offs_n, mask_n, key_b, N, T_B, P)
@@ -118,14 +123,15 @@ def atlas_linear_grouped_dx_kernel(
     tile_group_ptr,  # Segments.tile_group (tiles,) int32
     tile_start_ptr,  # Segments.tile_start (tiles,) int32
     w_ptr,           # W0 (N, K) row-major contiguous
-    tau_w_ptr,       # τ (T, N, K) contiguous
+    tau_w_ptr,       # τ (T, N, K) contiguous; int8 (T, N, K) or int4 data (T, N, ⌈K/2⌉) uint8 when QUANT
+    scale_w_ptr,     # scales of a quantised τ: (T, N) or (T, N, ⌈K/GROUP⌉) float32; unused when QUANT = 0
     coef_w_ptr,      # c (G, T, P) float32 contiguous
     dx_ptr,          # dx (M, K), row stride stride_dxm, unit column stride, x's dtype
     N, K,
     stride_dym, stride_dyn, stride_dxm,
     key_w,           # block key as the int32 bit pattern of the uint32 key
-    T: tl.constexpr, P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -143,7 +149,8 @@ def atlas_linear_grouped_dx_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         flat = offs_n[:, None] * K + offs_k[None, :]
-        w = _merged_tile(w_ptr, tau_w_ptr, coef_w, flat, mask_n[:, None] & mask_k[None, :], key_w, N * K, T, P)
+        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w, flat, offs_n[:, None], offs_k[None, :],
+                               mask_n[:, None] & mask_k[None, :], key_w, N, K, T, P, QUANT, GROUP)
         acc = _dot(dy, w, acc, UPCAST, PRECISION)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -155,12 +162,13 @@ def atlas_linear_grouped_dc_kernel(
     x_ptr,           # x (M, K), strides (stride_xm, stride_xk), x's dtype
     rows_ptr,        # Segments.rows (M,) int32
     seg_start_ptr,   # Segments.seg_start (G + 1,) int32
-    tau_w_ptr,       # τ (T, N, K) contiguous
+    tau_w_ptr,       # τ (T, N, K) contiguous; int8 (T, N, K) or int4 data (T, N, ⌈K/2⌉) uint8 when QUANT
+    scale_w_ptr,     # scales of a quantised τ: (T, N) or (T, N, ⌈K/GROUP⌉) float32; unused when QUANT = 0
     partial_ptr,     # partials (G, tiles of G, T, P) float32: one slot per program, every slot written
     N, K, T,
     stride_dym, stride_dyn, stride_xm, stride_xk,
     key_w,           # block key as the int32 bit pattern of the uint32 key
-    P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Axis 0: the (N, K) tile of G_g, K tiles fastest; axis 1: the group g.
@@ -191,16 +199,18 @@ def atlas_linear_grouped_dc_kernel(
     if P > 1:
         part = _partition(flat, key_w, P)
     out_ptr = partial_ptr + (g * tl.num_programs(0) + pid_tile).to(tl.int64) * T * P
-    tau_ptr = tau_w_ptr
+    tau_ptr, scale_ptr = tau_w_ptr, scale_w_ptr
+    tau_stride, scale_stride = _task_strides(N, K, QUANT, GROUP)
     for t in range(T):
-        prod = tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32) * acc
+        prod = _tau_tile(tau_ptr, scale_ptr, flat, offs_n[:, None], offs_k[None, :], mask, K, QUANT, GROUP) * acc
         for p in tl.static_range(P):
             if P == 1:
                 s = tl.sum(prod)
             else:
                 s = tl.sum(tl.where(part == p, prod, 0.0))
             tl.store(out_ptr + t * P + p, s)
-        tau_ptr += N * K
+        tau_ptr += tau_stride
+        scale_ptr += scale_stride
 
 
 # ---------------------------------------------------------------- tile configurations
@@ -217,12 +227,13 @@ else:
     DC_BLOCK_M, DC_BLOCK_N, DC_BLOCK_K = 64, 64, 64
 
 
-def _stages(act, w, tau, T):
+def _stages(act, w, tau, T, quant):
     """2 pipeline stages when their buffers (activation, W0 and T task-vector tiles per stage) fit in shared
-    memory, else 1."""
+    memory, else 1. tau: the kernel's bank data (int4: two values a byte)."""
     if INTERPRET:
         return 1
-    stage = BLOCK_M * BLOCK_K * act.element_size() + BLOCK_N * BLOCK_K * (w.element_size() + T * tau.element_size())
+    tau_bytes = tau.element_size() / (2 if quant == QUANT_INT4 else 1)
+    stage = BLOCK_M * BLOCK_K * act.element_size() + BLOCK_N * BLOCK_K * (w.element_size() + T * tau_bytes)
     return 2 if 2 * stage <= _max_shared_memory(tau.device) else 1
 
 
@@ -258,16 +269,18 @@ def forward(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, k
     seg = Segments(row_group, G) if segments is None else segments
     if seg.tile_group.numel() == 0:
         return y
-    weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
+    weight, coef_w = weight.contiguous(), coef_w.contiguous()
+    tau_w, scale_w, quant, group = _bank_args(tau_w)
     b = bias.contiguous() if bias is not None else weight
     tb = tau_b.contiguous() if tau_b is not None else weight
     cb = coef_b.contiguous() if coef_b is not None else coef_w
     grid = (seg.tile_group.numel(), triton.cdiv(N, BLOCK_N))
     atlas_linear_grouped_fwd_kernel[grid](
-        x, seg.rows, seg.seg_start, seg.tile_group, seg.tile_start, weight, tau_w, coef_w, b, tb, cb, y, N, K,
-        x.stride(0), x.stride(1), y.stride(0), _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P,
-        HAS_BIAS=bias is not None, UPCAST=_upcast(x), PRECISION=_dot_precision(), BLOCK_M=seg.block_m,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS, num_stages=_stages(x, weight, tau_w, T))
+        x, seg.rows, seg.seg_start, seg.tile_group, seg.tile_start, weight, tau_w, scale_w, coef_w, b, tb, cb, y,
+        N, K, x.stride(0), x.stride(1), y.stride(0), _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P,
+        HAS_BIAS=bias is not None, QUANT=quant, GROUP=group, UPCAST=_upcast(x), PRECISION=_dot_precision(),
+        BLOCK_M=seg.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS,
+        num_stages=_stages(x, weight, tau_w, T, quant))
     return y
 
 
@@ -287,13 +300,14 @@ def grad_input(grad_out, row_group, weight, tau_w, coef_w, key_w=0, segments=Non
     seg = Segments(row_group, G) if segments is None else segments
     if seg.tile_group.numel() == 0:
         return dx
-    weight, tau_w, coef_w = weight.contiguous(), tau_w.contiguous(), coef_w.contiguous()
+    weight, coef_w = weight.contiguous(), coef_w.contiguous()
+    tau_w, scale_w, quant, group = _bank_args(tau_w)
     grid = (seg.tile_group.numel(), triton.cdiv(K, BLOCK_K))
     atlas_linear_grouped_dx_kernel[grid](
-        grad_out, seg.rows, seg.seg_start, seg.tile_group, seg.tile_start, weight, tau_w, coef_w, dx, N, K,
-        grad_out.stride(0), grad_out.stride(1), dx.stride(0), _key32(key_w), T=T, P=P, UPCAST=_upcast(grad_out),
-        PRECISION=_dot_precision(), BLOCK_M=seg.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS,
-        num_stages=_stages(grad_out, weight, tau_w, T))
+        grad_out, seg.rows, seg.seg_start, seg.tile_group, seg.tile_start, weight, tau_w, scale_w, coef_w, dx, N,
+        K, grad_out.stride(0), grad_out.stride(1), dx.stride(0), _key32(key_w), T=T, P=P, QUANT=quant, GROUP=group,
+        UPCAST=_upcast(grad_out), PRECISION=_dot_precision(), BLOCK_M=seg.block_m, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, num_warps=WARPS, num_stages=_stages(grad_out, weight, tau_w, T, quant))
     return dx
 
 
@@ -306,9 +320,10 @@ def grad_coef(grad_out, x, row_group, tau_w, groups, partitions, key_w=0, segmen
     M, N = grad_out.shape
     K = x.shape[1]
     T = tau_w.shape[0]
-    if tuple(tau_w.shape) != (T, N, K) or tau_w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if tuple(tau_w.shape) != (T, N, K) or not (is_quantized(tau_w) or tau_w.dtype in (torch.float32, torch.bfloat16,
+                                                                                        torch.float16)):
         raise ValueError(f"task vectors {tau_w.dtype} {tuple(tau_w.shape)}: expected float32/bfloat16/float16 "
-                         f"(T, {N}, {K})")
+                         f"(or a QuantizedBlock) (T, {N}, {K})")
     if row_group.dim() != 1 or row_group.shape[0] != M or row_group.dtype != torch.int64:
         raise ValueError(f"row_group must be int64 ({M},), got {row_group.dtype} {tuple(row_group.shape)}")
     seg = Segments(row_group, groups) if segments is None else segments
@@ -316,8 +331,10 @@ def grad_coef(grad_out, x, row_group, tau_w, groups, partitions, key_w=0, segmen
     partials = torch.empty(groups, tiles, T, partitions, dtype=torch.float32, device=x.device)
     if M == 0:
         return partials.new_zeros(groups, T, partitions)
+    tau_w, scale_w, quant, group = _bank_args(tau_w)
     atlas_linear_grouped_dc_kernel[(tiles, groups)](
-        grad_out, x, seg.rows, seg.seg_start, tau_w.contiguous(), partials, N, K, T, grad_out.stride(0),
-        grad_out.stride(1), x.stride(0), x.stride(1), _key32(key_w), P=partitions, UPCAST=_upcast(x),
-        PRECISION=_dot_precision(), BLOCK_M=DC_BLOCK_M, BLOCK_N=DC_BLOCK_N, BLOCK_K=DC_BLOCK_K, num_warps=WARPS)
+        grad_out, x, seg.rows, seg.seg_start, tau_w, scale_w, partials, N, K, T, grad_out.stride(0),
+        grad_out.stride(1), x.stride(0), x.stride(1), _key32(key_w), P=partitions, QUANT=quant, GROUP=group,
+        UPCAST=_upcast(x), PRECISION=_dot_precision(), BLOCK_M=DC_BLOCK_M, BLOCK_N=DC_BLOCK_N, BLOCK_K=DC_BLOCK_K,
+        num_warps=WARPS)
     return partials.sum(1)

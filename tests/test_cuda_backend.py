@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import atlas_fast
+from atlas_fast import quant
 from atlas_fast.backends import BackendUnavailable, get_backend, plan
 from atlas_fast.backends import cuda_backend
 from atlas_fast.backends import grouped as grouped_impl
@@ -466,6 +467,24 @@ def test_linear_grouped_matches_reference(strategy, act, bank, P, bias):
 def test_linear_grouped_merge_once_groups(strategy, act):
     """Groups the cost model runs merge-once are left out of the kernels and computed on a merged layer."""
     _check_grouped(_grouped_case(act, torch.bfloat16, 3, True), (block_key(1, 4), block_key(1, 5)), act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "mixed"], indirect=True)
+@pytest.mark.parametrize("fmt,group,P", [("int8", 0, 1), ("int4", 16, 3)])
+def test_linear_grouped_quantised(strategy, fmt, group, P):
+    """int8 / int4 banks (K = 45: an odd int4 width, groups of 16 with a short last one): the segmented kernels
+    dequantise in registers, the merge-once groups' layer is merged by the torch walk; against the float64
+    reference of the dequantised bank."""
+    x, index, w, b, tw, tb, cw, cb = _grouped_case(torch.float32, torch.float32, P, True)
+    q = quant.quantize(tw, fmt, group or quant.DEFAULT_GROUP)
+    keys = (block_key(1, 4), block_key(1, 5))
+    g = torch.randn(*x.shape[:-1], w.shape[0], device=x.device, dtype=torch.float64)
+    refs = _grouped_reference((x, index, w, b, q.dequantize(torch.float64), tb, cw, cb), keys, g)
+    got = _grouped_run("cuda", (x, index, w, b, q, tb, cw, cb), keys, g)
+    for name, out, ref in zip(("output", "grad x", "grad coef_w", "grad coef_b"), got, refs):
+        assert_rel(out, ref, TOL[torch.float32][0 if name == "output" else 1], name)
+    assert got[2][1].abs().max() == 0, "a group without samples got a coefficient gradient"
 
 
 @pytest.mark.gpu

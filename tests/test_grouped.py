@@ -122,7 +122,8 @@ def test_linear_triton(bias, bank_dtype, P):
 @pytest.mark.parametrize("P", [1, 3])
 def test_linear_quantised(fmt, backend, strategy, P):
     """int8 / int4 weights (K = 37: an odd int4 width, groups of 16 with a short last one) against the float64
-    reference of the dequantised bank; every backend runs them through the torch implementation."""
+    reference of the dequantised bank: the torch implementation's two strategies, and the segmented Triton
+    kernels dequantising in registers."""
     _check_linear(backend, True, torch.float32, P, fmt=fmt)
 
 
@@ -144,6 +145,13 @@ def merge_once(request, monkeypatch):
 @pytest.mark.parametrize("bias,P", [(True, 1), (False, 3)])
 def test_linear_triton_merge_once(merge_once, bias, P):
     _check_linear("triton", bias, torch.float32, P)
+
+
+@pytest.mark.parametrize("merge_once", ["mixed"], indirect=True)
+@pytest.mark.parametrize("fmt,P", [("int8", 1), ("int4", 3)])
+def test_linear_triton_merge_once_quantised(merge_once, fmt, P):
+    """The merge kernel dequantises the merge-once groups' layer; the segmented kernels the others'."""
+    _check_linear("triton", True, torch.float32, P, fmt=fmt)
 
 
 @pytest.mark.parametrize("strategy", ["rowscale", "merge"], indirect=True)

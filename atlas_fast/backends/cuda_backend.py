@@ -134,11 +134,12 @@ def _register_fakes():
         return tau[0].new_empty((tau[0].shape[0], len(tau), partitions), dtype=torch.float32)
 
     @torch.library.register_fake("atlas_fast::atlas_linear_grouped_cuda_forward")
-    def _(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip):
+    def _(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip, scale_w=None, group_w=0):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("atlas_fast::atlas_linear_grouped_cuda_backward")
-    def _(grad_out, x, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip):
+    def _(grad_out, x, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip, scale_w=None,
+          group_w=0):
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else empty(x)
         dcb = coef_w.new_empty(coef_w.shape) if tau_b is not None else empty(coef_w)
         return dx, coef_w.new_empty(coef_w.shape), dcb

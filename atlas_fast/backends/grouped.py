@@ -24,16 +24,17 @@ same kernels on their im2col rows; grouped (depthwise) convs and the generic blo
 (G, T)·(T, numel) GEMM per block, on whatever device the tensors are) take the torch implementation on every
 backend.
 
-int8 and int4 banks (quant.QuantizedBlock) take the torch implementation on every backend: its merges and
-reductions walk the bank with the ungrouped torch backend's chunk walk, and where it needs a task vector on its own
-("rowscale", the generic blocks) it dequantises that one task vector of that one block, as transient as a merged
-weight, never the bank.
+int8 and int4 banks (quant.QuantizedBlock): the segmented kernels and the merge-once merges read the quantised
+tiles and dequantise them in registers, as the ungrouped kernels do. The torch implementation walks the bank
+with the ungrouped torch backend's chunk walk, and where it needs a task vector on its own ("rowscale", the
+generic blocks) it dequantises that one task vector of that one block, as transient as a merged weight, never
+the bank.
 """
 import torch
 import torch.nn.functional as F
 
 from ..hashing import cached_partition_index
-from ..quant import is_quantized
+from ..quant import is_quantized, unpack
 from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import merge_and_reduce, merge_block, reduce_block
@@ -415,20 +416,23 @@ class CudaGrouped(KernelGrouped):
 
     @staticmethod
     def _merge(weight, tau, coef, key, dtype):
-        return torch.ops.atlas_fast.atlas_linear_cuda_merge(weight, tau, coef, key, dtype)
+        from .cuda_backend import _merge
+        return _merge(weight, tau, coef, key, dtype)
 
     @staticmethod
     def _check(x, weight, tau_w, coef_w):
-        from .cuda_backend import _check_dtypes
-        _check_dtypes(coef_w, x, weight, tau_w)
+        from .cuda_backend import _check_dtypes, _dense
+        _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
 
     def _forward(self, x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, skip):
-        return torch.ops.atlas_fast.atlas_linear_grouped_cuda_forward(x2, row_group, weight, bias, tau_w, tau_b,
-                                                                      coef_w, coef_b, key_w, key_b, skip)
+        data, scale, group = unpack(tau_w)
+        return torch.ops.atlas_fast.atlas_linear_grouped_cuda_forward(x2, row_group, weight, bias, data, tau_b,
+                                                                      coef_w, coef_b, key_w, key_b, skip, scale, group)
 
     def _backward(self, gy, x2, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip):
+        data, scale, group = unpack(tau_w)
         grad_x, grad_cw, grad_cb = torch.ops.atlas_fast.atlas_linear_grouped_cuda_backward(
-            gy, x2, row_group, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, skip)
+            gy, x2, row_group, weight, data, tau_b, coef_w, key_w, key_b, needs_input_grad, skip, scale, group)
         return (grad_x if needs_input_grad else None), grad_cw, (grad_cb if tau_b is not None else None)
 
 
@@ -436,8 +440,7 @@ TORCH, TRITON, CUDA = TorchGrouped(), TritonGrouped(), CudaGrouped()
 _KERNELS = {"triton": TRITON, "cuda": CUDA}
 
 
-def implementation(backend, device, dtype, tau_w=None):
+def implementation(backend, device, dtype):
     """The grouped implementation for a backend name: the kernels of the backend it resolves to ("triton" or
-    "cuda"), else the torch implementation, which also takes every call on quantised task vectors tau_w."""
-    resolved = resolve(backend, device, dtype)
-    return TORCH if is_quantized(tau_w) else _KERNELS.get(resolved.name, TORCH)
+    "cuda"), else the torch implementation."""
+    return _KERNELS.get(resolve(backend, device, dtype).name, TORCH)
