@@ -31,6 +31,7 @@ class GroupSettings:
     device: str = "cpu"
     backend: str = "auto"
     bank_dtype: str = "fp32"
+    rank: Optional[int] = None   # a low-rank bank of random rank-r factors (fp32 only)
     granularity: str = "block"
     partitions: int = 1
     steps: int = 3
@@ -48,7 +49,7 @@ def _build(s: GroupSettings, vit=None):
         import open_clip
         vit = open_clip.create_model(s.model, pretrained=None).visual.eval()
     vit = vit.to(s.device)
-    bank = _bank(vit, Settings(tasks=s.tasks, bank_dtype=s.bank_dtype, seed=s.seed))   # float or int8 / int4
+    bank = _bank(vit, Settings(tasks=s.tasks, bank_dtype=s.bank_dtype, rank=s.rank, seed=s.seed))
     model = atlas_fast.compose(vit, bank, s.granularity, s.partitions, backend=s.backend, seed=s.seed)
     coef = torch.rand(s.groups, *model.coefficients.shape, device=s.device) * 0.6 - 0.3
     index = torch.arange(s.batch, device=s.device) % s.groups
@@ -157,7 +158,8 @@ def _fmt(times):
 
 def format_table(results, s: GroupSettings):
     lines = [f"{s.model}, T={s.tasks}, batch {s.batch} in {s.groups} groups, {s.device}, backend={s.backend}, "
-             f"bank {s.bank_dtype}, {s.granularity}" + (f" x{s.partitions}" if s.partitions > 1 else ""),
+             f"bank {s.bank_dtype if s.rank is None else f'rank {s.rank}'}, {s.granularity}"
+             + (f" x{s.partitions}" if s.partitions > 1 else ""),
              f"{'variant':10} {'inference':>20} {'training step':>20} {'peak extra':>12} {'vs grouped':>11}"]
     ref = statistics.median(results["grouped"]["infer_s"]) if "grouped" in results else None
     for name, r in results.items():

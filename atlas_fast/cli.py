@@ -74,11 +74,9 @@ def _run_bench_groups(args, s):
     from . import bench_grouped
     if not 1 <= args.groups <= s.batch or s.model.endswith(".json"):
         args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
-    if s.rank is not None:
-        args.parser.error("--groups with --rank: grouped compositions take float banks, not low-rank ones")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
     g = bench_grouped.GroupSettings(model=s.model, tasks=s.tasks, batch=s.batch, groups=args.groups, device=s.device,
-                                    backend=backend, bank_dtype=s.bank_dtype, granularity=s.granularity,
+                                    backend=backend, bank_dtype=s.bank_dtype, rank=s.rank, granularity=s.granularity,
                                     partitions=s.partitions, steps=s.steps, warmup=s.warmup, seed=s.seed,
                                     threads=s.threads, out=s.out)
     return bench_grouped.run(g)

@@ -257,12 +257,8 @@ class AtlasModel(nn.Module):
         outputs and gradients are those of a model composed with its group's coefficients alone. Only a call of
         this AtlasModel is grouped, not a call of a submodule or of the wrapped model. Each sample runs as a
         batch of one: dropout draws per sample; statistics over the batch (BatchNorm in training mode) cannot
-        be grouped. Not available with low-rank task vectors (NotImplementedError); int8 and int4 banks take the
-        torch implementation of the grouped ops on every backend."""
-        fmt = self.atlas.bank_format
-        if fmt == LOWRANK:
-            raise NotImplementedError(f"groups: grouped compositions do not take {fmt} task vectors yet; "
-                                      f"compose a float bank (task_vectors.to(dtype=torch.bfloat16)) to group")
+        be grouped. Every bank format groups: int8 and int4 banks run the backend's grouped kernels (dequantised in
+        registers), low-rank ones stock GEMMs on the factors (backends/grouped.py)."""
         shape = tuple(self.coefficients.shape)
         if not isinstance(coefficients, torch.Tensor) or coefficients.dim() != len(shape) + 1 \
                 or tuple(coefficients.shape[1:]) != shape:
@@ -577,9 +573,9 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     model's (compose(clip.visual, bank_of_clip, prefix="visual.")); bank entries outside it are ignored.
     check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
     Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
-    An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction (grouped calls on the
-    torch implementation of the grouped ops). A low-rank bank runs on every backend
-    (its factored blocks as GEMMs of inner size T·r, ops_lowrank) with partitions=1; grouped calls refuse it.
+    An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction (grouped calls too).
+    A low-rank bank runs on every backend (its factored blocks as GEMMs of inner size T·r, ops_lowrank, grouped
+    calls too) with partitions=1.
     """
     _check_not_composed(model)
     params = dict(model.named_parameters())

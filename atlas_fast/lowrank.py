@@ -16,6 +16,12 @@ With c_rep the T coefficients each repeated r times (one per rank-one term):
                dc = Σ_j∈t Σ_m U[m, j] V[m, j]  with U = x a_catᵀ, V = dy bt_catᵀ: never forms G = dyᵀx
                dx = dy W0 + (V ⊙ c_rep) a_cat
 
+Grouped (G coefficient sets, row m in group g(m); c_rep becomes C (M, T·r), row m's terms' coefficients):
+
+    linear     y  = x W0ᵀ + ((x a_catᵀ) ⊙ C) bt_cat                  (linear_rows: one call for every group)
+               dc[g] = Σ_{m ∈ g} per-row terms of U ⊙ V              (linear_rows_backward)
+    merged     θ0 + bt_catᵀ diag(c_rep[g]) a_cat for every g         (merge_grouped, reduce_grouped)
+
 Every device runs these as stock GEMMs of inner size T·r; the bank is r·(rows + cols) values per task vector
 instead of rows·cols. Partitions (K > 1) mask τ element by element and do not factor: low-rank blocks take one
 coefficient per task vector and block.
@@ -154,11 +160,11 @@ def truncate(tau, rank=None, energy=None):
 # ---------------------------------------------------------------- the computations
 
 def _c_rep(block, coef, dtype):
-    """(T·r,) the coefficient of each rank-one term; coef (T, 1)."""
-    if coef.dim() != 2 or coef.shape != (block.shape[0], 1):
+    """(..., T·r) the coefficient of each rank-one term; coef (T, 1), or (G, T, 1) for G sets."""
+    if coef.dim() not in (2, 3) or tuple(coef.shape[-2:]) != (block.shape[0], 1):
         raise ValueError(f"low-rank task vectors {tuple(block.shape)}: coefficients of shape {tuple(coef.shape)}, "
                          f"expected ({block.shape[0]}, 1): partitions do not apply to a factored τ")
-    return coef[:, 0].to(dtype).repeat_interleave(block.rank)
+    return coef[..., 0].to(dtype).repeat_interleave(block.rank, dim=-1)
 
 
 def merge(theta0, block, coef):
@@ -176,6 +182,21 @@ def reduce(block, g, acc=torch.float32):
     return per_term.view(block.shape[0], block.rank).sum(1, keepdim=True)
 
 
+def merge_grouped(theta0, block, coef):
+    """(G, *θ0.shape): θ0 + Σ_t c[g, t] B_t A_t for every group g, in coef's dtype. coef (G, T, 1)."""
+    dtype = coef.dtype
+    a = block.a_cat(dtype) * _c_rep(block, coef, dtype)[:, :, None]             # (G, T·r, cols)
+    merged = torch.matmul(block.bt_cat(dtype).t(), a).add_(theta0.reshape(block.rows, -1).to(dtype))
+    return merged.view(coef.shape[0], *theta0.shape)
+
+
+def reduce_grouped(block, g, acc=torch.float32):
+    """dc (G, T, 1) in dtype acc: dc[g, t] = ⟨B_t A_t, g[g]⟩ for block gradients g (G, *block shape)."""
+    p = torch.matmul(block.bt_cat(acc), g.reshape(g.shape[0], block.rows, -1).to(acc))   # (G, T·r, cols)
+    per_term = (p * block.a_cat(acc)).sum(2)
+    return per_term.view(g.shape[0], block.shape[0], block.rank).sum(2, keepdim=True)
+
+
 def factored(m, rows, cols):
     """Whether a linear forward of m input rows adds Σ c (x Aᵀ) Bᵀ (m·Tr·(rows + cols) multiply-adds) rather
     than merging its weight first (Tr·rows·cols, then the one GEMM it needs anyway)."""
@@ -188,30 +209,46 @@ def linear(x, weight, bias, block, coef):
     bias = None if bias is None else bias.to(x.dtype)
     if not factored(x2.shape[0], block.rows, block.cols):
         return torch.nn.functional.linear(x, merge(weight, block, coef).to(x.dtype), bias)
-    u = x2 @ block.a_cat(x.dtype).t()
-    u.mul_(_c_rep(block, coef, x.dtype))
-    y = torch.nn.functional.linear(x2, weight.to(x.dtype), bias)
-    y.addmm_(u, block.bt_cat(x.dtype))
-    return y.view(*x.shape[:-1], block.rows)
+    return linear_rows(x2, weight, bias, block, _c_rep(block, coef, x.dtype)).view(*x.shape[:-1], block.rows)
+
+
+def linear_rows(x2, weight, bias, block, c_terms):
+    """y = x2 W0ᵀ + ((x2 a_catᵀ) ⊙ c_terms) bt_cat + bias for rows x2 (M, cols); c_terms (T·r,) for every row, or
+    (M, T·r) a row's own (grouped calls: its group's)."""
+    u = x2 @ block.a_cat(x2.dtype).t()
+    u.mul_(c_terms)
+    y = torch.nn.functional.linear(x2, weight.to(x2.dtype), bias)
+    return y.addmm_(u, block.bt_cat(x2.dtype))
+
+
+def linear_rows_backward(dy, x2, weight, block, c_terms, row_group, groups, acc, needs_input_grad):
+    """(dx (M, cols) or None, dc (groups, T, 1) in dtype acc) of linear_rows, with dc[g] summed over the rows
+    whose row_group is g (row_group None: every row in group 0 of 1)."""
+    u = x2 @ block.a_cat(x2.dtype).t()                                   # (M, T·r)
+    v = dy @ block.bt_cat(dy.dtype).t()                                  # (M, T·r)
+    per_row = u.to(acc) * v.to(acc)
+    per_term = (per_row.sum(0, keepdim=True) if row_group is None
+                else per_row.new_zeros(groups, per_row.shape[1]).index_add_(0, row_group, per_row))
+    dc = per_term.view(groups, block.shape[0], block.rank).sum(2, keepdim=True)
+    if not needs_input_grad:
+        return None, dc
+    dx = dy @ weight.to(dy.dtype)
+    return dx.addmm_(v.mul_(c_terms.to(v.dtype)), block.a_cat(dy.dtype)), dc
 
 
 def linear_backward(grad_out, x, weight, block, coef, needs_input_grad):
     """(dx or None, dc (T, 1) in coef's dtype) of linear(); dy = grad_out."""
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    acc = coef.dtype
-    u = x2 @ block.a_cat(x.dtype).t()                                     # (M, T·r)
-    v = dy @ block.bt_cat(dy.dtype).t()                                   # (M, T·r)
-    per_term = (u.to(acc) * v.to(acc)).sum(0)
-    dc = per_term.view(block.shape[0], block.rank).sum(1, keepdim=True)
+    # V is at hand: m·Tr·cols to add (V ⊙ c) A, against Tr·rows·cols to merge
+    factored_dx = needs_input_grad and x2.shape[0] <= block.rows
+    dx, dc = linear_rows_backward(dy, x2, weight, block, _c_rep(block, coef, dy.dtype), None, 1, coef.dtype,
+                                  factored_dx)
     if not needs_input_grad:
-        return None, dc
-    if x2.shape[0] <= block.rows:   # V is at hand: m·Tr·cols to add (V ⊙ c) A, against Tr·rows·cols to merge
-        dx = dy @ weight.to(dy.dtype)
-        dx.addmm_(v.mul_(_c_rep(block, coef, v.dtype)), block.a_cat(dy.dtype))
-    else:
+        return None, dc[0]
+    if not factored_dx:
         dx = dy @ merge(weight, block, coef).to(dy.dtype)
-    return dx.view(x.shape), dc
+    return dx.view(x.shape), dc[0]
 
 
 def fingerprint(block):

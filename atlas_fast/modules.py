@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from . import quant
 from .hashing import block_key
-from . import ops_grouped  # noqa: F401  (registers the grouped ops the modules call in a grouped forward)
-from .ops import _autocast, atlas_conv2d, atlas_linear
+from .ops_grouped import call_conv2d_grouped, call_linear_grouped
+from .ops import atlas_conv2d, atlas_linear
 
 GRANULARITIES = ("block", "task")
 
@@ -49,7 +49,7 @@ class AtlasCoefficients(nn.Module):
         self.check_finite = True
 
     grouped = None
-    # "int8", "int4" or "lowrank" when compose() was given such a bank (grouped calls refuse "lowrank"), else None.
+    # "int8", "int4" or "lowrank" when compose() was given such a bank, else None.
     bank_format = None
 
     def check_finite_values(self):
@@ -143,9 +143,7 @@ class _AtlasBlocks(nn.Module):
         AtlasModel runs a grouped forward under vmap: see ops_grouped)."""
         if self.atlas.grouped is None:
             return atlas_linear(x, w, b, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
-        data, scale, group = quant.unpack(tw)
-        return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), self.atlas.grouped[0], w, b, data, tb, cw, cb,
-                                                         kw, kb, self.atlas.backend, scale, group)
+        return call_linear_grouped(x, self.atlas.grouped[0], w, b, tw, tb, cw, cb, kw, kb, self.atlas.backend)
 
 
 def _refuse_mixed_dtypes(x, weight, plain_call):
@@ -183,11 +181,8 @@ class AtlasConv2d(_AtlasBlocks):
         tw, cw, kw = self._block_args("weight")
         tb, cb, kb = self._block_args("bias")
         if self.atlas.grouped is not None:
-            data, scale, group = quant.unpack(tw)
-            return torch.ops.atlas_fast.atlas_conv2d_grouped(
-                _autocast(x), self.atlas.grouped[0], self.weight, self.bias, data, tb, cw, cb, kw, kb,
-                list(self.stride), list(self.padding), list(self.dilation), self.groups, self.atlas.backend, scale,
-                group)
+            return call_conv2d_grouped(x, self.atlas.grouped[0], self.weight, self.bias, tw, tb, cw, cb, kw, kb,
+                                       self.stride, self.padding, self.dilation, self.groups, self.atlas.backend)
         return atlas_conv2d(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, self.stride, self.padding,
                             self.dilation, self.groups, backend=self.atlas.backend)
 

@@ -337,7 +337,12 @@ def merge_blocks(theta0, tau, coef, keys, backend="auto"):
         _check_block(f"block {b}", t0, tv, coef[:, b])
     factored = [b for b, t in enumerate(tau) if lowrank.is_lowrank(t)]
     if factored:
-        return _merge_some_lowrank(theta0, tau, coef, keys, backend, factored)
+        for b in factored:
+            _check_lowrank(f"block {b}", coef[:, b])
+        return _merge_factored_apart(
+            tau, factored, lambda b: torch.ops.atlas_fast.merge_lowrank(theta0[b], tau[b].a, tau[b].bt, coef[:, b]),
+            lambda rest: merge_blocks([theta0[b] for b in rest], [tau[b] for b in rest], coef[:, rest],
+                                      [keys[b] for b in rest], backend))
     if not any(quant.is_quantized(t) for t in tau):
         return torch.ops.atlas_fast.merge_blocks(list(theta0), list(tau), coef, list(keys), backend)
     data, scales, groups = zip(*map(quant.unpack, tau))
@@ -360,14 +365,11 @@ def _lowrank_bias(bias, tau_b, coef_b, key_b, coef_w, backend):
     return merge_blocks([bias], [tau_b], coef_b[:, None], [key_b], backend)[0]
 
 
-def _merge_some_lowrank(theta0, tau, coef, keys, backend, factored):
-    """merge_blocks of a list with low-rank blocks: those by merge_lowrank, the others in one merge_blocks."""
-    for b in factored:
-        _check_lowrank(f"block {b}", coef[:, b])
-    out = {b: torch.ops.atlas_fast.merge_lowrank(theta0[b], tau[b].a, tau[b].bt, coef[:, b]) for b in factored}
+def _merge_factored_apart(tau, factored, merge_factored, merge_rest):
+    """A merge of a list of blocks with low-rank ones (indices `factored`): merge_factored(b) for each of those,
+    one merge_rest(indices) (a list) for the others; the merged blocks in block order."""
+    out = {b: merge_factored(b) for b in factored}
     rest = [b for b in range(len(tau)) if b not in out]
     if rest:
-        merged = merge_blocks([theta0[b] for b in rest], [tau[b] for b in rest], coef[:, rest],
-                              [keys[b] for b in rest], backend)
-        out.update(zip(rest, merged))
+        out.update(zip(rest, merge_rest(rest)))
     return [out[b] for b in range(len(tau))]

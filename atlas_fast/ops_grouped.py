@@ -16,17 +16,20 @@ accept a batched activation with an unbatched index of the vmap's batch size: in
 n-th vmapped sample, and every row of that sample belongs to it.
 
 Quantised weights (quant.QuantizedBlock) travel as in ops.py: data as tau_w with scale_w and group_w; lists of
-blocks with quantised ones go through atlas_fast::merge_blocks_grouped_quant.
+blocks with quantised ones go through atlas_fast::merge_blocks_grouped_quant. Low-rank weights
+(lowrank.LowRankBlock) travel as their factors, a as tau_w and bt as bt_w, and run the torch implementation on
+every device (stock GEMMs); a list's low-rank blocks go through atlas_fast::merge_lowrank_grouped (ops_lowrank).
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import quant
-from .backends.grouped import implementation, merge_blocks_grouped as _merge_grouped_impl
+from . import lowrank, quant
+from .backends.grouped import TORCH, implementation, merge_blocks_grouped as _merge_grouped_impl
 from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
-from .ops import _autocast, _check_bias, _check_block, _tau, _taus, _save_taus, _saved_taus
+from .ops import (_autocast, _check_bias, _check_block, _check_lowrank, _merge_factored_apart, _tau, _taus,
+                  _save_taus, _saved_taus)
 
 _EMPTY = (0,)
 
@@ -35,19 +38,32 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
 
+def _grouped_tau(tau_w, scale_w, group_w, bt_w, weight):
+    """The weight's task vectors as the implementations take them: a LowRankBlock when bt_w is given."""
+    if bt_w is not None:
+        return lowrank.LowRankBlock(tau_w, bt_w, (tau_w.shape[0], *weight.shape))
+    return _tau(tau_w, scale_w, group_w, weight)
+
+
+def _implementation(backend, x, coef_w, bt_w):
+    return TORCH if bt_w is not None else implementation(backend, x.device, coef_w.dtype)
+
+
 # ---------------------------------------------------------------- linear
 
 @torch.library.custom_op("atlas_fast::atlas_linear_grouped", mutates_args=())
 def _linear_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor,
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
-                    backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
-    tau = _tau(tau_w, scale_w, group_w, weight)
-    return implementation(backend, x.device, coef_w.dtype).atlas_linear(x, index, weight, bias, tau, tau_b,
-                                                                        coef_w, coef_b, key_w, key_b)
+                    backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0,
+                    bt_w: Optional[Tensor] = None) -> Tensor:
+    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
+    return _implementation(backend, x, coef_w, bt_w).atlas_linear(x, index, weight, bias, tau, tau_b, coef_w, coef_b,
+                                                                  key_w, key_b)
 
 
 @_linear_grouped.register_fake
-def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend, scale_w=None, group_w=0):
+def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend, scale_w=None, group_w=0,
+      bt_w=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -55,36 +71,36 @@ def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backen
 def _linear_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight: Tensor, tau_w: Tensor,
                              tau_b: Optional[Tensor], coef_w: Tensor, key_w: int, key_b: int,
                              needs_input_grad: bool, backend: str, scale_w: Optional[Tensor] = None,
-                             group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    tau = _tau(tau_w, scale_w, group_w, weight)
-    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_linear_backward(
+                             group_w: int = 0, bt_w: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
+    dx, dcw, dcb = _implementation(backend, x, coef_w, bt_w).atlas_linear_backward(
         grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
 @_linear_grouped_backward.register_fake
 def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, backend, scale_w=None,
-      group_w=0):
+      group_w=0, bt_w=None):
     dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
     dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
     return dx, torch.empty_like(coef_w), dcb
 
 
 def _linear_setup(ctx, inputs, output):
-    x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, backend, scale_w, group_w = inputs
-    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w, scale_w)
+    x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, backend, scale_w, group_w, bt_w = inputs
+    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w, scale_w, bt_w)
     ctx.extra = (key_w, key_b, backend, group_w)
 
 
 def _linear_grad(ctx, grad):
-    x, index, weight, tau_w, tau_b, coef_w, scale_w = ctx.saved_tensors
+    x, index, weight, tau_w, tau_b, coef_w, scale_w, bt_w = ctx.saved_tensors
     key_w, key_b, backend, group_w = ctx.extra
     need = ctx.needs_input_grad
     dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_grouped_backward(grad, x, index, weight, tau_w, tau_b, coef_w,
                                                                       key_w, key_b, need[0], backend, scale_w,
-                                                                      group_w)
+                                                                      group_w, bt_w)
     return (dx if need[0] else None, None, None, None, None, None, dcw if need[6] else None,
-            dcb if need[7] and tau_b is not None else None, None, None, None, None, None)
+            dcb if need[7] and tau_b is not None else None) + (None,) * 6
 
 
 _linear_grouped.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -96,11 +112,12 @@ _linear_grouped.register_autograd(_linear_grad, setup_context=_linear_setup)
 def _conv2d_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tensor,
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                    backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
+                    backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0,
+                    bt_w: Optional[Tensor] = None) -> Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    tau = _tau(tau_w, scale_w, group_w, weight)
-    return implementation(backend, x.device, coef_w.dtype).atlas_conv2d(x, index, weight, bias, tau, tau_b,
-                                                                        coef_w, coef_b, key_w, key_b, conv)
+    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
+    return _implementation(backend, x, coef_w, bt_w).atlas_conv2d(x, index, weight, bias, tau, tau_b, coef_w, coef_b,
+                                                                  key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):
@@ -109,7 +126,7 @@ def _conv_out_size(size, k, s, p, d):
 
 @_conv2d_grouped.register_fake
 def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding, dilation, groups,
-      backend, scale_w=None, group_w=0):
+      backend, scale_w=None, group_w=0, bt_w=None):
     h, w = (_conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in (0, 1))
     return x.new_empty((x.shape[0], weight.shape[0], h, w))
 
@@ -118,18 +135,18 @@ def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride
 def _conv2d_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight: Tensor, tau_w: Tensor,
                              tau_b: Optional[Tensor], coef_w: Tensor, key_w: int, key_b: int, stride: List[int],
                              padding: List[int], dilation: List[int], groups: int, needs_input_grad: bool,
-                             backend: str, scale_w: Optional[Tensor] = None,
-                             group_w: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                             backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0,
+                             bt_w: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    tau = _tau(tau_w, scale_w, group_w, weight)
-    dx, dcw, dcb = implementation(backend, x.device, coef_w.dtype).atlas_conv2d_backward(
+    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
+    dx, dcw, dcb = _implementation(backend, x, coef_w, bt_w).atlas_conv2d_backward(
         grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
     return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
 
 
 @_conv2d_grouped_backward.register_fake
 def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, padding, dilation, groups,
-      needs_input_grad, backend, scale_w=None, group_w=0):
+      needs_input_grad, backend, scale_w=None, group_w=0, bt_w=None):
     dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
     dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
     return dx, torch.empty_like(coef_w), dcb
@@ -137,20 +154,20 @@ def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, pa
 
 def _conv_setup(ctx, inputs, output):
     (x, index, weight, _, tau_w, tau_b, coef_w, _, key_w, key_b, stride, padding, dilation, groups, backend,
-     scale_w, group_w) = inputs
-    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w, scale_w)
+     scale_w, group_w, bt_w) = inputs
+    ctx.save_for_backward(x, index, weight, tau_w, tau_b, coef_w, scale_w, bt_w)
     ctx.extra = (key_w, key_b, stride, padding, dilation, groups, backend, group_w)
 
 
 def _conv_grad(ctx, grad):
-    x, index, weight, tau_w, tau_b, coef_w, scale_w = ctx.saved_tensors
+    x, index, weight, tau_w, tau_b, coef_w, scale_w, bt_w = ctx.saved_tensors
     key_w, key_b, stride, padding, dilation, groups, backend, group_w = ctx.extra
     need = ctx.needs_input_grad
     dx, dcw, dcb = torch.ops.atlas_fast.atlas_conv2d_grouped_backward(
         grad, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, padding, dilation, groups, need[0],
-        backend, scale_w, group_w)
+        backend, scale_w, group_w, bt_w)
     return (dx if need[0] else None, None, None, None, None, None, dcw if need[6] else None,
-            dcb if need[7] and tau_b is not None else None) + (None,) * 9
+            dcb if need[7] and tau_b is not None else None) + (None,) * 10
 
 
 _conv2d_grouped.register_autograd(_conv_grad, setup_context=_conv_setup)
@@ -296,9 +313,7 @@ def atlas_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
     if weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} (samples first) does not match weight {tuple(weight.shape)}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
-    data, scale, group = quant.unpack(tau_w)
-    return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
-                                                     key_w, key_b, backend, scale, group)
+    return call_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend)
 
 
 def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=None, key_w=0, key_b=0,
@@ -310,10 +325,34 @@ def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
-    data, scale, group = quant.unpack(tau_w)
+    return call_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding,
+                               dilation, groups, backend)
+
+
+def _unpack(tau_w, coef_w):
+    """(data, scale, group, bt) of a weight's task vectors as the grouped ops take them; a low-rank τ takes one
+    coefficient per task vector."""
+    if lowrank.is_lowrank(tau_w):
+        _check_lowrank("weight", coef_w[0])
+        return tau_w.a, None, 0, tau_w.bt
+    return (*quant.unpack(tau_w), None)
+
+
+def call_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, backend):
+    """The grouped linear op on float, quantised or low-rank task vectors, without atlas_linear_grouped's checks
+    of x against the index: the modules call it under vmap, where x is one sample."""
+    data, scale, group, bt = _unpack(tau_w, coef_w)
+    return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
+                                                     key_w, key_b, backend, scale, group, bt)
+
+
+def call_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding,
+                        dilation, groups, backend):
+    """The grouped conv op as call_linear_grouped is the linear one."""
+    data, scale, group, bt = _unpack(tau_w, coef_w)
     return torch.ops.atlas_fast.atlas_conv2d_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
                                                      key_w, key_b, list(stride), list(padding), list(dilation),
-                                                     groups, backend, scale, group)
+                                                     groups, backend, scale, group, bt)
 
 
 def merge_blocks_grouped(theta0, tau, coef, keys):
@@ -323,6 +362,15 @@ def merge_blocks_grouped(theta0, tau, coef, keys):
                          f"keys, coefficients of shape {tuple(coef.shape)} (expected (G, T, B, K))")
     for b, (t0, tv) in enumerate(zip(theta0, tau)):
         _check_block(f"block {b}", t0, tv, coef[0, :, b])
+    factored = [b for b, t in enumerate(tau) if lowrank.is_lowrank(t)]
+    if factored:
+        for b in factored:
+            _check_lowrank(f"block {b}", coef[0, :, b])
+        return _merge_factored_apart(
+            tau, factored,
+            lambda b: torch.ops.atlas_fast.merge_lowrank_grouped(theta0[b], tau[b].a, tau[b].bt, coef[:, :, b]),
+            lambda rest: merge_blocks_grouped([theta0[b] for b in rest], [tau[b] for b in rest], coef[:, :, rest],
+                                              [keys[b] for b in rest]))
     if not any(quant.is_quantized(t) for t in tau):
         return torch.ops.atlas_fast.merge_blocks_grouped(list(theta0), list(tau), coef, list(keys))
     data, scales, groups = zip(*map(quant.unpack, tau))

@@ -2,11 +2,13 @@
 
     atlas_fast::atlas_linear_lowrank / ..._backward   y = x (W0 + Σ_t c_t B_t A_t)ᵀ + bias
     atlas_fast::merge_lowrank / ..._backward          θ0 + Σ_t c_t B_t A_t for one block
+    atlas_fast::merge_lowrank_grouped / ..._backward  the same for G coefficient sets (G, T, 1): (G, *θ0.shape)
 
 The factors travel as a (T, r, cols) and bt (T, r, rows); the coefficients are (T, 1). The bias reaching
 atlas_linear_lowrank is merged already (by merge_blocks, whose backward reduces its gradient), and a conv weight
 is merged by merge_lowrank before F.conv2d: the functional entry points in ops.py put these together. Every
-device runs the same stock GEMMs of inner size T·r; no backend has kernels of its own for them.
+device runs the same stock GEMMs of inner size T·r; no backend has kernels of its own for them. Grouped linear and
+conv calls on low-rank weights are the grouped ops of ops_grouped.py, given the factors.
 """
 from typing import Optional, Tuple
 
@@ -100,3 +102,32 @@ def _merge_grad(ctx, grad):
 
 
 _merge_lowrank.register_autograd(_merge_grad, setup_context=_merge_setup)
+
+
+@torch.library.custom_op("atlas_fast::merge_lowrank_grouped", mutates_args=())
+def _merge_lowrank_grouped(theta0: Tensor, a: Tensor, bt: Tensor, coef: Tensor) -> Tensor:
+    return lowrank.merge_grouped(theta0, _block(a, bt, theta0.shape), coef).to(theta0.dtype)
+
+
+@_merge_lowrank_grouped.register_fake
+def _(theta0, a, bt, coef):
+    return theta0.new_empty((coef.shape[0], *theta0.shape))
+
+
+@torch.library.custom_op("atlas_fast::merge_lowrank_grouped_backward", mutates_args=())
+def _merge_lowrank_grouped_backward(grad: Tensor, a: Tensor, bt: Tensor, coef: Tensor) -> Tensor:
+    return lowrank.reduce_grouped(_block(a, bt, grad.shape[1:]), grad, coef.dtype)
+
+
+@_merge_lowrank_grouped_backward.register_fake
+def _(grad, a, bt, coef):
+    return torch.empty_like(coef)
+
+
+def _merge_grouped_grad(ctx, grad):
+    a, bt, coef = ctx.saved_tensors
+    dc = torch.ops.atlas_fast.merge_lowrank_grouped_backward(grad, a, bt, coef) if ctx.needs_input_grad[3] else None
+    return None, None, None, dc
+
+
+_merge_lowrank_grouped.register_autograd(_merge_grouped_grad, setup_context=_merge_setup)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from open_clip.transformer import VisionTransformer
 
 import atlas_fast
-from atlas_fast import quant
+from atlas_fast import lowrank, quant
 from atlas_fast.backends import grouped as grouped_impl
 from atlas_fast.hashing import block_key
 from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
@@ -78,11 +78,18 @@ def _linear_ref(x, weight, bias, tau_w, tau_b, cw, cb, index):
                                    KEY_W, KEY_B) for s, g in enumerate(index.tolist())])
 
 
-def _quantised(tau, fmt, group=16):
+def _in_format(tau, fmt, group=16):
     """(the bank the op gets, the float64 one the reference gets): an int8 / int4 QuantizedBlock of tau and its
-    dequantised values, or tau twice when fmt is None."""
+    dequantised values; for "lowrank" a rank-3 LowRankBlock of random factors shaped like tau and the task
+    vectors they make, multiplied out here in float64; or tau twice when fmt is None."""
     if fmt is None:
         return tau, tau
+    if fmt == "lowrank":
+        T_, rows = tau.shape[:2]
+        b = torch.randn(T_, rows, 3, device=tau.device) * 0.05
+        a = torch.randn(T_, 3, tau[0].numel() // rows, device=tau.device) / 3 ** 0.5
+        dense = torch.einsum("tir,trj->tij", b.double(), a.double()).reshape(tau.shape)
+        return lowrank.LowRankBlock.from_factors(b, a, tau.shape), dense
     q = quant.quantize(tau.float(), fmt, group)
     return q, q.dequantize(torch.float64)
 
@@ -90,7 +97,7 @@ def _quantised(tau, fmt, group=16):
 def _check_linear(backend, bias, bank_dtype, P, tol=TOL[torch.float32], fmt=None):
     x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(bias, bank_dtype, P, device=_device(backend))
     x.requires_grad_()
-    tau_op, tau_w = _quantised(tau_w, fmt)
+    tau_op, tau_w = _in_format(tau_w, fmt)
     y = atlas_linear_grouped(x, index, weight, b, tau_op, tau_b, cw, cb, KEY_W, KEY_B, backend=backend)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, cw] + ([cb] if bias else []), dy)
@@ -120,11 +127,27 @@ def test_linear_triton(bias, bank_dtype, P):
 @pytest.mark.parametrize("backend,strategy", [("torch", "rowscale"), ("torch", "merge"), ("triton", "merge")],
                          indirect=["strategy"])
 @pytest.mark.parametrize("P", [1, 3])
-def test_linear_quantised(fmt, backend, strategy, P):
+def test_linear_in_format(fmt, backend, strategy, P):
     """int8 / int4 weights (K = 37: an odd int4 width, groups of 16 with a short last one) against the float64
     reference of the dequantised bank: the torch implementation's two strategies, and the segmented Triton
     kernels dequantising in registers."""
     _check_linear(backend, True, torch.float32, P, fmt=fmt)
+
+
+@pytest.mark.parametrize("factored", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_lowrank(monkeypatch, factored, backend, bias):
+    """Low-rank weights (factors never multiplied out by the op) on the torch implementation, whatever the backend:
+    "factored" (per-row coefficients on x Aᵀ) and "merge" (a weight per group) against the float64 reference."""
+    monkeypatch.setattr(lowrank, "factored", lambda m, rows, cols: factored)
+    _check_linear(backend, bias, torch.float32, 1, fmt="lowrank")
+
+
+def test_linear_lowrank_refuses_partitions():
+    x, index, weight, b, tau_w, tau_b, cw, cb = _linear_case(True, torch.float32, 2)
+    with pytest.raises(ValueError, match="one coefficient per task vector"):
+        atlas_linear_grouped(x, index, weight, b, _in_format(tau_w, "lowrank")[0], tau_b, cw, cb, backend="torch")
 
 
 @pytest.fixture
@@ -149,9 +172,24 @@ def test_linear_triton_merge_once(merge_once, bias, P):
 
 @pytest.mark.parametrize("merge_once", ["mixed"], indirect=True)
 @pytest.mark.parametrize("fmt,P", [("int8", 1), ("int4", 3)])
-def test_linear_triton_merge_once_quantised(merge_once, fmt, P):
+def test_linear_triton_merge_once_in_format(merge_once, fmt, P):
     """The merge kernel dequantises the merge-once groups' layer; the segmented kernels the others'."""
     _check_linear("triton", True, torch.float32, P, fmt=fmt)
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_linear_lowrank_gradcheck(monkeypatch, factored):
+    monkeypatch.setattr(lowrank, "factored", lambda m, rows, cols: factored)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([1, 0, 1])
+    weight, bias = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    low = lowrank.LowRankBlock.from_factors(torch.randn(T, 4, 2, dtype=torch.float64),
+                                            torch.randn(T, 2, 5, dtype=torch.float64), (T, 4, 5))
+    tau_b = torch.randn(T, 4, dtype=torch.float64)
+    cw, cb = _coefs(2, 1, torch.float64), _coefs(2, 1, torch.float64)
+    fn = lambda x_, cw_, cb_: atlas_linear_grouped(x_, index, weight, bias, low, tau_b, cw_, cb_,  # noqa: E731
+                                                    KEY_W, KEY_B, backend="torch")
+    assert torch.autograd.gradcheck(fn, (x, cw, cb))
 
 
 @pytest.mark.parametrize("strategy", ["rowscale", "merge"], indirect=True)
@@ -222,13 +260,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.atlas_fast.merge_blocks_grouped_quant,
                           ([weight, b], [q.data, tau_b], [q.scale, None], [q.group, 0],
                            torch.randn(3, T, 2, 2, requires_grad=True), [KEY_W, KEY_B]))
+    low, low_c = _in_format(tau_w, "lowrank")[0], _in_format(tc, "lowrank")[0]
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_linear_grouped,
+                          (x, index, weight, b, low.a, tau_b, cw, cb, KEY_W, KEY_B, "torch", None, 0, low.bt))
+    torch.library.opcheck(torch.ops.atlas_fast.atlas_conv2d_grouped,
+                          (xc, torch.tensor([1, 0, 1]), wc, None, low_c.a, None, _coefs(2, 1), None, 0, 0, [1, 1],
+                           [1, 1], [1, 1], 1, "torch", None, 0, low_c.bt))
+    torch.library.opcheck(torch.ops.atlas_fast.merge_lowrank_grouped, (weight, low.a, low.bt, _coefs(3, 1)))
 
 
 # ---------------------------------------------------------------- conv2d
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("patchify", [True, False])
-@pytest.mark.parametrize("fmt", [None, "int4"])
+@pytest.mark.parametrize("fmt", [None, "int4", "lowrank"])
 def test_conv2d(backend, patchify, fmt):
     S, C, N = 5, 3, 7
     x = torch.randn(S, C, 13, 11, requires_grad=True)
@@ -236,9 +281,10 @@ def test_conv2d(backend, patchify, fmt):
     k, stride, padding = (4, (4, 4), (0, 0)) if patchify else (3, (2, 1), (1, 1))
     weight, bias = torch.randn(N, C, k, k) / (C * k * k) ** 0.5, torch.randn(N)
     tau_w, tau_b = random_bank(weight.shape, T, scale=0.05), random_bank((N,), T, scale=0.05)
-    cw, cb = _coefs(3, 2), _coefs(3, 2)
+    P = 1 if fmt == "lowrank" else 2
+    cw, cb = _coefs(3, P), _coefs(3, P)
     x, index, weight, bias, tau_w, tau_b, cw, cb = _to(_device(backend), x, index, weight, bias, tau_w, tau_b, cw, cb)
-    tau_op, tau_w = _quantised(tau_w, fmt)
+    tau_op, tau_w = _in_format(tau_w, fmt)
     y = atlas_conv2d_grouped(x, index, weight, bias, tau_op, tau_b, cw, cb, KEY_W, KEY_B, stride, padding,
                              backend=backend)
     dy = torch.randn_like(y)
@@ -257,14 +303,13 @@ def test_conv2d(backend, patchify, fmt):
 
 # ---------------------------------------------------------------- merge_blocks_grouped
 
-@pytest.mark.parametrize("P", [1, 4])
-@pytest.mark.parametrize("fmt", [None, "int8"])
+@pytest.mark.parametrize("P,fmt", [(1, None), (4, None), (1, "int8"), (4, "int8"), (1, "lowrank")])
 def test_merge_blocks_grouped(P, fmt):
-    """bf16 blocks, or int8 ones where a block has two or more dimensions (the 1-D one stays float)."""
+    """bf16 blocks, or int8 / low-rank ones where a block has two or more dimensions (the 1-D one stays float)."""
     shapes = [(37,), (5, 13), (3, 2, 7)]
     theta0 = [torch.randn(s) for s in shapes]
     tau = [random_bank(s, T, torch.bfloat16) for s in shapes]
-    ops_tau = [_quantised(t, fmt if len(s) > 1 else None) for t, s in zip(tau, shapes)]
+    ops_tau = [_in_format(t, fmt if len(s) > 1 else None) for t, s in zip(tau, shapes)]
     tau = [ref for _, ref in ops_tau]
     keys = [block_key(3, b) for b in range(len(shapes))]
     coef = torch.randn(2, T, len(shapes), P, requires_grad=True)
@@ -293,6 +338,19 @@ def vit():
 @pytest.fixture(scope="module")
 def bank(vit):
     return atlas_fast.synthetic_task_vectors(vit, T, rel_scale=1e-2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def lowrank_banks(bank):
+    """(a rank-2 low-rank bank of the ViT, {name: its task vectors multiplied out here in float64})."""
+    factored = bank.low_rank(rank=2)
+    return factored, {k: torch.einsum("tri,trj->tij", v.bt.double(), v.a.double()).reshape(v.shape)
+                      if lowrank.is_lowrank(v) else v.double() for k, v in factored.vectors.items()}
+
+
+def _banks(fmt, bank, lowrank_banks):
+    """(the bank composed, the bank of the float64 reference)."""
+    return lowrank_banks if fmt == "lowrank" else (bank, bank)
 
 
 def _compose(vit, bank, backend="torch", granularity="block", partitions=1):
@@ -359,14 +417,18 @@ def test_vit_groups_match_separate_compositions(vit, bank, backend, granularity,
     assert model.coefficients.grad is None, "a grouped call trains the coefficients it was given"
 
 
-def test_vit_groups_against_float64_reference(vit, bank):
+@pytest.mark.parametrize("fmt", [None, "lowrank"])
+def test_vit_groups_against_float64_reference(vit, bank, lowrank_banks, fmt):
+    """Outputs per sample against the float64 model merged with its group's coefficients; a low-rank bank's grouped
+    calls (the conv, attention and MLP weights factored, the generic blocks merged from the factors) among them."""
+    bank, ref_bank = _banks(fmt, bank, lowrank_banks)
     model = _compose(vit, bank)
     coef = torch.rand(2, *model.coefficients.shape) * 1.6 - 0.8
     index = torch.tensor([1, 0, 1])
     images, weight = torch.randn(3, 3, 32, 32), torch.randn(3, 24)
     y, g = _grouped_run(model, coef, index, images, weight)
     for s, grp in enumerate(index.tolist()):
-        merged = merged_reference(vit, bank, coef[grp].double())
+        merged = merged_reference(vit, ref_bank, coef[grp].double())
         assert_rel(y[s], reference_call(vit, merged, images[s:s + 1])[0], TOL[torch.float32][0], f"sample {s}")
 
 
@@ -382,7 +444,10 @@ class Router(nn.Module):
         return self.linear(images.mean((2, 3))).view(-1, T, self.blocks)
 
 
-def test_router_gradients_match_per_sample_loop(vit, bank):
+@pytest.mark.parametrize("fmt", [None, "lowrank"])
+def test_router_gradients_match_per_sample_loop(vit, bank, lowrank_banks, fmt):
+    """The router's parameter gradients through per-sample coefficients against a float64 per-sample loop."""
+    bank, ref_bank = _banks(fmt, bank, lowrank_banks)
     model = _compose(vit, bank)
     router = Router(len(model.block_names))
     images, weight = torch.randn(4, 3, 32, 32), torch.randn(4, 24)
@@ -393,7 +458,7 @@ def test_router_gradients_match_per_sample_loop(vit, bank):
     router64 = copy.deepcopy(router).double()
     loss = 0
     for s in range(4):
-        merged = merged_reference(vit, bank, router64(images[s:s + 1].double())[0])
+        merged = merged_reference(vit, ref_bank, router64(images[s:s + 1].double())[0])
         loss = loss + (reference_call(vit, merged, images[s:s + 1]) * weight[s:s + 1].double()).sum()
     loss.backward()
     for (name, p), p64 in zip(router.named_parameters(), router64.parameters()):
@@ -433,11 +498,11 @@ def test_groups_context_checks(vit, bank):
     assert_rel(model(images), _compose(vit, bank)(images), 0.0, "an ungrouped call after the context")
 
 
-@pytest.mark.parametrize("bank_dtype", ["fp32", "int8"])
-def test_bench_grouped_measures_every_variant(vit, bank_dtype):
+@pytest.mark.parametrize("bank_dtype,rank", [("fp32", None), ("int8", None), ("fp32", 2)])
+def test_bench_grouped_measures_every_variant(vit, bank_dtype, rank):
     from atlas_fast import bench_grouped
     s = bench_grouped.GroupSettings(model="tiny", tasks=2, batch=4, groups=2, backend="torch", steps=1, warmup=0,
-                                    bank_dtype=bank_dtype)
+                                    bank_dtype=bank_dtype, rank=rank)
     results = {v: bench_grouped.measure(v, s, copy.deepcopy(vit)) for v in bench_grouped.VARIANTS}
     assert all(len(r["infer_s"]) == 1 and r["peak_extra_mb"] >= 0 for r in results.values())
     assert results["merged"]["train_s"] is None and len(results["grouped"]["train_s"]) == 1
@@ -487,5 +552,7 @@ def test_cli_bench_groups(monkeypatch):
     assert (seen[0].groups, seen[0].batch, seen[0].tasks, seen[0].backend) == (3, 6, 2, "torch")
     assert cli.main(["bench", "--groups", "2", "--batch", "4", "--bank-dtype", "int4", "--device", "cpu"]) == 0
     assert seen[1].bank_dtype == "int4"
+    assert cli.main(["bench", "--groups", "2", "--batch", "4", "--rank", "3", "--device", "cpu"]) == 0
+    assert seen[2].rank == 3
     with pytest.raises(SystemExit):
         cli.main(["bench", "--groups", "7", "--batch", "6", "--device", "cpu"])

@@ -211,14 +211,6 @@ def test_composed_model_moves_copies_and_compiles():
     assert_rel(atlas(x.bfloat16()).float(), y, 3e-2, "bfloat16 model")
 
 
-def test_groups_refuse_lowrank_banks():
-    model = Mixed()
-    atlas = compose(model, synthetic_task_vectors(model, 2).low_rank(rank=1), backend="torch")
-    with pytest.raises(NotImplementedError, match="groups: grouped compositions do not take lowrank"):
-        with atlas.groups(torch.zeros(2, dtype=torch.int64), atlas.group_coefficients(1)):
-            pass
-
-
 # ---------------------------------------------------------------- banks
 
 def _models(T=3, rank=2):

@@ -15,7 +15,12 @@ The torch implementation chooses per call between two ways of computing a linear
 Counted in multiply-adds "merge" always looks cheaper (M ≥ G'), but a merge multiply-add streams one bank
 element from memory while a GEMM multiply-add reuses operands from cache. The rule: "rowscale" when P = 1 and
 groups average fewer than ROWS_PER_MERGE rows (M < ROWS_PER_MERGE · G'), else "merge". Convolutions and
-partitioned blocks always merge per group. The triton and cuda implementations (KernelGrouped) run segmented
+partitioned blocks always merge per group. Low-rank task vectors (lowrank.LowRankBlock, P = 1) take "factored"
+instead of "rowscale": y = x W0ᵀ + ((x A_catᵀ) ⊙ C) B_cat with C each row's group's coefficients (lowrank.linear_rows),
+M·T·r·(N + K) multiply-adds and no τ formed, while lowrank.factored holds for the rows per present group, else
+"merge" (each group's weight merged from the factors); their dc is the per-row terms of (x Aᵀ) ⊙ (dy Bᵀ) summed per
+group, no weight gradient formed. Low-rank task vectors take the torch implementation on every device (stock
+GEMMs, as the ungrouped low-rank ops). The triton and cuda implementations (KernelGrouped) run segmented
 kernels: kernels/atlas_linear_grouped.py and csrc/atlas_linear.cu (rows sorted into one-group segments; the
 merged tile built per tile's group), except for the groups whose own row count the cost model of plan.py would
 run merge-once: their layer is merged by the backend's merge kernel and their rows go through a stock GEMM, in
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hashing import cached_partition_index
+from .. import lowrank
 from ..quant import is_quantized, unpack
 from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch
@@ -71,8 +77,10 @@ def _put(t, samples, value):
         t.index_copy_(0, samples, value)
 
 
-def linear_strategy(rows_total, groups_present, partitions):
-    """"rowscale" or "merge" for a grouped linear call (see the module docstring)."""
+def linear_strategy(rows_total, groups_present, partitions, tau=None):
+    """"rowscale", "factored" (low-rank tau) or "merge" for a grouped linear call (see the module docstring)."""
+    if lowrank.is_lowrank(tau):
+        return "factored" if lowrank.factored(rows_total / max(groups_present, 1), tau.rows, tau.cols) else "merge"
     if partitions == 1 and rows_total < ROWS_PER_MERGE * groups_present:
         return "rowscale"
     return "merge"
@@ -107,8 +115,10 @@ class TorchGrouped:
         x2 = x.reshape(-1, x.shape[-1])
         R = x2.shape[0] // S if S else 1
         groups_of = _groups(index, G)
-        if linear_strategy(x2.shape[0], len(groups_of), P) == "rowscale":
-            y = self._rowscale(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b)
+        strategy = linear_strategy(x2.shape[0], len(groups_of), P, tau_w)
+        if strategy != "merge":
+            per_row = self._factored if strategy == "factored" else self._rowscale
+            y = per_row(x2, _row_groups(index, R), weight, bias, tau_w, tau_b, coef_w, coef_b)
             return y.view(*x.shape[:-1], weight.shape[0])
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         for g, samples in groups_of:
@@ -116,6 +126,14 @@ class TorchGrouped:
             b = _merged_bias(bias, tau_b, coef_b[g] if coef_b is not None else None, key_b, x.dtype)
             _put(y, samples, F.linear(_take(x, samples), w, b))
             del w
+        return y
+
+    @staticmethod
+    def _factored(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b):
+        c = lowrank._c_rep(tau_w, coef_w, x2.dtype).index_select(0, row_group)      # (M, T·r)
+        y = lowrank.linear_rows(x2, weight, bias.to(x2.dtype) if bias is not None else None, tau_w, c)
+        if tau_b is not None:
+            y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(x2.dtype), tau_b.to(x2.dtype))
         return y
 
     @staticmethod
@@ -137,7 +155,15 @@ class TorchGrouped:
         R = x2.shape[0] // S if S else 1
         groups_of = _groups(index, G)
         acc = coef_w.dtype
-        if linear_strategy(x2.shape[0], len(groups_of), P) == "rowscale":
+        strategy = linear_strategy(x2.shape[0], len(groups_of), P, tau_w)
+        if strategy == "factored":
+            row_group = _row_groups(index, R)
+            c = lowrank._c_rep(tau_w, coef_w, gy.dtype).index_select(0, row_group)
+            grad_x, grad_cw = lowrank.linear_rows_backward(gy, x2, weight, tau_w, c, row_group, G, acc,
+                                                           needs_input_grad)
+            return ((grad_x.view(x.shape) if needs_input_grad else None), grad_cw,
+                    self._bias_grad(gy, row_group, tau_b, G, acc))
+        if strategy == "rowscale":
             row_group = _row_groups(index, R)
             c = coef_w[:, :, 0].index_select(0, row_group).to(gy.dtype)
             grad_x = gy @ weight.to(gy.dtype) if needs_input_grad else None
@@ -148,10 +174,7 @@ class TorchGrouped:
                 if needs_input_grad:
                     grad_x.addmm_(gy * c[:, t:t + 1], tau)
             grad_cw = per_row.new_zeros(G, T).index_add_(0, row_group, per_row).unsqueeze(2)
-            grad_cb = None
-            if tau_b is not None:
-                per_row_b = (gy @ tau_b.to(gy.dtype).t()).to(acc)
-                grad_cb = per_row_b.new_zeros(G, T).index_add_(0, row_group, per_row_b).unsqueeze(2)
+            grad_cb = self._bias_grad(gy, row_group, tau_b, G, acc)
             return (grad_x.view(x.shape) if needs_input_grad else None), grad_cw, grad_cb
         grad_x = torch.empty_like(x) if needs_input_grad else None
         grad_cw = torch.zeros(G, T, P, dtype=acc, device=x.device)
@@ -171,6 +194,14 @@ class TorchGrouped:
             if tau_b is not None:
                 grad_cb[g] = reduce_block(tau_b, gy_g.sum(0, dtype=acc), key_b, P, acc)
         return grad_x, grad_cw, grad_cb
+
+    @staticmethod
+    def _bias_grad(gy, row_group, tau_b, G, acc):
+        """dc_b (G, T, 1) of a P = 1 bias from its rows' groups, or None without bias task vectors."""
+        if tau_b is None:
+            return None
+        per_row = (gy @ tau_b.to(gy.dtype).t()).to(acc)
+        return per_row.new_zeros(G, tau_b.shape[0]).index_add_(0, row_group, per_row).unsqueeze(2)
 
     def atlas_conv2d(self, x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
         stride, padding, dilation, groups = conv
@@ -221,6 +252,8 @@ class TorchGrouped:
 def _merge_grouped_block(theta0, tau, coef, key):
     """θ0 + Σ_t coef[g, t, k(i)] τ_t[i] for every group, (G, numel) in coef's dtype; coef (G, T, P)."""
     G, T, P = coef.shape
+    if lowrank.is_lowrank(tau):
+        return lowrank.merge_grouped(theta0, tau, coef).reshape(G, -1)
     out = theta0.reshape(1, -1).to(coef.dtype).repeat(G, 1)
     if P == 1 and not is_quantized(tau):
         return out.addmm_(coef[:, :, 0], tau.reshape(T, -1).to(coef.dtype))
@@ -237,6 +270,11 @@ def _merge_grouped_block(theta0, tau, coef, key):
 def _reduce_grouped_block(grad, tau, key, partitions, acc):
     """dc (G, T, P) in dtype acc: dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] grad[g, i]; grad (G, numel)."""
     G, T = grad.shape[0], tau.shape[0]
+    if lowrank.is_lowrank(tau):
+        if partitions != 1:
+            raise ValueError(f"low-rank task vectors {tuple(tau.shape)}: partitions={partitions}; a factored τ "
+                             f"takes one coefficient per task vector")
+        return lowrank.reduce_grouped(tau, grad, acc)
     grad = grad.reshape(G, -1).to(acc)
     if partitions == 1 and not is_quantized(tau):
         return (grad @ tau.reshape(T, -1).to(acc).t()).unsqueeze(2)

@@ -136,6 +136,8 @@ def reduce_block(tau, g, key, partitions, acc=torch.float32):
 
 def merge_and_reduce(theta0, tau, coef, key, g):
     """(merge_block(θ0, τ, coef, key), reduce_block(τ, g, key, K, coef.dtype)) from one pass over the bank."""
+    if lowrank.is_lowrank(tau):
+        return lowrank.merge(theta0, tau, coef), reduce_block(tau, g, key, coef.shape[1], coef.dtype)
     T, K = coef.shape
     merged, base = _merge_target(theta0, coef.dtype)
     dc = torch.zeros(T, K, dtype=coef.dtype, device=merged.device)
