@@ -236,12 +236,35 @@ class AtlasModel(nn.Module):
         self._requires_grad = requires_grad          # parameter name -> requires_grad before compose
         self._unwrapped = False
         self._group_call = None                      # (index, coefficients) inside groups()
+        self._offload = None                         # offload.BankOffload while offload_bank() is in effect
 
     def forward(self, *args, **kwargs):
         self._check_composed()
-        if self._group_call is not None:
-            return self._forward_grouped(args, kwargs)
-        return self.model(*args, **kwargs)
+        grouped = self._group_call is not None
+        context = self._offload.forward_context(grouped) if self._offload is not None else contextlib.nullcontext()
+        with context:
+            return self._forward_grouped(args, kwargs) if grouped else self.model(*args, **kwargs)
+
+    # -- out-of-core banks
+
+    def offload_bank(self, pin=True):
+        """Keep the fused modules' task vectors in host memory (page-locked unless pin=False) and copy each
+        module's blocks to the model's device just before it runs, the next module's on a side stream meanwhile,
+        forward and backward (offload.py): a bank larger than the GPU trains. The generically merged blocks stay
+        on the device. Returns the offload.BankOffload (its `host_bytes`, `peak_resident`). Move the model first,
+        and call onload_bank() before moving or copying it again."""
+        from .offload import BankOffload
+        self._check_composed()
+        if self._offload is not None:
+            raise RuntimeError("offload_bank: the bank is offloaded already")
+        self._offload = BankOffload(self.model, self.coefficients.device, pin)
+        return self._offload
+
+    def onload_bank(self):
+        """Undo offload_bank(): every task vector back on the model's device."""
+        if self._offload is not None:
+            self._offload.remove()
+            self._offload = None
 
     # -- grouped compositions
 
@@ -376,7 +399,7 @@ class AtlasModel(nn.Module):
     def merged_parameters(self):
         """{block name: θ0 + Σ c τ} in θ0's dtype, one block at a time (torch backend)."""
         atlas = self.atlas
-        return {name: merge_block(p0, tau, atlas.block(b), atlas.keys[b]).to(p0.dtype)
+        return {name: merge_block(p0, tau.to(p0.device), atlas.block(b), atlas.keys[b]).to(p0.dtype)
                 for b, (name, p0, tau) in enumerate(self._theta0_and_tau())}
 
     def _restore_originals(self):

@@ -3,13 +3,14 @@
 # (the kernels against the float64 reference, the grouped CUDA ops among them),
 # time atlas_linear at the ViT-B/32 MLP size against its FLOP and byte floors, then each fused backend with the
 # fused and merge-once strategies and the cost model's choice at M = 6400, 128, 8, 1, and run `atlas-fast bench`
-# at ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast. Every part runs under `timeout`, so the script always
+# at ViT-B/32, T=21 bf16 bank, batch 128, bf16 autocast, then a ViT-B/32 training step with the bank offloaded to
+# host memory against the resident one. Every part runs under `timeout`, so the script always
 # finishes; a part that fails or times out is logged and the next one still runs.
 #
 #   bash benchmarks/gpu_check.sh     results under $OUT (an absolute path; default: bench_out/gpu_check)
 #
-# $OUT receives 9 files: env.log build.log tests.log layer.log layer.json strategies.json bench.log
-# bench/results.json bench/bench.png. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
+# $OUT receives 11 files: env.log build.log tests.log layer.log layer.json strategies.json bench.log
+# bench/results.json bench/bench.png offload.log offload.json. open_clip is not installed on that machine: wheels carried in .whl/ are installed first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench_out/gpu_check}
@@ -69,7 +70,10 @@ part "gpu tests" 90 "$OUT/tests.log" python3 -m pytest -m gpu -q -p no:cacheprov
 part "atlas_linear roofline and strategies" 85 "$OUT/layer.log" python3 benchmarks/bench_atlas_linear.py \
     --json "$OUT/layer.json" --strategies-json "$OUT/strategies.json"
 
-part "atlas-fast bench" 195 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
-    --bank-dtype bf16 --batch 128 --amp --backends "$BACKENDS" --warmup 2 --steps 10 --out "$OUT/bench"
+part "atlas-fast bench" 160 "$OUT/bench.log" python3 -m atlas_fast bench --device cuda --model ViT-B-32 --tasks 21 \
+    --bank-dtype bf16 --batch 128 --amp --backends "$BACKENDS" --warmup 2 --steps 8 --out "$OUT/bench"
+
+part "offloaded bank" 45 "$OUT/offload.log" python3 benchmarks/bench_offload.py --device cuda --tasks 21 \
+    --bank-dtype bf16 --batch 128 --json "$OUT/offload.json"
 
 echo "gpu_check: done in $SECONDS s; results in $OUT"
