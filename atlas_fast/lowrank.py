@@ -159,7 +159,7 @@ def truncate(tau, rank=None, energy=None):
 
 # ---------------------------------------------------------------- the computations
 
-def _c_rep(block, coef, dtype):
+def term_coefficients(block, coef, dtype):
     """(..., T·r) the coefficient of each rank-one term; coef (T, 1), or (G, T, 1) for G sets."""
     if coef.dim() not in (2, 3) or tuple(coef.shape[-2:]) != (block.shape[0], 1):
         raise ValueError(f"low-rank task vectors {tuple(block.shape)}: coefficients of shape {tuple(coef.shape)}, "
@@ -170,7 +170,7 @@ def _c_rep(block, coef, dtype):
 def merge(theta0, block, coef):
     """θ0 + Σ_t c_t B_t A_t shaped like θ0, in coef's dtype. coef (T, 1)."""
     dtype = coef.dtype
-    a = block.a_cat(dtype) * _c_rep(block, coef, dtype)[:, None]
+    a = block.a_cat(dtype) * term_coefficients(block, coef, dtype)[:, None]
     merged = torch.addmm(theta0.reshape(block.rows, -1).to(dtype), block.bt_cat(dtype).t(), a)
     return merged.view(theta0.shape)
 
@@ -185,7 +185,7 @@ def reduce(block, g, acc=torch.float32):
 def merge_grouped(theta0, block, coef):
     """(G, *θ0.shape): θ0 + Σ_t c[g, t] B_t A_t for every group g, in coef's dtype. coef (G, T, 1)."""
     dtype = coef.dtype
-    a = block.a_cat(dtype) * _c_rep(block, coef, dtype)[:, :, None]             # (G, T·r, cols)
+    a = block.a_cat(dtype) * term_coefficients(block, coef, dtype)[:, :, None]       # (G, T·r, cols)
     merged = torch.matmul(block.bt_cat(dtype).t(), a).add_(theta0.reshape(block.rows, -1).to(dtype))
     return merged.view(coef.shape[0], *theta0.shape)
 
@@ -209,7 +209,8 @@ def linear(x, weight, bias, block, coef):
     bias = None if bias is None else bias.to(x.dtype)
     if not factored(x2.shape[0], block.rows, block.cols):
         return torch.nn.functional.linear(x, merge(weight, block, coef).to(x.dtype), bias)
-    return linear_rows(x2, weight, bias, block, _c_rep(block, coef, x.dtype)).view(*x.shape[:-1], block.rows)
+    y = linear_rows(x2, weight, bias, block, term_coefficients(block, coef, x.dtype))
+    return y.view(*x.shape[:-1], block.rows)
 
 
 def linear_rows(x2, weight, bias, block, c_terms):
@@ -242,8 +243,8 @@ def linear_backward(grad_out, x, weight, block, coef, needs_input_grad):
     x2 = x.reshape(-1, x.shape[-1])
     # V is at hand: m·Tr·cols to add (V ⊙ c) A, against Tr·rows·cols to merge
     factored_dx = needs_input_grad and x2.shape[0] <= block.rows
-    dx, dc = linear_rows_backward(dy, x2, weight, block, _c_rep(block, coef, dy.dtype), None, 1, coef.dtype,
-                                  factored_dx)
+    dx, dc = linear_rows_backward(dy, x2, weight, block, term_coefficients(block, coef, dy.dtype), None, 1,
+                                  coef.dtype, factored_dx)
     if not needs_input_grad:
         return None, dc[0]
     if not factored_dx:

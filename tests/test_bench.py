@@ -133,7 +133,7 @@ def test_bench_sweep_tta(tmp_path, tiny_model):
     (["--granularity", "task", "--partitions", "4"], "--partitions"),
     (["--partitions", "0"], "--partitions"),
     (["--threads", "0"], "--threads"),
-    (["--groups", "2", "--rank", "4"], "--rank"),
+    (["--groups", "2", "--rank", "0"], "--rank"),
 ])
 def test_bad_option_names_it(args, option, capsys, tmp_path, monkeypatch):
     """Every option is checked before anything runs: a bad one exits with status 2 and names itself."""

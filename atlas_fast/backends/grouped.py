@@ -130,7 +130,7 @@ class TorchGrouped:
 
     @staticmethod
     def _factored(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b):
-        c = lowrank._c_rep(tau_w, coef_w, x2.dtype).index_select(0, row_group)      # (M, T·r)
+        c = lowrank.term_coefficients(tau_w, coef_w, x2.dtype).index_select(0, row_group)      # (M, T·r)
         y = lowrank.linear_rows(x2, weight, bias.to(x2.dtype) if bias is not None else None, tau_w, c)
         if tau_b is not None:
             y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(x2.dtype), tau_b.to(x2.dtype))
@@ -158,7 +158,7 @@ class TorchGrouped:
         strategy = linear_strategy(x2.shape[0], len(groups_of), P, tau_w)
         if strategy == "factored":
             row_group = _row_groups(index, R)
-            c = lowrank._c_rep(tau_w, coef_w, gy.dtype).index_select(0, row_group)
+            c = lowrank.term_coefficients(tau_w, coef_w, gy.dtype).index_select(0, row_group)
             grad_x, grad_cw = lowrank.linear_rows_backward(gy, x2, weight, tau_w, c, row_group, G, acc,
                                                            needs_input_grad)
             return ((grad_x.view(x.shape) if needs_input_grad else None), grad_cw,
@@ -252,8 +252,6 @@ class TorchGrouped:
 def _merge_grouped_block(theta0, tau, coef, key):
     """θ0 + Σ_t coef[g, t, k(i)] τ_t[i] for every group, (G, numel) in coef's dtype; coef (G, T, P)."""
     G, T, P = coef.shape
-    if lowrank.is_lowrank(tau):
-        return lowrank.merge_grouped(theta0, tau, coef).reshape(G, -1)
     out = theta0.reshape(1, -1).to(coef.dtype).repeat(G, 1)
     if P == 1 and not is_quantized(tau):
         return out.addmm_(coef[:, :, 0], tau.reshape(T, -1).to(coef.dtype))
@@ -270,11 +268,6 @@ def _merge_grouped_block(theta0, tau, coef, key):
 def _reduce_grouped_block(grad, tau, key, partitions, acc):
     """dc (G, T, P) in dtype acc: dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] grad[g, i]; grad (G, numel)."""
     G, T = grad.shape[0], tau.shape[0]
-    if lowrank.is_lowrank(tau):
-        if partitions != 1:
-            raise ValueError(f"low-rank task vectors {tuple(tau.shape)}: partitions={partitions}; a factored τ "
-                             f"takes one coefficient per task vector")
-        return lowrank.reduce_grouped(tau, grad, acc)
     grad = grad.reshape(G, -1).to(acc)
     if partitions == 1 and not is_quantized(tau):
         return (grad @ tau.reshape(T, -1).to(acc).t()).unsqueeze(2)
