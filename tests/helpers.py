@@ -5,6 +5,14 @@ import torch
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}
 
 
+def tiny_vit():
+    """An open_clip ViT of 32-pixel images, 8-pixel patches, width 48, two layers, seeded."""
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0,
+                             output_dim=24).eval()
+
+
 def resident_mb(field="VmRSS"):
     """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, RssFile, ...), in MiB."""
     with open("/proc/self/status") as f:

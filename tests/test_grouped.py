@@ -12,7 +12,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from open_clip.transformer import VisionTransformer
 
 import atlas_fast
 from atlas_fast import lowrank, quant
@@ -22,7 +21,7 @@ from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, m
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
 from conftest import DEVICE
-from helpers import TOL, assert_rel, merged_reference, random_bank, reference_call
+from helpers import TOL, assert_rel, merged_reference, random_bank, reference_call, tiny_vit
 
 T = 3
 KEY_W, KEY_B = block_key(7, 1), block_key(7, 2)
@@ -330,9 +329,7 @@ def test_merge_blocks_grouped(P, fmt):
 
 @pytest.fixture(scope="module")
 def vit():
-    torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0,
-                             output_dim=24).eval()
+    return tiny_vit()
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,17 @@ import copy
 
 import pytest
 import torch
-from open_clip.transformer import VisionTransformer
 
 import atlas_fast
 
-from helpers import TOL, assert_rel
+from helpers import TOL, assert_rel, tiny_vit
 
 T = 3
 
 
 @pytest.fixture(scope="module")
 def vit():
-    torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0,
-                             output_dim=24).eval()
+    return tiny_vit()
 
 
 def _composed(vit, backend, partitions):
