@@ -586,7 +586,7 @@ def _prefix_hint(model_names, bank_names):
 
 
 def compose(model, task_vectors, granularity="block", partitions=1, backend="auto", seed=0, strict=True,
-            prefix=None, check_finite=True):
+            prefix=None, check_finite=True, offload=False):
     """Compose `model` (modified in place, θ0 shared, not copied) with a TaskVectors bank.
 
     granularity "block": one coefficient per task vector and parameter block, (T, B); "task": one per task
@@ -599,7 +599,13 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction (grouped calls too).
     A low-rank bank runs on every backend (its factored blocks as GEMMs of inner size T·r, ops_lowrank, grouped
     calls too) with partitions=1.
+    offload: True (or "pinned") composes with AtlasModel.offload_bank(), "pageable" with offload_bank(pin=False):
+    the fused modules' task vectors stay in host memory and stream to the model's device module by module, so the
+    bank may stay on the CPU (a memory-mapped one too) with the model on a GPU; the small generically merged
+    blocks are copied to the model's device.
     """
+    if offload not in (False, True, "pinned", "pageable"):
+        raise ValueError(f"compose(offload={offload!r}): expected False, True, 'pinned' or 'pageable'")
     _check_not_composed(model)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
@@ -634,9 +640,9 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
         if tuple(tau.shape[1:]) != tuple(p.shape):
             raise ValueError(f"compose: parameter {n!r} has shape {tuple(p.shape)}, its task vectors "
                              f"{tuple(tau.shape[1:])}")
-        if tau.device != p.device:
+        if tau.device != p.device and not (offload and tau.device.type == "cpu"):
             raise ValueError(f"compose: parameter {n!r} is on {p.device}, its task vectors on {tau.device}; "
-                             f"use task_vectors.to(device)")
+                             f"use task_vectors.to(device), or offload=True to keep a CPU bank on the host")
     buffers_in_bank = [n for n in extra if n in buffers]
     if buffers_in_bank:
         warnings.warn(f"compose: {len(buffers_in_bank)} bank entries name buffers ({', '.join(buffers_in_bank[:3])}"
@@ -680,6 +686,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     generic_entries = []
     for n in names:
         if n not in fused:
+            bank[n] = bank[n].to(device)
             owner_name, _, attr = n.rpartition(".")
             owner = model.get_submodule(owner_name)
             generic_entries.append((n, owner, attr, index[n], triggers.get(n, owner)))
@@ -689,4 +696,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     report = CompositionReport(composed=names, fused=fused, generic=[e[0] for e in generic_entries],
                                missing_from_bank=missing, unused_bank_entries=unknown,
                                buffers_not_composed=buffers_in_bank)
-    return AtlasModel(model, swaps, tau_paths, requires_grad, report, task_vectors.sources)
+    atlas = AtlasModel(model, swaps, tau_paths, requires_grad, report, task_vectors.sources)
+    if offload:
+        atlas.offload_bank(pin=offload != "pageable")
+    return atlas

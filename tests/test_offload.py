@@ -23,11 +23,11 @@ def vit():
     return tiny_vit()
 
 
-def _composed(vit, fmt=None):
+def _composed(vit, fmt=None, offload=False):
     bank = atlas_fast.synthetic_task_vectors(vit, T, rel_scale=1e-2, seed=2)
     bank = {"int4": lambda: bank.to(dtype="int4", group_size=16), "lowrank": lambda: bank.low_rank(rank=2),
             None: lambda: bank}[fmt]()
-    model = atlas_fast.compose(copy.deepcopy(vit), bank, backend="torch", seed=5)
+    model = atlas_fast.compose(copy.deepcopy(vit), bank, backend="torch", seed=5, offload=offload)
     with torch.no_grad():
         model.coefficients.uniform_(-0.8, 0.8)
     return model
@@ -87,6 +87,21 @@ def test_the_backward_holds_no_copies(vit):
         y.sum().backward()
 
 
+def test_compose_offloads(vit):
+    images, weight = torch.randn(2, 3, 32, 32), torch.randn(2, 24)
+    plain = _composed(vit)
+    resident = _step(plain, images, weight)
+    model = _composed(vit, offload="pageable")
+    assert model._offload is not None and len(model._offload.modules) == 7
+    with torch.no_grad():
+        model.coefficients.copy_(plain.coefficients)
+    for name, got, ref in zip(("output", "coefficient gradient", "input gradient"), _step(model, images, weight),
+                              resident):
+        assert_rel(got, ref, 1e-6, name)
+    with pytest.raises(ValueError, match="offload='yes'"):
+        _composed(vit, offload="yes")
+
+
 def test_grouped_calls_and_onload(vit):
     model = _composed(vit)
     coef = torch.rand(2, *model.coefficients.shape) * 1.6 - 0.8
@@ -110,23 +125,32 @@ def test_grouped_calls_and_onload(vit):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_offload_memory_and_results(backend):
-    """Eight 2048² layers, T = 8 (a 1.07 GB float32 bank): the offloaded step equals the resident one and its peak
-    device memory stays below a third of the bank."""
+    """Eight 2048² layers, T = 8 (a 1.07 GB float32 bank) composed from the CPU bank with offload=True: the step
+    equals the resident one and its peak device memory stays below half the bank (two modules' blocks cached are a
+    quarter, a third one's memory may wait for the stream that used it before it is reused)."""
     torch.manual_seed(0)
     net = nn.Sequential(*[nn.Sequential(nn.Linear(2048, 2048), nn.GELU()) for _ in range(8)]).cuda()
-    bank = atlas_fast.synthetic_task_vectors(net, 8, rel_scale=1e-2, seed=1)
+    bank = atlas_fast.synthetic_task_vectors(net.cpu(), 8, rel_scale=1e-2, seed=1)
+    net.cuda()
     bank_bytes = sum(v.numel() * v.element_size() for v in bank.vectors.values())
-    model = atlas_fast.compose(net, bank.to(DEVICE), backend=backend)
     x, weight = torch.randn(64, 2048, device=DEVICE), torch.randn(64, 2048, device=DEVICE)
-    resident = _step(model, x, weight)
-    model.offload_bank()
+    coef = torch.linspace(-0.8, 0.8, 8 * 16, device=DEVICE).view(8, 16)
+    resident_model = atlas_fast.compose(copy.deepcopy(net), bank.to(DEVICE), backend=backend)
+    with torch.no_grad():
+        resident_model.coefficients.copy_(coef)
+    resident = _step(resident_model, x, weight)
+    del resident_model
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = atlas_fast.compose(net, bank, backend=backend, offload=True)
+    with torch.no_grad():
+        model.coefficients.copy_(coef)
     for _ in range(2):
         got = _step(model, x, weight)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     for name, a, b in zip(("output", "coefficient gradient", "input gradient"), got, resident):
         assert_rel(a, b, 1e-6, name)
-    assert peak < bank_bytes / 3, f"peak {peak / 2**20:.0f} MiB for a {bank_bytes / 2**20:.0f} MiB bank"
+    assert peak < bank_bytes / 2, f"peak {peak / 2**20:.0f} MiB for a {bank_bytes / 2**20:.0f} MiB bank"
