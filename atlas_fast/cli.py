@@ -197,6 +197,9 @@ def _add_adapt(sub):
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--offload", choices=("pinned", "pageable"),
+                   help="keep the bank in host memory (page-locked, or mapped from its file) and stream it to the "
+                        "GPU one module ahead: a bank larger than the GPU trains")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--out", default="atlas_out", help="output folder (default ./atlas_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -214,7 +217,7 @@ def _run_adapt(args):
                        shots=args.shots, head=args.head, granularity=args.granularity, partitions=args.partitions,
                        backend=args.backend, device=args.device, val_fraction=args.val_fraction,
                        finetuned_accuracy=args.finetuned_acc, resume=args.resume, flip=not args.no_flip,
-                       progress=not args.no_progress, **options)
+                       offload=args.offload or False, progress=not args.no_progress, **options)
     except _user_errors() as e:
         _fail(args, e)
     finally:

@@ -10,6 +10,7 @@ import torch
 
 import adapt_world
 from atlas_fast.cli import main
+from helpers import assert_rel
 
 
 from adapt_world import one_thread, world  # noqa: F401 (fixtures)
@@ -138,6 +139,24 @@ def test_low_rank_bank_adapts(world, tmp_path, capsys):
         main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", str(bank), "--rank", "2",
               "--dtype", "int8"])
     assert "--dtype int8 cannot be combined" in capsys.readouterr().err
+
+
+def test_offloaded_bank_learns_what_a_resident_one_learns(world, tmp_path):
+    """adapt --offload pageable (the bank stays mapped on the host, streamed module by module) learns the same
+    coefficients as the resident bank, step for step."""
+    from safetensors.torch import load_file
+    w = world
+    bank = str(tmp_path / "bank.safetensors")
+    assert main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", bank]) == 0
+    coefs = []
+    for run, extra in (("resident", []), ("offloaded", ["--offload", "pageable"])):
+        assert main(["adapt", "--model", w["config"], "--pretrained", w["theta0"], "--bank", bank,
+                     "--data", w["upright"], "--classnames", w["classnames"], "--templates", w["templates"],
+                     "--shots", "5", "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "20", "--lr", "0.2",
+                     "--workers", "0", "--out", str(tmp_path / run), "--no-progress", *extra]) == 0
+        coefs.append(load_file(str(tmp_path / run / "coefficients.safetensors"))["coefficients"])
+    assert coefs[0].abs().min() > 0
+    assert_rel(coefs[1], coefs[0], 1e-5, "coefficients")
 
 
 def test_missing_files(world, tmp_path, capsys):

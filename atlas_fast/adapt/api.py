@@ -224,13 +224,15 @@ class AdaptResult:
 def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, classnames=None, templates=None,
           shots=None, head="zeroshot", granularity="block", partitions=1, backend="auto", device=None,
           val_fraction=0.2, split_seed=0, finetuned_accuracy=None, preprocess=None, cache_dir=None,
-          heads=None, resume=False, on_step=None, **options):
+          heads=None, resume=False, on_step=None, offload=False, **options):
     """Learn aTLAS coefficients of `bank` for `model` on `data` with `objective`; writes the run to `out`.
 
     data: one or more folders / data sets (ce: one or more, task addition when several; negation:
     target then control; entropy and ufm: one, whose labels are not used for training).
     shots: labelled images per class for ce / negation (None: all training images).
     options: TrainConfig fields (epochs, batch_size, lr, seed, init, threshold, workers, ...).
+    offload: "pinned" or "pageable" keeps the bank in host memory and streams it to the GPU module by module
+    (compose(offload=...)): a bank larger than the GPU trains.
     Returns an AdaptResult (summary dict, the composed model, the tasks).
     Under `torchrun --nproc-per-node N` every process runs adapt() with the same arguments: data-parallel
     training (gloo on CPUs, NCCL on GPUs, one GPU per process), batch_size being the global batch.
@@ -256,7 +258,7 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     if shots is not None and not labelled:
         raise ValueError(f"shots={shots}: objective {objective!r} uses no labels")
     bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
-    bank = _load_bank(bank, device)
+    bank = _load_bank(bank, torch.device("cpu") if offload else device)
     loaded = load_model(model, pretrained, preprocess, device)
     head_list = load_heads(heads) if heads is not None else _heads(
         loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
@@ -267,7 +269,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
         else [None] * len(specs)
     tasks = [Task(s.name, s.data, s.names, h, tr, s.val, a)
              for s, h, tr, a in zip(specs, head_list, train_sets, ft)]
-    atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend)
+    atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend,
+                     offload=offload)
     os.makedirs(out, exist_ok=True)
     if distributed.is_main():
         save_heads(os.path.join(out, "heads.pt"), tasks)
