@@ -11,7 +11,6 @@
    walked BLOCK elements at a time so that the block of merged, g and the K masked copies of g stay in L1 while
    the T rows stream through. Each thread sums its dc in double, added to dc at the end. Reading θ0 as base
    saves the caller a separate pass that copies θ0 into merged before the walk. */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,11 +215,9 @@ struct job {
     double *acc;
 };
 
-static void *run_job(void *arg) {
-    struct job *j = (struct job *)arg;
+static void run_job(const struct job *j) {
     if (j->lo < j->hi)
         walk_range(j->bank, j->T, j->lo, j->hi, j->part, j->K, j->coef, j->base, j->merged, j->g, j->acc);
-    return NULL;
 }
 
 /* Whether the walk takes a bank of this dtype with K partitions: quantised banks only in the AVX-512 walk. */
@@ -235,8 +232,10 @@ int atlas_walk_takes(int dtype, int64_t K, int64_t group) {
 #endif
 }
 
-/* Returns 0, or 1 for arguments it does not take (the caller falls back to stock torch ops). The threads are
-   plain pthreads: an OpenMP runtime of its own would spin against torch's. scale, rows, cols and group describe a
+/* Returns 0, or 1 for arguments it does not take (the caller falls back to stock torch ops). The ranges run on
+   OpenMP threads: the library links libgomp.so.1, which the loader resolves to the runtime torch has loaded, so
+   the walk runs on torch's own worker threads, which a GEMM just before has left spinning, instead of on threads
+   of its own that would share the cores with them. scale, rows, cols and group describe a
    quantised bank (NULL and zeros otherwise); ld is in elements of the storage. base (n,) may be NULL: merged then
    accumulates onto what it holds. */
 int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, const float *scale, int64_t rows,
@@ -255,22 +254,15 @@ int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, con
     if (used < 1) used = 1;
     double *acc = (double *)calloc((size_t)(used * T * K), sizeof(double));
     struct job *jobs = (struct job *)calloc((size_t)used, sizeof(struct job));
-    pthread_t *threads = (pthread_t *)calloc((size_t)used, sizeof(pthread_t));
-    char *spawned = (char *)calloc((size_t)used, 1);
-    int status = acc == NULL || jobs == NULL || threads == NULL || spawned == NULL;
+    int status = acc == NULL || jobs == NULL;
     if (!status) {
         for (int w = 0; w < used; w++) {
             int64_t lo = w * per, hi = lo + per < n ? lo + per : n;
             jobs[w] = (struct job){&bank, T, lo, hi, K, part, coef, base != NULL ? base : merged, g, merged,
                                    acc + w * T * K};
         }
-        /* The calling thread takes range 0; a range whose thread cannot start runs here too. */
-        for (int w = 1; w < used; w++) spawned[w] = pthread_create(&threads[w], NULL, run_job, &jobs[w]) == 0;
-        run_job(&jobs[0]);
-        for (int w = 1; w < used; w++) {
-            if (spawned[w]) pthread_join(threads[w], NULL);
-            else run_job(&jobs[w]);
-        }
+#pragma omp parallel for num_threads(used) schedule(static, 1)
+        for (int w = 0; w < used; w++) run_job(&jobs[w]);
         if (dc != NULL) {
             for (int64_t j = 0; j < T * K; j++) {
                 double total = 0.0;
@@ -279,8 +271,6 @@ int atlas_walk(const void *tau, int dtype, int64_t T, int64_t n, int64_t ld, con
             }
         }
     }
-    free(spawned);
-    free(threads);
     free(jobs);
     free(acc);
     return status;
