@@ -76,17 +76,18 @@ static inline void mask(float *restrict out, const float *restrict g, const uint
 
 /* 16 elements of task vector t from flat element off, as float32 (lanes outside the prefix mask `live` are 0). A
    quantised bank's 16 lanes lie in one row and, for int4, in one scale group: the walk cuts its blocks at rows. */
-static inline __m512 load16(const struct bank *b, int64_t t, int64_t off, __mmask16 live) {
-    if (b->dtype == F32) return _mm512_maskz_loadu_ps(live, (const float *)b->data + t * b->ld + off);
-    if (b->dtype == BF16 || b->dtype == F16) {
+static inline __attribute__((always_inline)) __m512 load16(const struct bank *b, const int dtype, int64_t t,
+                                                           int64_t off, __mmask16 live) {
+    if (dtype == F32) return _mm512_maskz_loadu_ps(live, (const float *)b->data + t * b->ld + off);
+    if (dtype == BF16 || dtype == F16) {
         __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)b->data + t * b->ld + off);
-        if (b->dtype == F16) return _mm512_cvtph_ps(h);
+        if (dtype == F16) return _mm512_cvtph_ps(h);
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     int64_t row = off / b->cols, col = off - row * b->cols;
     __m512i q;
     float scale;
-    if (b->dtype == I8) {
+    if (dtype == I8) {
         q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, (const int8_t *)b->data + t * b->ld + off));
         scale = b->scale[t * b->rows + row];
     } else {
@@ -107,15 +108,16 @@ static inline __m512 load16(const struct bank *b, int64_t t, int64_t off, __mmas
    register across the rows (loaded and stored once, as a BLAS gemv does), the lanes' coefficients c[t, k(i)] come
    from one permute of row t of the coefficients, and the reduction adds τ·g into T·K register-width sums, masked
    to each partition, flushed into double once per block. */
-static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
-                              int64_t K, const float *coef, const float *base, float *merged, const float *g,
-                              double *dc_acc) {
+static inline __attribute__((always_inline)) void walk_avx512(const struct bank *bank, const int dtype, int64_t T,
+                                                             int64_t lo, int64_t hi, const uint8_t *part, int64_t K,
+                                                             const float *coef, const float *base, float *merged,
+                                                             const float *g, double *dc_acc) {
     __m512i idx[BLOCK / 16];
     __mmask16 masks[16][BLOCK / 16];
     const __mmask16 coef_lanes = (__mmask16)((1u << K) - 1);
     __m512 *sums = g != NULL ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(T * K)) : NULL;
     if (g != NULL && sums == NULL) return;
-    const int quantised = bank->dtype == I8 || bank->dtype == I4;
+    const int quantised = dtype == I8 || dtype == I4;
     for (int64_t s = lo, m; s < hi; s += m) {
         m = hi - s < BLOCK ? hi - s : BLOCK;
         if (quantised && m > bank->cols - s % bank->cols) m = bank->cols - s % bank->cols;  /* to the row's end */
@@ -136,7 +138,7 @@ static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, in
             __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, base + off) : _mm512_setzero_ps();
             __m512 gv = g != NULL ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
             for (int64_t t = 0; t < T; t++) {
-                __m512 r = load16(bank, t, off, live);
+                __m512 r = load16(bank, dtype, t, off, live);
                 if (merged != NULL) {
                     __m512 cm = K == 1 ? _mm512_set1_ps(coef[t])
                                        : _mm512_permutexvar_ps(idx[j], _mm512_maskz_loadu_ps(coef_lanes, coef + t * K));
@@ -157,6 +159,19 @@ static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, in
             for (int64_t q = 0; q < T * K; q++) dc_acc[q] += _mm512_reduce_add_ps(sums[q]);
     }
     free(sums);
+}
+
+/* walk_avx512 compiled once per storage dtype, so that no load branches on it. */
+static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
+                              int64_t K, const float *coef, const float *base, float *merged, const float *g,
+                              double *dc_acc) {
+    switch (bank->dtype) {
+    case F32: walk_avx512(bank, F32, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
+    case BF16: walk_avx512(bank, BF16, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
+    case F16: walk_avx512(bank, F16, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
+    case I8: walk_avx512(bank, I8, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
+    default: walk_avx512(bank, I4, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
+    }
 }
 #endif
 
