@@ -44,7 +44,7 @@ def _atlas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tens
             scale_w: Optional[Tensor] = None, group_w: int = 0) -> Tensor:
     tau = _tau(tau_w, scale_w, group_w, weight)
     return resolve(backend, x.device, coef_w.dtype).atlas_linear(x, weight, bias, tau, tau_b, coef_w, coef_b,
-                                                                         key_w, key_b)
+                                                                 key_w, key_b)
 
 
 @_atlas_linear.register_fake
@@ -98,7 +98,7 @@ def _atlas_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau_w: Tens
     conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     tau = _tau(tau_w, scale_w, group_w, weight)
     return resolve(backend, x.device, coef_w.dtype).atlas_conv2d(x, weight, bias, tau, tau_b, coef_w, coef_b,
-                                                                         key_w, key_b, conv)
+                                                                 key_w, key_b, conv)
 
 
 def _conv_out_size(size, k, s, p, d):

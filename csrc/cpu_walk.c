@@ -138,7 +138,8 @@ static inline __attribute__((always_inline)) void walk_avx512(const struct bank 
             __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, base + off) : _mm512_setzero_ps();
             __m512 gv = g != NULL ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
             for (int64_t t = 0; t < T; t++) {
-                if (dtype <= F16)   /* the float rows, 1024 bytes ahead: T streams are more than the prefetchers follow */
+                /* the float rows 1 KiB ahead: T streams are more than the hardware prefetchers follow */
+                if (dtype <= F16)
                     _mm_prefetch((const char *)bank->data + (t * bank->ld + off) * (dtype == F32 ? 4 : 2) + 1024,
                                  _MM_HINT_T0);
                 __m512 r = load16(bank, dtype, t, off, live);

@@ -132,9 +132,7 @@ class TorchGrouped:
     def _factored(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b):
         c = lowrank.term_coefficients(tau_w, coef_w, x2.dtype).index_select(0, row_group)      # (M, T·r)
         y = lowrank.linear_rows(x2, weight, bias.to(x2.dtype) if bias is not None else None, tau_w, c)
-        if tau_b is not None:
-            y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(x2.dtype), tau_b.to(x2.dtype))
-        return y
+        return TorchGrouped._add_bias_rows(y, row_group, tau_b, coef_b)
 
     @staticmethod
     def _rowscale(x2, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b):
@@ -142,8 +140,13 @@ class TorchGrouped:
         y = F.linear(x2, weight.to(x2.dtype), bias.to(x2.dtype) if bias is not None else None)
         for t in range(tau_w.shape[0]):
             y.addcmul_(c[:, t:t + 1], F.linear(x2, _task_vector(tau_w, t, x2.dtype)))
+        return TorchGrouped._add_bias_rows(y, row_group, tau_b, coef_b)
+
+    @staticmethod
+    def _add_bias_rows(y, row_group, tau_b, coef_b):
+        """y += Σ_t c_b[g(m), t] τ'_t on every row m of a P = 1 bias (nothing without bias task vectors)."""
         if tau_b is not None:
-            y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(x2.dtype), tau_b.to(x2.dtype))
+            y.addmm_(coef_b[:, :, 0].index_select(0, row_group).to(y.dtype), tau_b.to(y.dtype))
         return y
 
     def atlas_linear_backward(self, grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b,
