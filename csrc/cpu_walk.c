@@ -104,84 +104,107 @@ static inline __attribute__((always_inline)) __m512 load16(const struct bank *b,
     return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale));
 }
 
-/* K <= 16 partitions in AVX-512 registers. Sixteen elements at a time, all T rows: the merged lanes stay in a
-   register across the rows (loaded and stored once, as a BLAS gemv does), the lanes' coefficients c[t, k(i)] come
+/* K <= 16 partitions in AVX-512 registers. Sixteen elements at a time, all T rows: the merged lanes stay in
+   registers across the rows (loaded and stored once, as a BLAS gemv does), the lanes' coefficients c[t, k(i)] come
    from one permute of row t of the coefficients, and the reduction adds τ·g into T·K register-width sums, masked
-   to each partition, flushed into double once per block. */
-static inline __attribute__((always_inline)) void walk_avx512(const struct bank *bank, const int dtype, int64_t T,
+   to each partition, flushed into double once per block. The merged lanes take two FMA chains (even and odd rows):
+   one chain of T dependent FMAs, not the loads, bounded the walk. MERGE, REDUCE and PART (K > 1) are constants
+   in each compiled copy, so the row loop holds no branch on them and no reload of the bank's fields. */
+static inline __attribute__((always_inline)) void walk_avx512(const struct bank *bank, const int dtype, const int MERGE,
+                                                             const int REDUCE, const int PART, int64_t T,
                                                              int64_t lo, int64_t hi, const uint8_t *part, int64_t K,
                                                              const float *coef, const float *base, float *merged,
                                                              const float *g, double *dc_acc) {
     __m512i idx[BLOCK / 16];
     __mmask16 masks[16][BLOCK / 16];
     const __mmask16 coef_lanes = (__mmask16)((1u << K) - 1);
-    __m512 *sums = g != NULL ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(T * K)) : NULL;
-    if (g != NULL && sums == NULL) return;
+    __m512 *sums = REDUCE ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(T * K)) : NULL;
+    if (REDUCE && sums == NULL) return;
+    const struct bank b = *bank;
+    const int size = dtype == F32 ? 4 : 2;
     const int quantised = dtype == I8 || dtype == I4;
     for (int64_t s = lo, m; s < hi; s += m) {
         m = hi - s < BLOCK ? hi - s : BLOCK;
-        if (quantised && m > bank->cols - s % bank->cols) m = bank->cols - s % bank->cols;  /* to the row's end */
+        if (quantised && m > b.cols - s % b.cols) m = b.cols - s % b.cols;  /* to the row's end */
         int64_t groups = (m + 15) / 16;
         const __mmask16 last = m % 16 ? (__mmask16)((1u << (m % 16)) - 1) : (__mmask16)0xFFFF;
-        if (K > 1)
+        if (PART)
             for (int64_t j = 0; j < groups; j++) {
                 __mmask16 live = j == groups - 1 ? last : (__mmask16)0xFFFF;
                 idx[j] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, part + s + 16 * j));
                 for (int64_t k = 0; k < K; k++)
                     masks[k][j] = _mm512_mask_cmpeq_epi32_mask(live, idx[j], _mm512_set1_epi32((int)k));
             }
-        if (sums != NULL)
+        if (REDUCE)
             for (int64_t q = 0; q < T * K; q++) sums[q] = _mm512_setzero_ps();
         for (int64_t j = 0; j < groups; j++) {
             __mmask16 live = j == groups - 1 ? last : (__mmask16)0xFFFF;
             int64_t off = s + 16 * j;
-            __m512 out = merged != NULL ? _mm512_maskz_loadu_ps(live, base + off) : _mm512_setzero_ps();
-            __m512 gv = g != NULL ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
+            __m512 out0 = MERGE ? _mm512_maskz_loadu_ps(live, base + off) : _mm512_setzero_ps();
+            __m512 out1 = _mm512_setzero_ps();
+            __m512 gv = REDUCE ? _mm512_maskz_loadu_ps(live, g + off) : _mm512_setzero_ps();
             for (int64_t t = 0; t < T; t++) {
                 /* the float rows 1 KiB ahead: T streams are more than the hardware prefetchers follow */
                 if (dtype <= F16)
-                    _mm_prefetch((const char *)bank->data + (t * bank->ld + off) * (dtype == F32 ? 4 : 2) + 1024,
-                                 _MM_HINT_T0);
-                __m512 r = load16(bank, dtype, t, off, live);
-                if (merged != NULL) {
-                    __m512 cm = K == 1 ? _mm512_set1_ps(coef[t])
-                                       : _mm512_permutexvar_ps(idx[j], _mm512_maskz_loadu_ps(coef_lanes, coef + t * K));
-                    out = _mm512_fmadd_ps(cm, r, out);
+                    _mm_prefetch((const char *)b.data + (t * b.ld + off) * size + 1024, _MM_HINT_T0);
+                __m512 r = load16(&b, dtype, t, off, live);
+                if (MERGE) {
+                    __m512 cm = !PART ? _mm512_set1_ps(coef[t])
+                                      : _mm512_permutexvar_ps(idx[j], _mm512_maskz_loadu_ps(coef_lanes, coef + t * K));
+                    if (t & 1) out1 = _mm512_fmadd_ps(cm, r, out1);
+                    else out0 = _mm512_fmadd_ps(cm, r, out0);
                 }
-                if (g != NULL) {
+                if (REDUCE) {
                     __m512 *st = sums + t * K;
-                    if (K == 1) st[0] = _mm512_fmadd_ps(r, gv, st[0]);
+                    if (!PART) st[0] = _mm512_fmadd_ps(r, gv, st[0]);
                     else {
                         __m512 pr = _mm512_mul_ps(r, gv);
                         for (int64_t k = 0; k < K; k++) st[k] = _mm512_mask_add_ps(st[k], masks[k][j], st[k], pr);
                     }
                 }
             }
-            if (merged != NULL) _mm512_mask_storeu_ps(merged + off, live, out);
+            if (MERGE) _mm512_mask_storeu_ps(merged + off, live, _mm512_add_ps(out0, out1));
         }
-        if (sums != NULL)
+        if (REDUCE)
             for (int64_t q = 0; q < T * K; q++) dc_acc[q] += _mm512_reduce_add_ps(sums[q]);
     }
     free(sums);
 }
 
-/* walk_avx512 compiled once per storage dtype, so that no load branches on it. */
+/* walk_avx512 compiled once per storage dtype and mode, so that no load branches on them. */
+#define WALK(D, M, R, P) walk_avx512(bank, D, M, R, P, T, lo, hi, part, K, coef, base, merged, g, dc_acc)
+#define WALK_MODES(D)                                                                                         \
+    do {                                                                                                      \
+        if (merged != NULL && g != NULL) {                                                                    \
+            if (K > 1) WALK(D, 1, 1, 1);                                                                      \
+            else WALK(D, 1, 1, 0);                                                                            \
+        } else if (merged != NULL) {                                                                          \
+            if (K > 1) WALK(D, 1, 0, 1);                                                                      \
+            else WALK(D, 1, 0, 0);                                                                            \
+        } else if (K > 1) WALK(D, 0, 1, 1);                                                                   \
+        else WALK(D, 0, 1, 0);                                                                                \
+    } while (0)
+
 static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
                               int64_t K, const float *coef, const float *base, float *merged, const float *g,
                               double *dc_acc) {
     switch (bank->dtype) {
-    case F32: walk_avx512(bank, F32, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
-    case BF16: walk_avx512(bank, BF16, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
-    case F16: walk_avx512(bank, F16, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
-    case I8: walk_avx512(bank, I8, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
-    default: walk_avx512(bank, I4, T, lo, hi, part, K, coef, base, merged, g, dc_acc); break;
+    case F32: WALK_MODES(F32); break;
+    case BF16: WALK_MODES(BF16); break;
+    case F16: WALK_MODES(F16); break;
+    case I8: WALK_MODES(I8); break;
+    default: WALK_MODES(I4); break;
     }
 }
+#undef WALK_MODES
+#undef WALK
+
 #endif
 
-/* The portable walk (and K > 16 partitions). With partitions the merge accumulates one candidate sum per partition, acc[k][i] = Σ_t c[t, k] τ_t[i] (K
-   vector FMAs per element and row, no gather), and keeps acc[k(i)][i] once per block; the reduction takes K dot
-   products of each row with g masked to one partition, gk[k][i] = g[i] if k(i) = k else 0. */
+/* The portable walk (and K > 16 partitions). With partitions the merge accumulates one candidate sum per
+   partition, acc[k][i] = Σ_t c[t, k] τ_t[i] (K vector FMAs per element and row, no gather), and keeps acc[k(i)][i]
+   once per block; the reduction takes K dot products of each row with g masked to one partition,
+   gk[k][i] = g[i] if k(i) = k else 0. */
 static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
                        int64_t K, const float *coef, const float *base, float *merged, const float *g,
                        double *dc_acc) {
