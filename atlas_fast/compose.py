@@ -251,8 +251,8 @@ class AtlasModel(nn.Module):
         """Keep the fused modules' task vectors in host memory (page-locked unless pin=False) and copy each
         module's blocks to the model's device just before it runs, the next module's on a side stream meanwhile,
         forward and backward (offload.py): a bank larger than the GPU trains. The generically merged blocks stay
-        on the device. Returns the offload.BankOffload (its `host_bytes`, `peak_resident`). Move the model first,
-        and call onload_bank() before moving or copying it again."""
+        on the device. Returns the offload.BankOffload (its `host_bytes`, `peak_resident`). Move the model first:
+        moving, casting or deep-copying an offloaded model raises until onload_bank()."""
         from .offload import BankOffload
         self._check_composed()
         if self._offload is not None:
@@ -265,6 +265,24 @@ class AtlasModel(nn.Module):
         if self._offload is not None:
             self._offload.remove()
             self._offload = None
+
+    def _refuse_offloaded(self, what):
+        # The offload's hooks hold this model's modules and their host tensors: a moved model would stream to the
+        # old device, and a copy's hooks would swap the original's buffers.
+        if getattr(self, "_offload", None) is not None:
+            raise RuntimeError(f"{what}: the bank is offloaded (offload_bank()); call onload_bank() first, then "
+                               f"offload_bank() again on the result")
+
+    def _apply(self, fn, *args, **kwargs):
+        self._refuse_offloaded("moving or casting an AtlasModel (.to, .cuda, .cpu, .half, ...)")
+        return super()._apply(fn, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        self._refuse_offloaded("copy.deepcopy(AtlasModel)")
+        duplicate = self.__class__.__new__(self.__class__)
+        memo[id(self)] = duplicate
+        duplicate.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return duplicate
 
     # -- grouped compositions
 

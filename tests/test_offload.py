@@ -122,6 +122,26 @@ def test_grouped_calls_and_onload(vit):
         assert_rel(merged[name], m, 0.0, name)
 
 
+def test_offloaded_model_refuses_moves_and_copies(vit):
+    """Moving or copying an offloaded model names onload_bank(); once onloaded, both work as for any model."""
+    model = _composed(vit)
+    images = torch.randn(2, 3, 32, 32)
+    ref = model(images).detach()
+    model.offload_bank()
+    for what, action in (("moving", lambda: model.to(torch.float64)), ("moving", lambda: model.cpu()),
+                         ("deepcopy", lambda: copy.deepcopy(model))):
+        with pytest.raises(RuntimeError, match=f"{what}.*onload_bank"):
+            action()
+    assert_rel(model(images), ref, 1e-6, "the offloaded model after the refusals")
+    model.onload_bank()
+    duplicate = copy.deepcopy(model)
+    with torch.no_grad():
+        model.coefficients.zero_()
+    assert_rel(duplicate(images), ref, 1e-6, "the copy, after the original's coefficients changed")
+    assert duplicate.model.conv1.tau_weight.data_ptr() != model.model.conv1.tau_weight.data_ptr()
+    assert model.to(torch.float64).coefficients.dtype == torch.float64
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_offload_memory_and_results(backend):
