@@ -1,4 +1,8 @@
 """Shared test helpers: relative errors against the float64 reference, verbose failures, random banks."""
+import os
+import subprocess
+import sys
+
 import torch
 
 # Relative-error tolerances ‖out − ref‖ / ‖ref‖ per compute dtype (outputs, gradients).
@@ -127,3 +131,11 @@ def assert_coef_grad(grad, ref, names, tol, granularity="block", partitions=1):
     for b, name in enumerate(names):
         assert_rel(block_coefficients(grad, b, granularity, partitions),
                    block_coefficients(ref, b, granularity, partitions), tol, f"coefficient gradient of {name}")
+
+
+def compile_for_sm90(script):
+    """Runs a script that compiles Triton kernels for Hopper (triton.compile with GPUTarget("cuda", 90, 32)) in a
+    fresh process without TRITON_INTERPRET: the lowering the interpreter skips, without a GPU. Fails on its error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]

@@ -21,7 +21,7 @@ from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, m
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
 from conftest import DEVICE
-from helpers import TOL, assert_rel, merged_reference, random_bank, reference_call, tiny_vit
+from helpers import TOL, assert_rel, compile_for_sm90, merged_reference, random_bank, reference_call, tiny_vit
 
 T = 3
 KEY_W, KEY_B = block_key(7, 1), block_key(7, 2)
@@ -553,3 +553,43 @@ def test_cli_bench_groups(monkeypatch):
     assert seen[2].rank == 3
     with pytest.raises(SystemExit):
         cli.main(["bench", "--groups", "7", "--batch", "6", "--device", "cpu"])
+
+
+_SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atlas_fast.kernels import atlas_linear_grouped as k
+
+act, quant = "{act}", {quant}
+data = {{0: "bf16", 1: "i8", 2: "u8"}}[quant]
+segments = dict(rows_ptr="*i32", seg_start_ptr="*i32", tile_group_ptr="*i32", tile_start_ptr="*i32")
+bank = dict(w_ptr="*fp32", tau_w_ptr="*" + data, scale_w_ptr="*fp32", coef_w_ptr="*fp32", N="i32", K="i32",
+            key_w="i32")
+kernels = [
+    (k.atlas_linear_grouped_fwd_kernel, dict(x_ptr="*" + act, b_ptr="*fp32", tau_b_ptr="*fp32", coef_b_ptr="*fp32",
+     y_ptr="*" + act, stride_xm="i32", stride_xk="i32", stride_ym="i32", key_b="i32"),
+     dict(T=3, T_B=3, HAS_BIAS=True, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K)),
+    (k.atlas_linear_grouped_dx_kernel, dict(dy_ptr="*" + act, dx_ptr="*" + act, stride_dym="i32", stride_dyn="i32",
+     stride_dxm="i32"), dict(T=3, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K)),
+    (k.atlas_linear_grouped_dc_kernel, dict(dy_ptr="*" + act, x_ptr="*" + act, partial_ptr="*fp32", T="i32",
+     stride_dym="i32", stride_dyn="i32", stride_xm="i32", stride_xk="i32"),
+     dict(BLOCK_M=k.DC_BLOCK_M, BLOCK_N=k.DC_BLOCK_N, BLOCK_K=k.DC_BLOCK_K)),
+]
+for fn, signature, constants in kernels:
+    constants.update(P=3, QUANT=quant, GROUP=64, UPCAST=act == "fp32", PRECISION="ieee")
+    signature.update(segments)
+    signature.update(bank)
+    signature.update({{name: "constexpr" for name in constants}})
+    signature = {{name: signature[name] for name in fn.arg_names}}
+    triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=k.WARPS, num_stages=2))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act,quant_kind", [("bf16", 0), ("bf16", 2), ("fp32", 1)])
+def test_grouped_kernels_compile_for_sm90(act, quant_kind):
+    """The interpreter does not lower the grouped kernels; compiling the float (0), int8 (1) and int4 (2) variants
+    for Hopper does, with the tiles a GPU launch uses."""
+    compile_for_sm90(_SM90_COMPILE.format(act=act, quant=quant_kind))

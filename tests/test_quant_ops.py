@@ -13,7 +13,7 @@ from atlas_fast.hashing import block_key
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
 
 from conftest import DEVICE
-from helpers import TOL, assert_coef_grad, assert_rel, random_coef, reference_outputs_and_grad
+from helpers import TOL, assert_coef_grad, assert_rel, compile_for_sm90, random_coef, reference_outputs_and_grad
 
 FORMATS = [("int8", None), ("int4", 16)]   # group 16: several groups per row and a short last one at K = 70
 
@@ -386,13 +386,7 @@ triton.compile(ASTSource(fn, {{n: signature[n] for n in fn.arg_names}}, constant
 def test_quantised_kernels_compile_for_sm90(act, quant_kind):
     """The interpreter does not lower the kernels; compiling the float (0), int8 (1) and int4 (2) variants for
     Hopper does."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE.format(act=act, quant=quant_kind)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    compile_for_sm90(_SM90_COMPILE.format(act=act, quant=quant_kind))
 
 
 # ---------------------------------------------------------------- compose

@@ -3,10 +3,6 @@
 Outputs are preallocated and poisoned with NaN, so an element a kernel fails to write cannot pass.
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,7 +16,7 @@ from atlas_fast.kernels import atlas_linear as kernels
 from atlas_fast.reference import linear_ref, merge_ref
 
 from conftest import DEVICE
-from helpers import TOL, assert_rel, random_bank, random_coef, rel_err
+from helpers import TOL, assert_rel, compile_for_sm90, random_bank, random_coef, rel_err
 
 KEYS = (block_key(3, 0), block_key(3, 1))
 
@@ -226,10 +222,7 @@ for fn, signature, constants in kernels:
 @pytest.mark.parametrize("act,bank", [("bf16", "bf16"), ("fp32", "fp16")])
 def test_kernels_compile_for_sm90(act, bank):
     """The interpreter does not lower the kernels; compiling them for Hopper does, without a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE.format(act=act, bank=bank)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    compile_for_sm90(_SM90_COMPILE.format(act=act, bank=bank))
 
 
 def test_backend_switch_and_availability():
