@@ -1,6 +1,6 @@
 """The compiled CPU walk (csrc/cpu_walk.c) against float64 sums computed here: every bank dtype (int8 and int4
-where it has AVX-512), partitions from one to past the AVX-512 path's 16, odd lengths across blocks and threads;
-and its absence falls back cleanly."""
+where it has AVX-512), partitions from one to past the AVX-512 path's 16, odd lengths across blocks and threads,
+the portable path built without AVX-512 as well; and its absence falls back cleanly."""
 import os
 import subprocess
 import sys
@@ -30,6 +30,34 @@ def _reference(tau, part, K, coef, theta0, g):
 @pytest.mark.parametrize("K", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("n,threads", [(5, 1), (4099, 2), (3 * 1024 + 1, 3)])
 def test_walk_against_float64(dtype, K, n, threads):
+    _check_walk(dtype, K, n, threads)
+
+
+@pytest.fixture(scope="module")
+def portable_walk(tmp_path_factory):
+    """The walk built as on an x86 CPU without AVX-512 (the portable C path for every K), in a folder of its own."""
+    handle = cpu_native._build([*cpu_native._FLAGS, "-mno-avx512f"], tmp_path_factory.mktemp("portable"))
+    if isinstance(handle, str):
+        pytest.skip(f"no portable build here: {handle}")
+    return handle
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [1, 3, 16])
+@pytest.mark.parametrize("n,threads", [(5, 1), (4099, 2)])
+def test_portable_walk_against_float64(portable_walk, monkeypatch, dtype, K, n, threads):
+    """K <= 16 takes the AVX-512 path where the CPU has it: the portable one, which other CPUs take, is built
+    without it and checked the same way."""
+    assert portable_walk.atlas_walk_takes(3, 1, 0) == 0, "an int8 bank is taken only by the AVX-512 walk"
+    monkeypatch.setitem(cpu_native._state, "fn", portable_walk.atlas_walk)
+    monkeypatch.setitem(cpu_native._state, "takes", portable_walk.atlas_walk_takes)
+    assert not cpu_native.takes(quant.quantize(torch.ones(1, 1, 16), "int8"), torch.float32, K)
+    _check_walk(dtype, K, n, threads)
+
+
+def _check_walk(dtype, K, n, threads):
+    """Merge and reduce, merge alone, reduce alone and merge from base, against the float64 sums."""
     torch.manual_seed(K + n)
     T = 5
     tau = (torch.randn(T, n) * 1e-2).to(dtype)
@@ -54,6 +82,8 @@ def test_walk_against_float64(dtype, K, n, threads):
     assert torch.equal(merge_only, merged)
     assert_rel(dc_only, dc_ref, 1e-5, "dc alone")
     assert torch.equal(from_base, merged) and torch.equal(theta0, theta0_before)
+
+
 
 
 @needs_native

@@ -52,8 +52,10 @@ def _cpu_flags():
         return ""
 
 
-def _compile():
-    """The loaded library, or the reason there is none."""
+def _build(flags=_FLAGS, cache=None):
+    """csrc/cpu_walk.c compiled with these flags (once per source, compiler, flags and CPU) and loaded: the ctypes
+    library, its atlas_walk and atlas_walk_takes typed, or the reason there is none. Other flags build a variant,
+    as the tests build the portable walk of a CPU without AVX-512."""
     if os.environ.get("ATLAS_FAST_CPU_NATIVE", "1") == "0":
         return "disabled by ATLAS_FAST_CPU_NATIVE=0"
     source = _source()
@@ -63,8 +65,8 @@ def _compile():
     if cc is None:
         return "no C compiler (cc) on PATH"
     text = source.read_bytes()
-    key = hashlib.sha256(text + cc.encode() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("ATLAS_FAST_CACHE", Path.home() / ".cache" / "atlas_fast"))
+    key = hashlib.sha256(text + cc.encode() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    cache = Path(cache or os.environ.get("ATLAS_FAST_CACHE", Path.home() / ".cache" / "atlas_fast"))
     lib = cache / f"cpu_walk-{key}.so"
     if not lib.is_file():
         try:
@@ -72,7 +74,7 @@ def _compile():
             fd, tmp = tempfile.mkstemp(prefix=".tmp-cpu_walk-", suffix=".so", dir=cache)
             os.close(fd)
             try:
-                run = subprocess.run([cc, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+                run = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True)
                 if run.returncode != 0:
                     return f"{cc} failed on {source}: {run.stderr.strip()[-500:]}"
                 os.replace(tmp, lib)
@@ -91,8 +93,16 @@ def _compile():
     fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     handle.atlas_walk_takes.restype = ctypes.c_int
     handle.atlas_walk_takes.argtypes = [ctypes.c_int, i64, i64]
+    return handle
+
+
+def _compile():
+    """The loaded atlas_walk (atlas_walk_takes in _state["takes"]), or the reason there is none."""
+    handle = _build()
+    if isinstance(handle, str):
+        return handle
     _state["takes"] = handle.atlas_walk_takes
-    return fn
+    return handle.atlas_walk
 
 
 def _function():
