@@ -65,6 +65,42 @@ static inline float dot(const float *restrict x, const float *restrict y, int64_
     return sum;
 }
 
+/* Element i of a float32, bfloat16 or float16 row as float32 (dtype a constant where this is inlined). */
+static inline __attribute__((always_inline)) float widen(const void *row, const int dtype, int64_t i) {
+    if (dtype == F32) return ((const float *)row)[i];
+    if (dtype == BF16) return widen_bf16(((const uint16_t *)row)[i]);
+    return (float)((const _Float16 *)row)[i];
+}
+
+/* K = 1, one pass over a row: out += c·τ and/or returns τ·g, τ widened as it is read. */
+static inline __attribute__((always_inline)) float row_pass(const void *row, const int dtype, int64_t m, float c,
+                                                            float *restrict out, const float *restrict g) {
+    float sum = 0.0f;
+    if (out != NULL && g != NULL) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < m; i++) {
+            float x = widen(row, dtype, i);
+            out[i] += c * x;
+            sum += x * g[i];
+        }
+    } else if (out != NULL) {
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) out[i] += c * widen(row, dtype, i);
+    } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < m; i++) sum += widen(row, dtype, i) * g[i];
+    }
+    return sum;
+}
+
+static float row_pass_any(const void *row, int dtype, int64_t m, float c, float *out, const float *g) {
+    switch (dtype) {
+    case F32: return row_pass(row, F32, m, c, out, g);
+    case BF16: return row_pass(row, BF16, m, c, out, g);
+    default: return row_pass(row, F16, m, c, out, g);
+    }
+}
+
 static inline void mask(float *restrict out, const float *restrict g, const uint8_t *restrict p, int k, int64_t m) {
 #pragma omp simd
     for (int64_t i = 0; i < m; i++) out[i] = p[i] == k ? g[i] : 0.0f;
@@ -201,9 +237,11 @@ static void walk_range_avx512(const struct bank *bank, int64_t T, int64_t lo, in
 
 #endif
 
-/* The portable walk (and K > 16 partitions). With partitions the merge accumulates one candidate sum per
-   partition, acc[k][i] = Σ_t c[t, k] τ_t[i] (K vector FMAs per element and row, no gather), and keeps acc[k(i)][i]
-   once per block; the reduction takes K dot products of each row with g masked to one partition,
+/* The portable walk (and K > 16 partitions), a row's stretch of a block at a time, the next block's stretch
+   prefetched meanwhile (T streams are more than the hardware prefetchers follow). K = 1 merges and reduces a
+   stretch in one pass (row_pass). With partitions the merge accumulates one candidate sum per partition,
+   acc[k][i] = Σ_t c[t, k] τ_t[i] (K vector FMAs per element and row, no gather), and keeps acc[k(i)][i] once per
+   block; the reduction takes K dot products of each row with g masked to one partition,
    gk[k][i] = g[i] if k(i) = k else 0. */
 static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t hi, const uint8_t *part,
                        int64_t K, const float *coef, const float *base, float *merged, const float *g,
@@ -211,6 +249,7 @@ static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t h
     const void *tau = bank->data;
     const int dtype = bank->dtype;
     const int64_t ld = bank->ld;
+    const int64_t size = dtype == F32 ? 4 : 2;
 #ifdef HAVE_AVX512
     if (K <= 16) {
         walk_range_avx512(bank, T, lo, hi, part, K, coef, base, merged, g, dc_acc);
@@ -229,15 +268,21 @@ static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t h
         if (acc != NULL) memset(acc, 0, sizeof(float) * (size_t)(K * BLOCK));
         if (merged != NULL && base != merged) memcpy(merged + s, base + s, sizeof(float) * (size_t)m);
         for (int64_t t = 0; t < T; t++) {
-            const float *row = load_row(tau, dtype, t * ld + s, m, buf);
-            if (merged != NULL) {
-                const float *c = coef + t * K;
-                if (K == 1) axpy(merged + s, c[0], row, m);
-                else
-                    for (int64_t k = 0; k < K; k++) axpy(acc + k * BLOCK, c[k], row, m);
+            if (s + BLOCK < hi)
+                for (int64_t b = 0; b < BLOCK * size; b += 64)
+                    __builtin_prefetch((const char *)tau + (t * ld + s + BLOCK) * size + b, 0, 3);
+            if (K == 1) {
+                float d = row_pass_any((const char *)tau + (t * ld + s) * size, dtype, m,
+                                       merged != NULL ? coef[t] : 0.0f, merged != NULL ? merged + s : NULL,
+                                       g != NULL ? g + s : NULL);
+                if (g != NULL) dc_acc[t] += d;
+                continue;
             }
+            const float *row = load_row(tau, dtype, t * ld + s, m, buf);
+            if (merged != NULL)
+                for (int64_t k = 0; k < K; k++) axpy(acc + k * BLOCK, coef[t * K + k], row, m);
             if (g != NULL)
-                for (int64_t k = 0; k < K; k++) dc_acc[t * K + k] += dot(row, gk != NULL ? gk + k * BLOCK : g + s, m);
+                for (int64_t k = 0; k < K; k++) dc_acc[t * K + k] += dot(row, gk + k * BLOCK, m);
         }
         if (acc != NULL) {
             float *out = merged + s;
