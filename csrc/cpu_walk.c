@@ -37,18 +37,22 @@ static inline float widen_bf16(uint16_t b) {
     return f;
 }
 
-/* Row elements [offset, offset + m) of τ as float32: the row itself for float32, else widened into buf (the
-   conversion the compiler vectorises). */
-static inline const float *load_row(const void *tau, int dtype, int64_t offset, int64_t m, float *restrict buf) {
-    if (dtype == F32) return (const float *)tau + offset;
+/* Element i of a float32, bfloat16 or float16 row as float32 (dtype a constant where this is inlined). */
+static inline __attribute__((always_inline)) float widen(const void *row, const int dtype, int64_t i) {
+    if (dtype == F32) return ((const float *)row)[i];
+    if (dtype == BF16) return widen_bf16(((const uint16_t *)row)[i]);
+    return (float)((const _Float16 *)row)[i];
+}
+
+/* The first m elements of a row of τ as float32: the row itself for float32, else widened into buf. */
+static inline const float *load_row(const void *row, int dtype, int64_t m, float *restrict buf) {
+    if (dtype == F32) return (const float *)row;
     if (dtype == BF16) {
-        const uint16_t *src = (const uint16_t *)tau + offset;
 #pragma omp simd
-        for (int64_t i = 0; i < m; i++) buf[i] = widen_bf16(src[i]);
+        for (int64_t i = 0; i < m; i++) buf[i] = widen(row, BF16, i);
     } else {
-        const _Float16 *src = (const _Float16 *)tau + offset;
 #pragma omp simd
-        for (int64_t i = 0; i < m; i++) buf[i] = (float)src[i];
+        for (int64_t i = 0; i < m; i++) buf[i] = widen(row, F16, i);
     }
     return buf;
 }
@@ -63,13 +67,6 @@ static inline float dot(const float *restrict x, const float *restrict y, int64_
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < m; i++) sum += x[i] * y[i];
     return sum;
-}
-
-/* Element i of a float32, bfloat16 or float16 row as float32 (dtype a constant where this is inlined). */
-static inline __attribute__((always_inline)) float widen(const void *row, const int dtype, int64_t i) {
-    if (dtype == F32) return ((const float *)row)[i];
-    if (dtype == BF16) return widen_bf16(((const uint16_t *)row)[i]);
-    return (float)((const _Float16 *)row)[i];
 }
 
 /* K = 1, one pass over a row: out += c·τ and/or returns τ·g, τ widened as it is read. */
@@ -268,17 +265,16 @@ static void walk_range(const struct bank *bank, int64_t T, int64_t lo, int64_t h
         if (acc != NULL) memset(acc, 0, sizeof(float) * (size_t)(K * BLOCK));
         if (merged != NULL && base != merged) memcpy(merged + s, base + s, sizeof(float) * (size_t)m);
         for (int64_t t = 0; t < T; t++) {
+            const char *stretch = (const char *)tau + (t * ld + s) * size;
             if (s + BLOCK < hi)
-                for (int64_t b = 0; b < BLOCK * size; b += 64)
-                    __builtin_prefetch((const char *)tau + (t * ld + s + BLOCK) * size + b, 0, 3);
+                for (int64_t b = 0; b < BLOCK * size; b += 64) __builtin_prefetch(stretch + BLOCK * size + b, 0, 3);
             if (K == 1) {
-                float d = row_pass_any((const char *)tau + (t * ld + s) * size, dtype, m,
-                                       merged != NULL ? coef[t] : 0.0f, merged != NULL ? merged + s : NULL,
-                                       g != NULL ? g + s : NULL);
+                float d = row_pass_any(stretch, dtype, m, merged != NULL ? coef[t] : 0.0f,
+                                       merged != NULL ? merged + s : NULL, g != NULL ? g + s : NULL);
                 if (g != NULL) dc_acc[t] += d;
                 continue;
             }
-            const float *row = load_row(tau, dtype, t * ld + s, m, buf);
+            const float *row = load_row(stretch, dtype, m, buf);
             if (merged != NULL)
                 for (int64_t k = 0; k < K; k++) axpy(acc + k * BLOCK, coef[t * K + k], row, m);
             if (g != NULL)
