@@ -1,5 +1,7 @@
 # make bench        install into .venv (once) and run `atlas-fast bench` on its embedded default
 # make test         install into .venv (once) and run the test suite (what CI runs)
+# make gpu-check-dry  benchmarks/gpu_check.sh as a dry run: every part on the CPU at tiny sizes against an install
+#                   of the package (what CI runs, so that the GPU run does not fail on a path, flag or import)
 # make cuda-check   compile every source in csrc/ with nvcc, compile-only, for sm_80 and sm_90 (the .cpp once,
 #                   it has no device code) with the flags torch's extension builder uses; objects go to a
 #                   temporary directory. Needs nvcc and the venv's torch headers, no GPU. Fails on any error.
@@ -23,7 +25,7 @@ CXX_FLAGS = -O2 -std=c++20 -Xcompiler -Wall,-fPIC $(TORCH_INCLUDES)
 CU_SOURCES := $(wildcard csrc/*.cu)
 CPP_SOURCES := $(wildcard csrc/*.cpp)
 
-.PHONY: install bench test cuda-check
+.PHONY: install bench test cuda-check gpu-check-dry
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -37,6 +39,9 @@ bench: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
+
+gpu-check-dry: $(VENV)/.installed
+	GPU_CHECK_DRY_RUN=1 PYTHON=$(PYTHON) OUT=$${OUT:-$$(mktemp -d)/gpu_check} bash benchmarks/gpu_check.sh
 
 # torch's CUDA 13 wheels take the CUDA headers they were built with from the nvidia/cu13 package (CPATH).
 cuda-check: $(VENV)/.installed

@@ -12,11 +12,14 @@ Providers, all on the same x, θ0, bank and non-zero coefficients:
                                                        then each fused backend with the strategy forced to
                                                        fused, to merge-once, and left to the cost model, at
                                                        M = 6400, 128, 8, 1 rows, with the model's prediction
+    python benchmarks/bench_atlas_linear.py --dry-run  the same at tiny sizes on the CPU (Triton interpreted)
 """
 import argparse
 import importlib
 import json
 import statistics
+import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -119,30 +122,55 @@ def test_atlas_linear_gpu(benchmark, provider, shape, T):
 
 # ---------------------------------------------------------------- roofline on a GPU
 
-def cuda_times(fn, warmup=5, reps=30):
-    """Seconds per call, one CUDA-event pair around each call."""
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes of the roofline and strategy runs: the ViT-B/32 MLP layer on a GPU; tiny ones for the dry run,
+    which checks on a CPU (Triton under its interpreter) that every path of this script runs and writes its files."""
+    M: int = GPU_IMAGES * 50
+    K: int = 768
+    N: int = 3072
+    T: int = 21
+    rows: tuple = (6400, 128, 8, 1)
+    matmul_n: int = 8192
+    copy_bytes: int = 2 ** 30
+    warmup: int = 5
+    reps: int = 30
+
+
+DRY_RUN = Sizes(M=40, K=48, N=80, T=3, rows=(64, 8, 1), matmul_n=256, copy_bytes=2 ** 22, warmup=1, reps=2)
+
+
+def device_times(fn, device, warmup, reps):
+    """Seconds per call: one CUDA-event pair around each call on a GPU, a host clock around each call elsewhere
+    (where every op has finished when it returns)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return times
+    torch.cuda.synchronize(device)
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in pairs:
         start.record()
         fn()
         end.record()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     return [s.elapsed_time(e) / 1e3 for s, e in pairs]
 
 
-def measured_ceilings():
+def measured_ceilings(device, sizes):
     """bf16 matmul FLOP/s and device copy bytes/s, measured here rather than taken from a data sheet."""
-    n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda",
-                                                                              dtype=torch.bfloat16)
-    flops = 2 * n ** 3 / statistics.median(cuda_times(lambda: a @ b))
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    n = sizes.matmul_n
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    flops = 2 * n ** 3 / statistics.median(device_times(lambda: a @ b, device, sizes.warmup, sizes.reps))
+    src = torch.empty(sizes.copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_bps = 2 * src.numel() / statistics.median(cuda_times(lambda: dst.copy_(src)))
-    return flops, copy_bps
+    copy_s = statistics.median(device_times(lambda: dst.copy_(src), device, sizes.warmup, sizes.reps))
+    return flops, 2 * src.numel() / copy_s
 
 
 def fused_floors(M, K, N, T, x_bytes, w_bytes, tau_bytes):
@@ -154,42 +182,46 @@ def fused_floors(M, K, N, T, x_bytes, w_bytes, tau_bytes):
     return flops, nbytes
 
 
-def roofline(ceilings, M=GPU_IMAGES * 50, K=768, N=3072, T=21):
+def roofline(ceilings, device, sizes):
     flops_ceiling, bytes_ceiling = ceilings
+    M, K, N, T = sizes.M, sizes.K, sizes.N, sizes.T
     flops, nbytes = fused_floors(M, K, N, T, 2, 4, 2)
     floor_s = max(flops / flops_ceiling, nbytes / bytes_ceiling)
-    print(f"ceilings: bf16 matmul {flops_ceiling / 1e12:.0f} TFLOP/s, device copy {bytes_ceiling / 1e9:.0f} GB/s")
-    print(f"atlas_linear M={M} K={K} N={N} T={T}, bf16 x and bank, fp32 θ0: {flops / 1e9:.1f} GFLOP, "
-          f"{nbytes / 1e6:.0f} MB; FLOP floor {flops / flops_ceiling * 1e3:.3f} ms, byte floor "
+    print(f"ceilings: bf16 matmul {flops_ceiling / 1e12:.2f} TFLOP/s, device copy {bytes_ceiling / 1e9:.0f} GB/s")
+    print(f"atlas_linear M={M} K={K} N={N} T={T}, bf16 x and bank, fp32 θ0: {flops / 1e9:.3f} GFLOP, "
+          f"{nbytes / 1e6:.1f} MB; FLOP floor {flops / flops_ceiling * 1e3:.3f} ms, byte floor "
           f"{nbytes / bytes_ceiling * 1e3:.3f} ms")
     rows = []
     print(f"{'provider':<8} {'fwd+bwd ms':>11} {'spread':>7} {'× floor':>8} {'TFLOP/s':>8}")
     for provider in _providers("cuda"):
-        reason = None if provider in ("frozen", "naive") else unavailable_reason(provider, torch.device("cuda"))
+        reason = None if provider in ("frozen", "naive") else unavailable_reason(provider, device)
         if reason is not None:
             print(f"{provider:<8} unavailable: {reason}")
             rows.append({"provider": provider, "unavailable": reason})
             continue
-        a = make_inputs(M, K, N, T, "cuda", torch.bfloat16, torch.bfloat16)
-        times = cuda_times(step_fn(provider, a))
+        a = make_inputs(M, K, N, T, device, torch.bfloat16, torch.bfloat16)
+        times = device_times(step_fn(provider, a), device, sizes.warmup, sizes.reps)
         med = statistics.median(times)
         spread = (max(times) - min(times)) / 2
-        print(f"{provider:<8} {med * 1e3:11.3f} {spread * 1e3:7.3f} {med / floor_s:8.2f} {flops / med / 1e12:8.1f}")
+        print(f"{provider:<8} {med * 1e3:11.3f} {spread * 1e3:7.3f} {med / floor_s:8.2f} {flops / med / 1e12:8.3f}")
         rows.append({"provider": provider, "median_s": med, "times_s": times, "vs_floor": med / floor_s})
         del a
+        _empty_cache(device)
+    return {"device": str(device), "M": M, "K": K, "N": N, "T": T, "flops": flops, "bytes": nbytes,
+            "flops_per_s_ceiling": flops_ceiling, "bytes_per_s_ceiling": bytes_ceiling, "floor_s": floor_s,
+            "providers": rows}
+
+
+def _empty_cache(device):
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"M": M, "K": K, "N": N, "T": T, "flops": flops, "bytes": nbytes, "flops_per_s_ceiling": flops_ceiling,
-            "bytes_per_s_ceiling": bytes_ceiling, "floor_s": floor_s, "providers": rows}
 
 
-STRATEGY_ROWS = (6400, 128, 8, 1)
-
-
-def predicted_step(backend, M, K, N, T, ceilings, strategy):
+def predicted_step(backend, M, K, N, T, ceilings, strategy, device):
     """What the backend runs (its plan on the device's table entry) and the cost model's forward + dx + dc
     seconds for it, with the measured matmul and copy rates in place of the data sheet's."""
-    table = plan.device_spec(torch.device("cuda"))
-    measured = plan.device_spec(torch.device("cuda"), tensor_core_flops=ceilings[0], dram_bandwidth=ceilings[1])
+    table = plan.device_spec(device)
+    measured = plan.device_spec(device, tensor_core_flops=ceilings[0], dram_bandwidth=ceilings[1])
     block_m = importlib.import_module(f"atlas_fast.backends.{backend}_backend").BLOCK_M
     shape = (M, N, K, T, 1, torch.bfloat16, torch.bfloat16, torch.float32)
     runs = plan.plan(*shape, table, block_m=block_m, strategy=strategy, budget=0)
@@ -197,31 +229,32 @@ def predicted_step(backend, M, K, N, T, ceilings, strategy):
     return runs, model.forward_costs[runs.forward].seconds + model.dx_costs[runs.dx].seconds + model.dc.seconds
 
 
-def strategies(ceilings, rows=STRATEGY_ROWS, K=768, N=3072, T=21):
+def strategies(ceilings, device, sizes):
     """Forward + backward of each fused backend under each strategy, against the op's floor
     max(FLOP time, byte time) and against the cost model's prediction."""
     flops_ceiling, bytes_ceiling = ceilings
+    K, N, T = sizes.K, sizes.N, sizes.T
     print(f"\nstrategies: K={K} N={N} T={T}, bf16 x and bank, fp32 θ0; 'plan' lets the cost model choose")
     print(f"{'backend':<7} {'M':>5} {'strategy':<10} {'chose':<10} {'fwd+bwd ms':>11} {'spread':>7} {'× floor':>8} "
           f"{'model ms':>9}")
     out = []
     for backend in ("triton", "cuda"):
-        reason = unavailable_reason(backend, torch.device("cuda"))
+        reason = unavailable_reason(backend, device)
         if reason is not None:
             print(f"{backend:<7} unavailable: {reason}")
             out.append({"backend": backend, "unavailable": reason})
             continue
-        for M in rows:
+        for M in sizes.rows:
             flops, nbytes = fused_floors(M, K, N, T, 2, 4, 2)
             floor_s = max(flops / flops_ceiling, nbytes / bytes_ceiling)
-            a = make_inputs(M, K, N, T, "cuda", torch.bfloat16, torch.bfloat16)
+            a = make_inputs(M, K, N, T, device, torch.bfloat16, torch.bfloat16)
             for strategy in ("fused", "merge_once", None):
                 previous = plan.set_strategy(strategy)
                 try:
-                    times = cuda_times(step_fn(backend, a))
+                    times = device_times(step_fn(backend, a), device, sizes.warmup, sizes.reps)
                 finally:
                     plan.set_strategy(previous)
-                chosen, model_s = predicted_step(backend, M, K, N, T, ceilings, strategy)
+                chosen, model_s = predicted_step(backend, M, K, N, T, ceilings, strategy, device)
                 med = statistics.median(times)
                 name = strategy or "plan"
                 print(f"{backend:<7} {M:>5} {name:<10} {chosen.forward + '/' + chosen.dx:<10} {med * 1e3:11.3f} "
@@ -231,9 +264,9 @@ def strategies(ceilings, rows=STRATEGY_ROWS, K=768, N=3072, T=21):
                             "median_s": med, "times_s": times, "floor_s": floor_s, "vs_floor": med / floor_s,
                             "model_s": model_s})
             del a
-            torch.cuda.empty_cache()
-    return {"K": K, "N": N, "T": T, "flops_per_s_ceiling": flops_ceiling, "bytes_per_s_ceiling": bytes_ceiling,
-            "rows": out}
+            _empty_cache(device)
+    return {"device": str(device), "K": K, "N": N, "T": T, "flops_per_s_ceiling": flops_ceiling,
+            "bytes_per_s_ceiling": bytes_ceiling, "rows": out}
 
 
 def _write(path, result):
@@ -246,9 +279,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="atlas_linear against its FLOP and byte floors on a GPU")
     parser.add_argument("--json", help="also write the roofline numbers to this file")
     parser.add_argument("--strategies-json", help="also write the fused / merge-once timings to this file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny sizes on the CPU (Triton under TRITON_INTERPRET=1): checks that every path runs "
+                             "and writes its files; its numbers mean nothing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("the roofline needs a CUDA device")
-    ceilings = measured_ceilings()
-    _write(args.json, roofline(ceilings))
-    _write(args.strategies_json, strategies(ceilings))
+    if args.dry_run:
+        device, sizes = torch.device("cpu"), DRY_RUN
+    elif torch.cuda.is_available():
+        device, sizes = torch.device("cuda"), Sizes()
+    else:
+        raise SystemExit("the roofline needs a CUDA device (or --dry-run)")
+    ceilings = measured_ceilings(device, sizes)
+    _write(args.json, {"dry_run": args.dry_run, **roofline(ceilings, device, sizes)})
+    _write(args.strategies_json, {"dry_run": args.dry_run, **strategies(ceilings, device, sizes)})

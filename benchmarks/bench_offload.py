@@ -8,6 +8,7 @@ measures, it asserts nothing.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -45,7 +46,7 @@ def measure(model, images, steps, warmup, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture name or model config .json")
     p.add_argument("--tasks", type=int, default=21)
     p.add_argument("--bank-dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--batch", type=int, default=32)
@@ -56,7 +57,11 @@ def main(argv=None):
     import open_clip
     device = torch.device(args.device)
     torch.manual_seed(0)
-    vit = open_clip.create_model(args.model, pretrained=None).visual.eval().to(device)
+    name = args.model
+    if name.endswith(".json"):   # a model config file (the dry run's tiny ViT)
+        open_clip.add_model_config(name)
+        name = os.path.splitext(os.path.basename(name))[0]
+    vit = open_clip.create_model(name, pretrained=None).visual.eval().to(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.bank_dtype]
     bank = atlas_fast.synthetic_task_vectors(vit, args.tasks, dtype=dtype, seed=0).to(device)
     bank_mb = sum(v.numel() * v.element_size() for v in bank.vectors.values()) / 2 ** 20
