@@ -225,6 +225,15 @@ def test_kernels_compile_for_sm90(act, bank):
     compile_for_sm90(_SM90_COMPILE.format(act=act, bank=bank))
 
 
+def test_kernels_missing_from_the_install_are_named(monkeypatch):
+    """The source tree on PYTHONPATH has no atlas_fast.kernels (setup.py maps kernels/ onto it): the reason names
+    that, not triton."""
+    import sys
+    monkeypatch.setitem(sys.modules, "atlas_fast.kernels", None)
+    reason = get_backend("triton").unavailable_reason(torch.device(DEVICE))
+    assert reason.startswith("atlas_fast.kernels is not installed") and "pip install -e ." in reason
+
+
 def test_backend_switch_and_availability():
     backend = get_backend("triton")
     assert backend.unavailable_reason(torch.device(DEVICE)) is None

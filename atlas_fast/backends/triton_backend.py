@@ -79,6 +79,10 @@ class TritonBackend(Im2colConv, Backend):
         try:
             kernels = _kernels()
         except ImportError as err:
+            if err.name in ("atlas_fast.kernels", "atlas_fast.kernels.atlas_linear"):
+                return (f"{err.name} is not installed: the Triton kernels (kernels/ of the source tree) install as "
+                        "atlas_fast.kernels, so run from an install (pip install -e .), not from the source tree "
+                        "on PYTHONPATH")
             return f"triton cannot be imported ({err}); install the triton that matches torch"
         if device.type == "cuda":
             return None
