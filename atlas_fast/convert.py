@@ -275,7 +275,7 @@ def hf_clip_vision_names(state_dict, vision_prefix="vision_model.", root=""):
             continue
         m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)
         if m and m.group(2) in block:
-            out[f"{vision_prefix}encoder.layers.{m.group(1)}.{block[module]}.{m.group(3)}"] = value
+            out[f"{vision_prefix}encoder.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"] = value
             continue
         q = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
         if not q:

@@ -111,8 +111,7 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
     if method == "gradient":
         settings.update(data=[os.fspath(s) if isinstance(s, (str, os.PathLike)) else t.name
                               for s, t in zip(sources, tasks)], shots=shots, batches=batches, batch_size=batch_size,
-                        head=head if heads is None else os.fspath(heads) if isinstance(heads, (str, os.PathLike))
-                        else [os.fspath(h) for h in heads])
+                        head=head if heads is None else _head_files(heads))
     record = _record(method, keep, bank_name, bank.sources, blocks, chosen, scores, settings)
     result = Selection(selected, record)
     if out is not None:
@@ -130,6 +129,12 @@ def _labelled_tasks(loaded, sources, classnames, templates, shots, head, heads, 
     head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else _heads(
         loaded, specs, head, templates, cache_dir, train, device, cfg.progress)
     return [Task(s.name, s.data, s.names, h, tr, s.val) for s, h, tr in zip(specs, head_list, train)]
+
+
+def _head_files(heads):
+    """The head files as the record names them: one path, or a list of several."""
+    files = [os.fspath(h) for h in _as_list(heads)]
+    return files[0] if len(files) == 1 else files
 
 
 def _gradient_scores(atlas, tasks, preprocess, cfg, batches):
