@@ -173,18 +173,37 @@ def read_state_dict(path, allow_pickle=False):
     """A checkpoint's state dict: safetensors, a torch file holding a state dict (or {'state_dict': ...}),
     or, only with allow_pickle=True, a pickled module or a raw pickle (read by stand-ins, importing none of
     its code)."""
+    return read_module_checkpoint(path, allow_pickle)[0]
+
+
+def module_class_names(obj):
+    """The class names (qualnames) of a module or stand-in and of all its submodules."""
+    names = {type(obj).__qualname__}
+    d = obj.__dict__ if isinstance(obj, StandIn) else vars(obj)
+    for child in d.get("_modules", {}).values():
+        if child is not None and is_module_like(child):
+            names |= module_class_names(child)
+    return names
+
+
+def read_module_checkpoint(path, allow_pickle=False):
+    """(state dict, class names): read_state_dict's state dict, and for a pickled module the class names of
+    its (unwrapped) module tree (e.g. the activation a pickled CLIP was built with), else an empty set."""
     path = os.fspath(path)
     if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors.torch import load_file
         try:
-            return load_file(path)
+            return load_file(path), set()
         except Exception as e:
             raise ValueError(f"{path}: unreadable or truncated safetensors file ({e})") from e
     obj = read_object(path, allow_pickle)
+    classes = set()
     if is_module_like(obj):
-        obj = module_state_dict(unwrap_single_model(obj))
+        obj = unwrap_single_model(obj)
+        classes = module_class_names(obj)
+        obj = module_state_dict(obj)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict of tensors or a module, found {type(obj).__name__}")
-    return dict(obj)
+    return dict(obj), classes

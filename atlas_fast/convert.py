@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoints import read_module_checkpoint
 from .task_vectors import TaskVectors, read_state_dict
 
 PATCH = "embeddings.patch_embedding.weight"
@@ -349,10 +350,12 @@ def save_hf_clip_vision(out, state_dict, pretrained):
 @dataclass
 class Checkpoint:
     """A checkpoint read for a command: state_dict in open_clip names (a CLIP's, or a tower's under "visual."),
-    hf: whether it was a Hugging Face CLIP checkpoint (its vision tower, converted)."""
+    hf: whether it was a Hugging Face CLIP checkpoint (its vision tower, converted); classes: the class names
+    of a pickled module's tree (checkpoints.read_module_checkpoint), else empty."""
     path: str
     state_dict: dict
     hf: bool = False
+    classes: frozenset = frozenset()
 
 
 def read_checkpoint(path, allow_pickle=False):
@@ -363,7 +366,7 @@ def read_checkpoint(path, allow_pickle=False):
     if os.path.isdir(path) or path.endswith(".index.json"):
         sd = read_hf_checkpoint(path)
     else:
-        sd = read_state_dict(path, allow_pickle)
+        sd, classes = read_module_checkpoint(path, allow_pickle)
         if not is_hf_clip_vision(sd):
-            return Checkpoint(path, sd)
+            return Checkpoint(path, sd, classes=frozenset(classes))
     return Checkpoint(path, {"visual." + k: v for k, v in hf_clip_vision_state_dict(sd, source=path).items()}, True)

@@ -284,6 +284,12 @@ def test_release_errors_name_the_file_the_cause_and_the_fix(release, world, caps
     assert "head_NineVal.pt: a head of 9 classes for data upright of 10 classes" in line
     line = _error(capsys, "eval", *base, "--pretrained", zs, "--allow-pickle")
     assert "zeroshot.pt has no text tower (no transformer.* entries" in line and "--heads" in line
+    # the pickle records its activation (GELU here): an architecture with QuickGELU would load the same tensors
+    quick = release / "tinyclip-quickgelu.json"
+    quick.write_text(json.dumps({**adapt_world.CONFIG, "quick_gelu": True}))
+    line = _error(capsys, "eval", "--model", str(quick), "--data", world["upright"], "--pretrained", zs,
+                  "--allow-pickle", "--heads", head)
+    assert "zeroshot.pt: its model was built with GELU" in line and "uses QuickGELU" in line
     line = _error(capsys, "adapt", *base, "--pretrained", zs, "--allow-pickle", "--bank",
                   str(release / "out" / "bank.safetensors"), "--workers", "0", "--no-progress")
     assert "zeroshot.pt has no text tower" in line and "--head linear" in line and "--heads" in line

@@ -46,6 +46,8 @@ def open_clip_from_checkpoint(model, ckpt=None):
     import open_clip
     name = _resolve_name(model)
     clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    if ckpt is not None:
+        _check_activation(clip, ckpt, model)
     removed = fit_open_clip(clip, ckpt.state_dict, model, ckpt.path) if ckpt is not None else []
     return clip, preprocess, None if removed else open_clip.get_tokenizer(name), removed
 
@@ -91,6 +93,21 @@ def fit_open_clip(clip, state_dict, model, source):
     except RuntimeError as e:
         raise ModelSpecError(f"{source}: does not fit model {model!r} ({_first_line(e)})") from e
     return removed
+
+
+_ACTIVATIONS = ("QuickGELU", "GELU")
+
+
+def _check_activation(clip, ckpt, model):
+    """A pickled CLIP records its activation's class: QuickGELU (OpenAI's weights, the aTLAS release) and GELU
+    weigh the same tensors, so an architecture of the other activation would load them and compute wrongly."""
+    from ..checkpoints import module_class_names
+    theirs = [a for a in _ACTIVATIONS if a in ckpt.classes]
+    ours = [a for a in _ACTIVATIONS if a in module_class_names(clip.visual)]
+    if len(theirs) == 1 and len(ours) == 1 and theirs != ours:
+        hint = f"{model}-quickgelu" if theirs == ["QuickGELU"] else "an architecture without -quickgelu"
+        raise ModelSpecError(f"{ckpt.path}: its model was built with {theirs[0]}, model {model!r} uses {ours[0]}: "
+                             f"pass --model {hint} (model=)")
 
 
 def _first_line(e):
