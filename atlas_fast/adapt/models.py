@@ -105,7 +105,10 @@ def _check_activation(clip, ckpt, model):
     theirs = [a for a in _ACTIVATIONS if a in ckpt.classes]
     ours = [a for a in _ACTIVATIONS if a in module_class_names(clip.visual)]
     if len(theirs) == 1 and len(ours) == 1 and theirs != ours:
-        hint = f"{model}-quickgelu" if theirs == ["QuickGELU"] else "an architecture without -quickgelu"
+        if theirs == ["QuickGELU"]:
+            hint = "a config with \"quick_gelu\": true" if model.endswith(".json") else f"{model}-quickgelu"
+        else:
+            hint = "a config without quick_gelu" if model.endswith(".json") else "an architecture without -quickgelu"
         raise ModelSpecError(f"{ckpt.path}: its model was built with {theirs[0]}, model {model!r} uses {ours[0]}: "
                              f"pass --model {hint} (model=)")
 
