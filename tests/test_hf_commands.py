@@ -144,3 +144,45 @@ def test_hf_theta0_errors(hf, world, tmp_path, capsys):
     assert "model=" in line and "differs from the Hugging Face checkpoint" in line and "transformer.resblocks.2" in line
     line = error("eval", "--data", world["upright"])
     assert "--model" in line
+
+
+@pytest.mark.parametrize("cls", ["CLIPVisionModelWithProjection", "CLIPModel"])
+def test_merged_tower_back_into_its_class(tmp_path, cls):
+    """A tower read from a CLIPVisionModelWithProjection / CLIPModel folder, changed, and written back: the
+    class's from_pretrained loads it, its image features are the open_clip tower's (computed by transformers),
+    and a CLIPModel keeps its text side bit for bit. A second write replaces the folder."""
+    from atlas_fast.adapt import load_model
+    from atlas_fast.convert import save_hf_clip_vision
+    torch.manual_seed(1)
+    vision = transformers.CLIPVisionConfig(**CONFIG)
+    if cls == "CLIPModel":
+        text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, vocab_size=99, max_position_embeddings=16)
+        config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                         projection_dim=24)
+    else:
+        config = transformers.CLIPVisionConfig(**CONFIG, projection_dim=24)
+    model_cls = getattr(transformers, cls)
+    model_cls(config).eval().save_pretrained(tmp_path / "theta0")
+    theta0 = {k: v.clone() for k, v in model_cls.from_pretrained(tmp_path / "theta0").state_dict().items()}
+    tower = load_model(None, pretrained=str(tmp_path / "theta0"), device="cpu").encoder
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for _ in range(2):
+        save_hf_clip_vision(tmp_path / "merged", tower.state_dict(), tmp_path / "theta0")
+    merged = model_cls.from_pretrained(tmp_path / "merged").eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = merged.get_image_features(pixel_values=x) if cls == "CLIPModel" else \
+            merged(pixel_values=x).image_embeds
+        ours = tower(x)
+    theirs = getattr(theirs, "pooler_output", theirs)
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-5
+    for k, v in merged.state_dict().items():
+        if k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale"):
+            assert torch.equal(v, theta0[k]), k
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="other: a folder with other files and no config.json"):
+        save_hf_clip_vision(tmp_path / "other", tower.state_dict(), tmp_path / "theta0")
