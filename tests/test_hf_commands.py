@@ -166,6 +166,10 @@ def test_merged_tower_back_into_its_class(tmp_path, cls):
     model_cls(config).eval().save_pretrained(tmp_path / "theta0")
     theta0 = {k: v.clone() for k, v in model_cls.from_pretrained(tmp_path / "theta0").state_dict().items()}
     tower = load_model(None, pretrained=str(tmp_path / "theta0"), device="cpu").encoder
+    # the weights file alone (config.json beside it) is recognised by its names
+    from_file = load_model(None, pretrained=str(tmp_path / "theta0" / "model.safetensors"), device="cpu")
+    assert from_file.hf_pretrained is not None
+    assert all(torch.equal(v, tower.state_dict()[k]) for k, v in from_file.encoder.state_dict().items())
     with torch.no_grad():
         for p in tower.parameters():
             p.add_(torch.randn_like(p) * 0.05)
