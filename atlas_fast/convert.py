@@ -22,9 +22,10 @@ dtype.
 
 read_checkpoint reads any checkpoint a command takes as θ0 or a fine-tuned model: an open_clip state dict in
 whatever file checkpoints.read_state_dict reads, or a Hugging Face CLIP checkpoint (a folder, an .index.json,
-or a file whose names are transformers'), the latter converted to open_clip names under "visual.". Reading and converting weights needs only safetensors and torch;
-building the matching open_clip model reads the checkpoint's config.json through transformers, an optional
-dependency: pip install atlas_fast[hf].
+or a file whose names are transformers'), the latter converted to open_clip names under "visual.".
+
+Reading and converting weights needs only safetensors and torch; building the matching open_clip model reads
+the checkpoint's config.json through transformers, an optional dependency: pip install atlas_fast[hf].
 """
 import functools
 import json

@@ -49,8 +49,8 @@ def hf(world, tmp_path_factory):
     assert main(["bank", "--pretrained", theta0, "--finetuned", str(root / "ft0"), str(root / "ft1"),
                  "--out", bank]) == 0
     assert main(["adapt", "--pretrained", theta0, "--bank", bank, "--data", w["upright"], "--head", "linear",
-                 "--granularity", "task", "--select", "last", "--shots", "5", "--epochs", "1", "--steps-per-epoch", "3", "--batch-size",
-                 "20", "--lr", "0.3", "--workers", "0", "--out", str(run), "--no-progress"]) == 0
+                 "--granularity", "task", "--select", "last", "--shots", "5", "--epochs", "1", "--steps-per-epoch",
+                 "3", "--batch-size", "20", "--lr", "0.3", "--workers", "0", "--out", str(run), "--no-progress"]) == 0
     assert main(["eval", "--pretrained", theta0, "--data", w["upright"], "--heads", str(run / "heads.pt"),
                  "--bank", bank, "--coefficients", coef, "--json", str(root / "rows.json")]) == 0
     assert main(["merge", "--pretrained", theta0, "--bank", bank, "--coefficients", coef,
