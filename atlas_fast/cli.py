@@ -99,9 +99,15 @@ def _fail(args, error):
 
 
 def _model_options(p, bank=True):
-    p.add_argument("--model", required=True, help="open_clip architecture name (e.g. ViT-B-32) or a model config .json")
-    p.add_argument("--pretrained", help="checkpoint of θ0 (any file open_clip.load_checkpoint reads); "
+    p.add_argument("--model", help="open_clip architecture name (e.g. ViT-B-32) or a model config .json; required "
+                                   "unless --pretrained is a Hugging Face CLIP folder, whose config.json gives the "
+                                   "image tower (then --model, if given, must have the same shapes)")
+    p.add_argument("--pretrained", help="checkpoint of θ0: what `atlas-fast bank` reads (safetensors, torch state "
+                                        "dicts, pickled modules with --allow-pickle, a Hugging Face CLIP folder); "
                                         "default: the architecture's random initialisation")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled-module checkpoints and heads (e.g. the aTLAS release's torch.save(ImageEncoder) "
+                        "and head_<Dataset>.pt), by stand-ins that import none of their code; only files you trust")
     if bank:
         p.add_argument("--bank", required=True, help="task-vector bank (.safetensors from `atlas-fast bank`)")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
@@ -123,7 +129,8 @@ def _add_bank(sub):
     p = sub.add_parser("bank", help="build a task-vector bank from fine-tuned checkpoints",
                        description="τ_t = finetuned_t − pretrained for every floating entry under --prefix, "
                                    "saved as one safetensors bank.")
-    p.add_argument("--pretrained", required=True, help="checkpoint of θ0")
+    p.add_argument("--pretrained", required=True, help="checkpoint of θ0: safetensors, a torch state dict, a pickled "
+                                                       "module (--allow-pickle) or a Hugging Face CLIP folder")
     p.add_argument("--finetuned", nargs="+", required=True, help="fine-tuned checkpoints, one task vector each")
     p.add_argument("--out", required=True, help="output bank file (.safetensors)")
     p.add_argument("--prefix", default="visual.", help="keep entries under this prefix, stripped (default "
@@ -176,6 +183,8 @@ def _add_adapt(sub):
     p.add_argument("--shots", type=int, help="labelled images per class for ce / negation (default: all)")
     p.add_argument("--head", default="zeroshot", choices=("zeroshot", "linear"),
                    help="zero-shot head from the text tower, or a linear probe fitted on θ0's features")
+    p.add_argument("--heads", nargs="+", help="head files instead of --head: heads.pt of an adapt run, or one "
+                                              "head_<Dataset>.pt of the aTLAS release per --data (--allow-pickle)")
     p.add_argument("--granularity", default="block", choices=("block", "task"))
     p.add_argument("--partitions", type=int, default=1, help="random partitions per block, aTLAS ×K (default 1)")
     p.add_argument("--epochs", type=int, default=10)
@@ -214,7 +223,8 @@ def _run_adapt(args):
     try:
         result = adapt(args.model, args.bank, args.data, objective=args.objective, out=args.out,
                        pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
-                       shots=args.shots, head=args.head, granularity=args.granularity, partitions=args.partitions,
+                       shots=args.shots, head=args.head, heads=args.heads, allow_pickle=args.allow_pickle,
+                       granularity=args.granularity, partitions=args.partitions,
                        backend=args.backend, device=args.device, val_fraction=args.val_fraction,
                        finetuned_accuracy=args.finetuned_acc, resume=args.resume, flip=not args.no_flip,
                        offload=args.offload or False, progress=not args.no_progress, **options)
@@ -241,9 +251,9 @@ def _add_eval(sub):
     p.add_argument("--bank", help="the bank the coefficients were learned with")
     p.add_argument("--coefficients", nargs="+", help="coefficient files from `atlas-fast adapt`")
     p.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints (whole model or image tower)")
-    p.add_argument("--heads", help="heads.pt of an adapt run (default: zero-shot heads from the text tower)")
+    p.add_argument("--heads", nargs="+", help="heads.pt of an adapt run, or one head_<Dataset>.pt of the aTLAS "
+                                              "release per --data (default: zero-shot heads from the text tower)")
     p.add_argument("--split", default="val", choices=("val", "train", "all"))
-    p.add_argument("--allow-pickle", action="store_true", help="read pickled-module fine-tuned checkpoints")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=_run_eval, parser=p)
 
@@ -271,12 +281,13 @@ def _run_eval(args):
 
 def _add_merge(sub):
     p = sub.add_parser("merge", help="write θ0 + Σ c·τ as a plain checkpoint open_clip loads",
-                       description="Merges learned coefficients into the image tower and writes the whole model's "
-                                   "state dict (.safetensors, or a torch file for any other suffix); "
-                                   "open_clip.load_checkpoint(model, OUT) reads it.")
+                       description="Merges learned coefficients into the image tower and writes the whole model in "
+                                   "the form θ0 came in: its state dict (.safetensors, or a torch file for any other "
+                                   "suffix), which open_clip.load_checkpoint(model, OUT) reads, or, for a Hugging "
+                                   "Face θ0, a folder (config.json + model.safetensors) that from_pretrained loads.")
     _model_options(p)
     p.add_argument("--coefficients", required=True, help="coefficient file from `atlas-fast adapt`")
-    p.add_argument("--out", required=True, help="output checkpoint")
+    p.add_argument("--out", required=True, help="output checkpoint (a folder when θ0 is a Hugging Face folder)")
     p.set_defaults(run=_run_merge, parser=p)
 
 
@@ -284,7 +295,7 @@ def _run_merge(args):
     from .adapt import merge
     try:
         path = merge(args.model, args.bank, args.coefficients, args.out, pretrained=args.pretrained,
-                     backend=args.backend, device=args.device or "cpu")
+                     backend=args.backend, device=args.device or "cpu", allow_pickle=args.allow_pickle)
     except _user_errors() as e:
         _fail(args, e)
     print(f"wrote {path}")
@@ -310,7 +321,8 @@ def _add_select(sub):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--head", default="zeroshot", choices=("zeroshot", "linear"),
                    help="zero-shot head from the text tower, or a linear probe fitted on θ0's features")
-    p.add_argument("--heads", help="heads.pt of an adapt run, instead of --head")
+    p.add_argument("--heads", nargs="+", help="head files instead of --head: heads.pt of an adapt run, or one "
+                                              "head_<Dataset>.pt of the aTLAS release per --data (--allow-pickle)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shots and batches, or of the random choice")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
@@ -327,7 +339,7 @@ def _run_select(args):
                             shots=args.shots, batches=args.batches, batch_size=args.batch_size, head=args.head,
                             heads=args.heads, seed=args.seed, backend=args.backend, device=args.device,
                             val_fraction=args.val_fraction, amp=args.amp, workers=args.workers,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, allow_pickle=args.allow_pickle)
     except _user_errors() as e:
         _fail(args, e)
     blocks = len(sel.record["blocks"])

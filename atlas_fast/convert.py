@@ -16,17 +16,28 @@ model pools publish) maps one to one onto open_clip's VisionTransformer:
     visual_projection.weight (out, in)         proj (in, out)
 
 Every map is a rename, a stack or a transpose, so it maps task vectors too (τ of the stacked in_proj is the
-stack of the τs). Tensors keep their dtype. Reading and converting weights needs only safetensors and torch;
-building the matching open_clip model reads the checkpoint's config.json through transformers, an optional
-dependency: pip install atlas_fast[hf].
+stack of the τs), and it maps back (hf_clip_vision_names: in_proj split into q, k, v; proj transposed), so a
+merged tower is written as the Hugging Face folder its θ0 came in (save_hf_clip_vision). Tensors keep their
+dtype.
+
+read_checkpoint reads any checkpoint a command takes as θ0 or a fine-tuned model: an open_clip state dict in
+whatever file checkpoints.read_state_dict reads, or a Hugging Face CLIP checkpoint (a folder, an .index.json,
+or a file whose names are transformers'), the latter converted to open_clip names under "visual.".
+
+Reading and converting weights needs only safetensors and torch; building the matching open_clip model reads
+the checkpoint's config.json through transformers, an optional dependency: pip install atlas_fast[hf].
 """
 import functools
 import json
 import os
 import re
+import shutil
+import tempfile
+from dataclasses import dataclass
 
 import torch
 
+from .checkpoints import read_module_checkpoint
 from .task_vectors import TaskVectors, read_state_dict
 
 PATCH = "embeddings.patch_embedding.weight"
@@ -96,13 +107,14 @@ def _vision_prefix(sd, source):
     return found[0]
 
 
-def hf_clip_vision_state_dict(checkpoint, projection=None):
+def hf_clip_vision_state_dict(checkpoint, projection=None, source=None):
     """open_clip VisionTransformer names for a Hugging Face CLIP vision tower.
 
     checkpoint: a state dict, or a path read_hf_checkpoint reads. projection: None keeps visual_projection as
     `proj` when the checkpoint has one (CLIPVisionModelWithProjection, CLIPModel), True requires it, False leaves
-    it out. CLIPModel's text side is skipped; any other entry the map does not know is an error."""
-    source = "state dict" if isinstance(checkpoint, dict) else os.fspath(checkpoint)
+    it out. CLIPModel's text side is skipped; any other entry the map does not know is an error. source: the
+    name errors give a state dict (default "state dict")."""
+    source = source or ("state dict" if isinstance(checkpoint, dict) else os.fspath(checkpoint))
     sd = checkpoint if isinstance(checkpoint, dict) else read_hf_checkpoint(checkpoint)
     vp = _vision_prefix(sd, source)
     root = vp[:-len("vision_model.")] if vp.endswith("vision_model.") else vp
@@ -218,7 +230,14 @@ def load_hf_clip_vision(path, projection=None):
     """An open_clip VisionTransformer holding a saved Hugging Face CLIP vision tower's weights (a folder with
     config.json; needs transformers for the config). projection: as in hf_clip_vision_state_dict."""
     config = hf_clip_vision_config(path)
-    sd = hf_clip_vision_state_dict(path, projection)
+    return hf_clip_vision_model(hf_clip_vision_state_dict(path, projection), config)
+
+
+def hf_clip_vision_model(state_dict, config):
+    """An open_clip VisionTransformer holding `state_dict` (open_clip names, from hf_clip_vision_state_dict),
+    built as the CLIPVisionConfig `config` says (heads, activation, LayerNorm eps), in the state dict's dtype
+    where it has one."""
+    sd = state_dict
     model = open_clip_vision_model(sd, config.num_attention_heads, config.hidden_act, config.layer_norm_eps)
     dtypes = {v.dtype for v in sd.values()}
     if len(dtypes) == 1:
@@ -236,3 +255,119 @@ def hf_clip_task_vectors(pretrained, finetuned, dtype=torch.float32, projection=
     base = hf_clip_vision_state_dict(pretrained, projection)
     return TaskVectors.from_state_dicts(base, (hf_clip_vision_state_dict(p, "proj" in base) for p in finetuned),
                                         dtype, sources=sources)
+
+
+def is_hf_clip_vision(state_dict):
+    """Whether a state dict holds a Hugging Face CLIP vision tower (transformers' names)."""
+    return any(k == PATCH or k.endswith("." + PATCH) for k in state_dict)
+
+
+def hf_clip_vision_names(state_dict, vision_prefix="vision_model.", root=""):
+    """The inverse of hf_clip_vision_state_dict: transformers' names for an open_clip VisionTransformer state
+    dict (in_proj split into q, k, v; proj transposed into root + visual_projection.weight)."""
+    top = {v: k for k, v in _TOP_MAP.items()}
+    block = {v: k for k, v in _BLOCK_MAP.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key in top:
+            out[vision_prefix + top[key]] = value
+            continue
+        if key == "proj":
+            out[root + PROJECTION] = value.t().contiguous()
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if m and m.group(2) in block:
+            out[f"{vision_prefix}encoder.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"] = value
+            continue
+        q = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
+        if not q:
+            raise ValueError(f"{key!r}: not an entry of an open_clip VisionTransformer that a Hugging Face CLIP "
+                             f"vision tower has")
+        for c, part in zip("qkv", value.chunk(3)):
+            out[f"{vision_prefix}encoder.layers.{q.group(1)}.self_attn.{c}_proj.{q.group(2)}"] = part.contiguous()
+    return out
+
+
+# The small files of a saved folder that describe the model (copied beside a merged tower).
+_FOLDER_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def hf_folder(path):
+    """The folder of a Hugging Face checkpoint (the folder itself, or the one holding a weights file)."""
+    path = os.fspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def save_hf_clip_vision(out, state_dict, pretrained):
+    """Write an open_clip VisionTransformer state dict (a merged tower) as a Hugging Face folder in the form of
+    θ0 `pretrained` (a folder or weights file of a CLIPVisionModel, ...WithProjection or CLIPModel): θ0's entries
+    with the vision tower's replaced (a CLIPModel keeps its text side), each in θ0's dtype, as model.safetensors,
+    beside θ0's config.json (and preprocessor / tokenizer files). `from_pretrained(out)` loads it. The folder is
+    built beside `out` and renamed onto it; an existing `out` is replaced only if it is empty or a model folder
+    (has a config.json). Returns out."""
+    from safetensors.torch import save_file
+    out, source = os.fspath(out), os.fspath(pretrained)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out}: a file; the merged Hugging Face model is a folder (config.json + "
+                         f"model.safetensors): give a folder path")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
+        raise ValueError(f"{out}: a folder with other files and no config.json; not replaced by the merged model")
+    base = read_hf_checkpoint(source)
+    vp = _vision_prefix(base, source)
+    root = vp[:-len("vision_model.")] if vp.endswith("vision_model.") else vp
+    replaced = hf_clip_vision_names(state_dict, vp, root)
+    expected = set(hf_clip_vision_state_dict(base, source=source))
+    if set(state_dict) != expected:
+        raise ValueError(f"{source}: the merged tower's entries {sorted(set(state_dict) ^ expected)[:8]} differ "
+                         f"from θ0's vision tower")
+    for k, v in replaced.items():
+        if v.shape != base[k].shape:
+            raise ValueError(f"{k}: merged shape {tuple(v.shape)}, θ0's {tuple(base[k].shape)} in {source}")
+    merged = {k: replaced[k].to(v.dtype).contiguous().clone() if k in replaced else v.contiguous().clone()
+              for k, v in base.items()}
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        save_file(merged, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name in _FOLDER_FILES:
+            if os.path.isfile(os.path.join(hf_folder(source), name)):
+                shutil.copyfile(os.path.join(hf_folder(source), name), os.path.join(tmp, name))
+        if not os.path.isdir(out):
+            os.rename(tmp, out)
+            return out
+        old = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        os.rename(out, os.path.join(old, "previous"))
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        raise
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read for a command: state_dict in open_clip names (a CLIP's, or a tower's under "visual."),
+    hf: whether it was a Hugging Face CLIP checkpoint (its vision tower, converted); classes: the class names
+    of a pickled module's tree (checkpoints.read_module_checkpoint), else empty."""
+    path: str
+    state_dict: dict
+    hf: bool = False
+    classes: frozenset = frozenset()
+
+
+def read_checkpoint(path, allow_pickle=False):
+    """A Checkpoint from any file read_state_dict reads (allow_pickle: as there), or from a Hugging Face CLIP
+    checkpoint: a saved folder, its .index.json, or a weights file with transformers' names (converted to
+    open_clip's, under "visual."; visual_projection becomes visual.proj)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        sd = read_hf_checkpoint(path)
+    else:
+        sd, classes = read_module_checkpoint(path, allow_pickle)
+        if not is_hf_clip_vision(sd):
+            return Checkpoint(path, sd, classes=frozenset(classes))
+    return Checkpoint(path, {"visual." + k: v for k, v in hf_clip_vision_state_dict(sd, source=path).items()}, True)

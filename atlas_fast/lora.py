@@ -15,6 +15,14 @@ lora_alpha / r, or lora_alpha / √r with use_rslora, with rank_pattern / alpha_
 module as peft matches them. The factors are kept too: τ = (U @ V).reshape(weight shape) with U = scaling · B and
 V = A (for a transposed weight U = Aᵀ, V = scaling · Bᵀ), so a low-rank bank can take them without forming τ.
 Factors and τ are float32 (a bfloat16 / float16 adapter is upcast exactly; the product is taken in float32).
+
+That τ is the adapter's change of the base model only where making the adapter left the base weights alone:
+peft's init_lora_weights True, False, "gaussian", and "orthogonal" / "mica" (B A = 0 at initialisation).
+PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ replace the base weight by a residual W − scaling · B₀ A₀ (LoftQ by a
+quantised one), so the saved factors alone do not give τ: such adapters are refused, by init name, unless saved
+converted (peft's save_pretrained(..., path_initial_model_for_weight_conversion=...)), which writes a plain LoRA
+of twice the rank (init_lora_weights true) whose scaling · B A is the change against the original base.
+Any init not known to keep the base weights (e.g. "eva", not checked here) is refused the same way.
 """
 import json
 import math
@@ -29,6 +37,8 @@ from .task_vectors import TaskVectors, read_state_dict
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# peft's init_lora_weights values that leave the base weights as they were (B = 0 or B A = 0 at initialisation)
+BASE_PRESERVING_INITS = (True, False, "gaussian", "orthogonal", "mica")
 # A factor of a Linear / Conv2d (a module: .weight, lora_B may have a .bias) or of an Embedding (a bare
 # parameter), with peft's in-memory adapter name (".default") where a state dict was not saved by peft.
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
@@ -131,6 +141,11 @@ def read_lora(path, base, lora_alpha=None, r=None):
     weights, config_path = _adapter_files(path)
     config = _read_config(config_path)
     where = config_path or weights
+    init = config.get("init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in BASE_PRESERVING_INITS):
+        raise ValueError(f"{weights}: init_lora_weights={init!r} (in {config_path}) rewrites the base model's weights "
+                         f"when the adapter is made, so scaling · B A is not its task vector; save it converted "
+                         f"(peft: save_pretrained(..., path_initial_model_for_weight_conversion=...)) to read it")
     alpha = _setting("lora_alpha", lora_alpha, config, where)
     r = _setting("r", r, config, where)
     sd = read_state_dict(weights)

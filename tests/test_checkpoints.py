@@ -22,7 +22,7 @@ def tiny_clip(seed):
         text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=4, layers=1))
 
 
-def _save_as_foreign_class(obj_factory, path):
+def _save_as_foreign_class(obj_factory, path, write=torch.save):
     """torch.save an object whose class lives in a module `src.modeling` that exists only while saving, as
     the authors' checkpoints were written."""
     module = types.ModuleType("src.modeling")
@@ -43,7 +43,7 @@ def _save_as_foreign_class(obj_factory, path):
     sys.modules["src"] = types.ModuleType("src")
     sys.modules["src.modeling"] = module
     try:
-        torch.save(obj_factory(ImageEncoder), path)
+        write(obj_factory(ImageEncoder), path)
     finally:
         del sys.modules["src.modeling"], sys.modules["src"]
 
@@ -93,3 +93,33 @@ def test_stand_ins_run_no_code(tmp_path):
     with pytest.raises(ValueError, match="evil.pt"):
         read_state_dict(tmp_path / "evil.pt", allow_pickle=True)     # not a state dict of tensors
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("form", ["old_torch_module", "old_torch_state_dict", "raw_pickle_module",
+                                  "raw_pickle_state_dict"])
+def test_old_torch_files_and_raw_pickles(tmp_path, form):
+    """torch.save(..., _use_new_zipfile_serialization=False) and pickle.dump (what torch_load_old reads), of a
+    wrapped model or a state dict, half precision included: read bit-exactly, importing nothing."""
+    import pickle
+    clip = tiny_clip(1)
+    clip.visual.half()
+    obj_factory = (lambda cls: cls(copy.deepcopy(clip))) if form.endswith("module") else \
+        (lambda cls: {"state_dict": clip.state_dict()})
+    path = tmp_path / "ckpt.pt"
+
+    def write(obj, p):
+        if form.startswith("old_torch"):
+            torch.save(obj, p, _use_new_zipfile_serialization=False)
+        else:
+            with open(p, "wb") as f:
+                pickle.dump(obj, f)
+    _save_as_foreign_class(obj_factory, path, write)
+    if form.startswith("raw_pickle") or form.endswith("module"):
+        with pytest.raises(ValueError, match=r"ckpt.pt: holds pickled objects.*--allow-pickle"):
+            read_state_dict(path)
+    sd = read_state_dict(path, allow_pickle=True)
+    expected = clip.state_dict()
+    assert list(sd) == list(expected)
+    for k, v in expected.items():
+        assert sd[k].dtype == v.dtype and torch.equal(sd[k], v), k
+    assert "src.modeling" not in sys.modules

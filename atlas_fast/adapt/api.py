@@ -20,10 +20,11 @@ from . import distributed
 from .checkpoint import torch_save
 from .data import (DataError, ImageFolderData, ViewData, check_classnames, dataset_targets, few_shot_indices,
                    folder_classnames, split_indices)
-from .heads import (DEFAULT_TEMPLATES, Classifier, LinearHead, ZeroShotHead, fit_linear_probe, read_classnames,
+from .heads import (DEFAULT_TEMPLATES, Classifier, fit_linear_probe, head_record, read_classnames, read_heads,
                     read_templates, zero_shot_head)
 from .loop import Task, TrainConfig, evaluate as evaluate_data, train
-from .models import ModelSpecError, clip_state_without_visual, load_clip
+from .models import (ModelSpecError, clip_state_without_visual, load_hf_encoder, open_clip_from_checkpoint,
+                     read_pretrained)
 
 
 class BankMismatchError(ValueError):
@@ -37,6 +38,8 @@ class LoadedModel:
     preprocess: object
     tokenizer: object = None
     model_id: str = None
+    no_text: str = None               # why there is no text tower for zero-shot heads, when there is none
+    hf_pretrained: str = None         # θ0's Hugging Face checkpoint, when it was one (merge writes that form)
 
     @property
     def has_text(self):
@@ -47,16 +50,30 @@ def _device(device):
     return distributed.local_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_model(model, pretrained=None, preprocess=None, device=None):
-    """A LoadedModel from an open_clip name / config .json (+ checkpoint), or from a module."""
+def load_model(model, pretrained=None, preprocess=None, device=None, allow_pickle=False):
+    """A LoadedModel from an open_clip name / config .json (+ checkpoint), from a Hugging Face CLIP vision
+    checkpoint (pretrained= a folder; model None, or an architecture of the same shapes), or from a module.
+    allow_pickle: read a pickled-module or raw-pickle checkpoint (checkpoints.read_state_dict)."""
     device = _device(device)
-    if isinstance(model, str):
+    if model is None or isinstance(model, (str, os.PathLike)):
         torch.manual_seed(0)   # a model without a checkpoint is the same random θ0 in every command
-        clip, pre, tok = load_clip(model, pretrained, device)
+        ckpt = read_pretrained(pretrained, allow_pickle) if pretrained is not None else None
+        if ckpt is not None and ckpt.hf:
+            encoder, pre = load_hf_encoder(ckpt, model)
+            encoder = encoder.to(device).eval()
+            return LoadedModel(encoder, encoder, preprocess or pre, no_text=f"{ckpt.path} is a Hugging Face CLIP "
+                               f"vision tower, with no text tower", hf_pretrained=ckpt.path)
+        if model is None:
+            raise ModelSpecError("model: an open_clip architecture name or config .json (--model) is needed "
+                                 "unless the checkpoint is a Hugging Face CLIP folder")
+        clip, pre, tok, removed = open_clip_from_checkpoint(os.fspath(model), ckpt)
+        clip = clip.to(device).eval()
         # names the weights for the zero-shot head cache: a rewritten checkpoint gets a new entry
         stamp = os.stat(pretrained) if pretrained is not None else None
         ident = f"{model}|{pretrained}|{stamp.st_size}|{stamp.st_mtime_ns}" if stamp else f"{model}|random"
-        return LoadedModel(clip, clip.visual, preprocess or pre, tok, ident)
+        why = f"{pretrained} has no text tower (no {', '.join(p + '.*' for p in removed)} entries, as an image " \
+              f"encoder saved with keep_lang=False)" if removed else None
+        return LoadedModel(clip, clip.visual, preprocess or pre, tok, ident, no_text=why)
     if not isinstance(model, torch.nn.Module):
         raise ModelSpecError(f"model: expected an open_clip name, a config .json or a module, "
                              f"got {type(model).__name__}")
@@ -166,7 +183,8 @@ def _is_name_list(x):
 def _heads(loaded, specs, head, templates, cache_dir, labelled, device, progress=True):
     if head == "zeroshot":
         if not loaded.has_text:
-            raise ModelSpecError("head='zeroshot' needs an open_clip model with a text tower; use head='linear'")
+            raise ModelSpecError(f"{_no_text(loaded)}: zero-shot heads need one; use --head linear "
+                                 f"(head='linear') or heads from files with --heads (heads=)")
         tpl = DEFAULT_TEMPLATES if templates is None else (
             read_templates(templates) if isinstance(templates, (str, os.PathLike)) else list(templates))
         return [zero_shot_head(loaded.module, loaded.tokenizer, s.names, tpl, cache_dir, loaded.model_id, progress)
@@ -186,6 +204,10 @@ def _features(encoder, data, indices, preprocess, device, batch_size=256):
     return torch.cat(feats), torch.cat(labels)
 
 
+def _no_text(loaded):
+    return loaded.no_text or "the model has no open_clip text tower"
+
+
 def _linear_probe(loaded, spec, indices, device):
     if indices is None:
         raise DataError(f"{spec.name}: head='linear' is fitted on labelled images; this objective has none "
@@ -195,18 +217,34 @@ def _linear_probe(loaded, spec, indices, device):
 
 
 def save_heads(path, tasks):
-    heads = [{"name": t.name, "type": type(t.head).__name__,
-              **{k: v.cpu() for k, v in t.head.state_dict().items()}} for t in tasks]
-    torch_save(path, heads)
+    torch_save(path, [{"name": t.name, **head_record(t.head)} for t in tasks])
 
 
-def load_heads(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such heads file")
-    heads = torch.load(path, map_location="cpu", weights_only=True)
-    return [ZeroShotHead(h["weight"], h["logit_scale"]) if h["type"] == "ZeroShotHead"
-            else LinearHead(h["weight"], h["bias"]) for h in heads]
+def load_heads(paths, allow_pickle=False):
+    """The heads of one or more files (heads.pt of a run, or the release's head_<Dataset>.pt), in order."""
+    return [h for _, h in _read_head_files(paths, allow_pickle)]
+
+
+def _read_head_files(paths, allow_pickle):
+    """[(file, head)] of one or more head files, in order."""
+    return [(os.fspath(p), h) for p in _as_list(paths) for h in read_heads(p, allow_pickle)]
+
+
+def heads_from_files(paths, specs, loaded, allow_pickle):
+    """The heads read from `paths`, one per data set, each checked against its data's classes and the image
+    tower's feature width."""
+    found = _read_head_files(paths, allow_pickle)
+    if len(found) != len(specs):
+        raise ValueError(f"heads: {', '.join(dict.fromkeys(f for f, _ in found))} hold {len(found)} heads for "
+                         f"{len(specs)} data sets")
+    width = getattr(loaded.encoder, "output_dim", None)
+    for (path, h), s in zip(found, specs):
+        classes, dim = h.weight.shape
+        if classes != len(s.classes):
+            raise ValueError(f"{path}: a head of {classes} classes for data {s.name} of {len(s.classes)} classes")
+        if isinstance(width, int) and dim != width:
+            raise ValueError(f"{path}: a head on {dim}-dim features; the image tower gives {width}")
+    return [h for _, h in found]
 
 
 @dataclass
@@ -224,7 +262,7 @@ class AdaptResult:
 def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, classnames=None, templates=None,
           shots=None, head="zeroshot", granularity="block", partitions=1, backend="auto", device=None,
           val_fraction=0.2, split_seed=0, finetuned_accuracy=None, preprocess=None, cache_dir=None,
-          heads=None, resume=False, on_step=None, offload=False, **options):
+          heads=None, resume=False, on_step=None, offload=False, allow_pickle=False, **options):
     """Learn aTLAS coefficients of `bank` for `model` on `data` with `objective`; writes the run to `out`.
 
     data: one or more folders / data sets (ce: one or more, task addition when several; negation:
@@ -233,6 +271,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     options: TrainConfig fields (epochs, batch_size, lr, seed, init, threshold, workers, ...).
     offload: "pinned" or "pageable" keeps the bank in host memory and streams it to the GPU module by module
     (compose(offload=...)): a bank larger than the GPU trains.
+    heads: head files instead of `head` (a run's heads.pt, or one head_<Dataset>.pt per data set), each
+    checked against its data's class count. allow_pickle: read pickled θ0 and head files (see load_model).
     Returns an AdaptResult (summary dict, the composed model, the tasks).
     Under `torchrun --nproc-per-node N` every process runs adapt() with the same arguments: data-parallel
     training (gloo on CPUs, NCCL on GPUs, one GPU per process), batch_size being the global batch.
@@ -259,12 +299,10 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
         raise ValueError(f"shots={shots}: objective {objective!r} uses no labels")
     bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
     bank = _load_bank(bank, torch.device("cpu") if offload else device)
-    loaded = load_model(model, pretrained, preprocess, device)
-    head_list = load_heads(heads) if heads is not None else _heads(
+    loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
+    head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else _heads(
         loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
         train_sets if labelled else [None] * len(specs), device, cfg.progress)
-    if len(head_list) != len(specs):
-        raise ValueError(f"heads: {len(head_list)} heads for {len(specs)} data sets")
     ft = _per_dataset(finetuned_accuracy, len(specs), "finetuned_accuracy") if finetuned_accuracy is not None \
         else [None] * len(specs)
     tasks = [Task(s.name, s.data, s.names, h, tr, s.val, a)
@@ -305,9 +343,9 @@ def compose_from_file(loaded, bank, coefficients, backend="auto", device=None):
 
 
 def _load_finetuned(loaded, path, allow_pickle):
-    """Load a fine-tuned checkpoint's image tower (keys with or without the "visual." prefix) into
-    loaded.encoder."""
-    sd = read_state_dict(path, allow_pickle)
+    """Load a fine-tuned checkpoint's image tower (keys with or without the "visual." prefix; a Hugging Face
+    CLIP checkpoint converted) into loaded.encoder."""
+    sd = read_pretrained(path, allow_pickle).state_dict
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     try:
@@ -321,7 +359,9 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
              templates=None, heads=None, split="val", val_fraction=0.2, split_seed=0, device=None, preprocess=None,
              cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0):
     """Accuracy on each data set's `split` ("val", "train" or "all") of θ0, of θ0 composed with each
-    coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}]."""
+    coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}].
+    heads: head files (as for adapt) instead of zero-shot heads; allow_pickle: read pickled checkpoints and
+    head files."""
     if split not in ("val", "train", "all"):
         raise ValueError(f"split={split!r}: expected val, train or all")
     coefficients, finetuned = _as_list(coefficients), _as_list(finetuned)
@@ -333,13 +373,14 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
         classnames, len(sources), "classnames")
     specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
     cfg = TrainConfig(eval_batch_size=batch_size, workers=workers)
-    loaded = load_model(model, pretrained, preprocess, device)
+    loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
     if heads is not None:
-        head_list = load_heads(heads)
+        head_list = heads_from_files(heads, specs, loaded, allow_pickle)
     elif loaded.has_text:
         head_list = _heads(loaded, specs, "zeroshot", templates, cache_dir, None, device)
     else:
-        raise ModelSpecError("evaluate: a model without a text tower needs heads= (heads.pt of an adapt run)")
+        raise ModelSpecError(f"{_no_text(loaded)}: evaluating it needs heads from files: --heads (heads=): "
+                             f"heads.pt of an adapt run, or the release's head_<Dataset>.pt")
     rows = []
 
     def run(label, encoder):
@@ -361,16 +402,27 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
     return rows
 
 
-def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu"):
-    """Write θ0 + Σ c·τ as a checkpoint of the whole model (state dict; .safetensors or torch file) that
-    open_clip.load_checkpoint reads. Returns the path."""
-    loaded = load_model(model, pretrained, device=device)
+def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu", allow_pickle=False):
+    """Write θ0 + Σ c·τ in the form θ0 came in. Returns the path.
+
+    An open_clip θ0: the whole model's state dict (.safetensors, or a torch file for any other suffix) that
+    open_clip.load_checkpoint reads, with the entries θ0 has (a θ0 without its text tower gives a merged
+    model without it). A Hugging Face θ0: a folder (config.json + model.safetensors) that transformers'
+    from_pretrained loads, in θ0's class and dtypes (convert.save_hf_clip_vision). Written atomically."""
+    loaded = load_model(model, pretrained, device=device, allow_pickle=allow_pickle)
+    out = os.fspath(out)
+    if loaded.hf_pretrained is not None and os.path.splitext(out)[1] in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ValueError(f"{out}: θ0 {loaded.hf_pretrained} is a Hugging Face CLIP checkpoint, so the merged model "
+                         f"is written as a Hugging Face folder (config.json + model.safetensors): give a folder path")
     rest = clip_state_without_visual(loaded.module) if loaded.encoder is not loaded.module else {}
     atlas = compose_from_file(loaded, bank, coefficients, backend, device)
     plain = atlas.merge()
+    tower = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+    if loaded.hf_pretrained is not None:
+        from ..convert import save_hf_clip_vision
+        return save_hf_clip_vision(out, tower, loaded.hf_pretrained)
     prefix = "visual." if loaded.encoder is not loaded.module else ""
-    state = {**rest, **{prefix + k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}}
-    out = os.fspath(out)
+    state = {**rest, **{prefix + k: v for k, v in tower.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -384,16 +436,29 @@ def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", al
                rank=None, energy=None):
     """Build a task-vector bank (τ_t = finetuned_t − pretrained) from checkpoint files and save it to `out`.
     dtype: float32, bfloat16, float16, int8 (per-row scales) or int4 (scales per group_size input columns);
-    rank= or energy= (float32 only) factors each task vector of every 2-D+ block by truncated SVD instead."""
+    rank= or energy= (float32 only) factors each task vector of every 2-D+ block by truncated SVD instead.
+    Checkpoints: any file checkpoints.read_state_dict reads (allow_pickle as there); with prefix "visual."
+    (an open_clip image tower) also Hugging Face CLIP vision folders and files, converted to open_clip names."""
     if dtype not in DTYPES and dtype not in quant.FORMATS:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join((*DTYPES, *quant.FORMATS))}")
     finetuned = _as_list(finetuned)
     if not finetuned:
         raise ValueError("finetuned: no fine-tuned checkpoint given")
-    tv = TaskVectors.from_checkpoints(pretrained, finetuned, dtype=DTYPES.get(dtype, dtype), prefix=prefix or None,
-                                      allow_pickle=allow_pickle, group_size=group_size, rank=rank, energy=energy)
+    read = _bank_reader(prefix, allow_pickle)
+    tv = TaskVectors.from_state_dicts(read(pretrained), (read(p) for p in finetuned), DTYPES.get(dtype, dtype),
+                                      prefix or None, sources=[os.fspath(p) for p in finetuned],
+                                      group_size=group_size, rank=rank, energy=energy)
     tv.save(out)
     return tv
+
+
+def _bank_reader(prefix, allow_pickle):
+    """A checkpoint reader for build_bank: Hugging Face CLIP towers are converted where the bank is of
+    open_clip's image tower; any other prefix takes the names as the file has them."""
+    if prefix == "visual.":
+        from ..convert import read_checkpoint
+        return lambda path: read_checkpoint(path, allow_pickle).state_dict
+    return lambda path: read_state_dict(path, allow_pickle)
 
 
 __all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "AdaptResult",

@@ -2,6 +2,11 @@
 
 A zero-shot head is the normalised mean over prompt templates of the normalised text embeddings of each
 class; logits = logit_scale · normalise(image features) · headᵀ, as CLIP scores images against text.
+
+Heads are read from a run's heads.pt or from the public aTLAS / task-vector release's head_<Dataset>.pt:
+a pickled ClassificationHead(torch.nn.Linear) of the authors' code (weight (classes × dim) holding
+logit_scale × the class embeddings, bias, and `normalize`: logits = normalise(features) · Wᵀ + b), read with
+allow_pickle=True by checkpoints' stand-in unpickler, without that code.
 """
 import hashlib
 import json
@@ -77,6 +82,55 @@ class LinearHead(nn.Module):
 
     def forward(self, features):
         return F.linear(features.float(), self.weight, self.bias)
+
+
+class NormalizedLinearHead(LinearHead):
+    """A frozen linear head on normalised features (the release's ClassificationHead with normalize=True):
+    logits = normalise(features) · Wᵀ + b."""
+
+    def forward(self, features):
+        return F.linear(F.normalize(features.float(), dim=-1), self.weight, self.bias)
+
+
+HEAD_TYPES = {"ZeroShotHead": ZeroShotHead, "LinearHead": LinearHead, "NormalizedLinearHead": NormalizedLinearHead}
+
+
+def head_record(head):
+    """A head as a run's heads.pt stores it (its type's name and its tensors)."""
+    return {"type": type(head).__name__, **{k: v.cpu() for k, v in head.state_dict().items()}}
+
+
+def read_heads(path, allow_pickle=False):
+    """The heads of one file: a run's heads.pt (a list of head records, one per data set), or one pickled
+    Linear-like module (the release's head_<Dataset>.pt; allow_pickle=True)."""
+    from ..checkpoints import is_module_like, read_object
+    path = os.fspath(path)
+    obj = read_object(path, allow_pickle, what="heads")
+    if is_module_like(obj):
+        return [_module_head(obj, path)]
+    if not isinstance(obj, list) or not obj or not all(isinstance(h, dict) and h.get("type") in HEAD_TYPES
+                                                       for h in obj):
+        raise ValueError(f"{path}: neither a heads.pt of an adapt run (a list of heads) nor a pickled "
+                         f"classification head (found {type(obj).__name__})")
+    try:
+        return [ZeroShotHead(h["weight"], h["logit_scale"]) if h["type"] == "ZeroShotHead"
+                else HEAD_TYPES[h["type"]](h["weight"], h["bias"]) for h in obj]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: a damaged heads file ({type(e).__name__}: {e})") from e
+
+
+def _module_head(obj, path):
+    from ..checkpoints import module_state_dict
+    sd = module_state_dict(obj)
+    w, b = sd.get("weight"), sd.get("bias")
+    if set(sd) != {"weight", "bias"} or w.ndim != 2 or b.shape != (w.shape[0],):
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        raise ValueError(f"{path}: not a classification head (a Linear's weight (classes × dim) and bias); "
+                         f"it holds {shapes}")
+    normalize = getattr(obj, "normalize", False)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"{path}: the head's `normalize` is {normalize!r}, not True or False")
+    return (NormalizedLinearHead if normalize else LinearHead)(w, b)
 
 
 def _head_cache_key(fingerprint, templates, classnames):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..task_vectors import TaskVectors, atomic_write
-from .api import (_as_list, _compose, _device, _heads, _is_name_list, _load_bank, _per_dataset, load_data,
-                  load_heads, load_model)
+from .api import (_as_list, _compose, _device, _heads, _is_name_list, _load_bank, _per_dataset,
+                  heads_from_files, load_data, load_model)
 from .data import DataError, dataset_targets, few_shot_indices, mix_seed, stream_loader
 from .loop import Task, TrainConfig, make_classify
 from .objectives import get_objective
@@ -54,7 +54,7 @@ def selection_path(bank_path):
 def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, pretrained=None, classnames=None,
                   templates=None, shots=None, batches=4, batch_size=32, head="zeroshot", heads=None, seed=0,
                   backend="auto", device=None, val_fraction=0.2, split_seed=0, preprocess=None, cache_dir=None,
-                  amp="auto", workers=0, progress=True):
+                  amp="auto", workers=0, progress=True, allow_pickle=False):
     """Keep the `keep` best task vectors of each block of `bank` for `model` on labelled `data`.
 
     method "gradient": score[t, b] = |∂L/∂c[t, b]| at c = 0, where L is the mean over `batches` batches of
@@ -69,7 +69,8 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
 
     The new bank holds the blocks the model composes (bank entries naming buffers are left out), in the
     original bank's dtype. out: write it there (.safetensors) and its record to selection_path(out), both
-    atomically. A module passed as `model` is composed for scoring and left as it was.
+    atomically. A module passed as `model` is composed for scoring and left as it was. heads: head files
+    instead of `head` (as for adapt); allow_pickle: read pickled θ0 and head files.
     Returns a Selection (bank, record).
     """
     if method not in METHODS:
@@ -88,13 +89,13 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
     sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
     if method == "gradient" and not sources:
         raise DataError("data: gradient selection scores on labelled data; none given")
-    loaded = load_model(model, pretrained, preprocess, device)
+    loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
     atlas = _compose(loaded, bank, bank_name, backend=backend)
     try:
         blocks = atlas.block_names
         if method == "gradient":
             tasks = _labelled_tasks(loaded, sources, classnames, templates, shots, head, heads, cfg, device,
-                                    val_fraction, split_seed, cache_dir)
+                                    val_fraction, split_seed, cache_dir, allow_pickle)
             scores = _gradient_scores(atlas, tasks, loaded.preprocess, cfg, batches)
             chosen = torch.sort(scores, dim=0, descending=True, stable=True).indices[:keep].t()
         else:
@@ -110,7 +111,7 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
     if method == "gradient":
         settings.update(data=[os.fspath(s) if isinstance(s, (str, os.PathLike)) else t.name
                               for s, t in zip(sources, tasks)], shots=shots, batches=batches, batch_size=batch_size,
-                        head=head if heads is None else os.fspath(heads))
+                        head=head if heads is None else _head_files(heads))
     record = _record(method, keep, bank_name, bank.sources, blocks, chosen, scores, settings)
     result = Selection(selected, record)
     if out is not None:
@@ -119,17 +120,21 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
 
 
 def _labelled_tasks(loaded, sources, classnames, templates, shots, head, heads, cfg, device, val_fraction,
-                    split_seed, cache_dir):
+                    split_seed, cache_dir, allow_pickle):
     """One Task per data set: the labelled training images adapt() would use (same shots and seed) and a head."""
     names = [classnames] if _is_name_list(classnames) and len(sources) == 1 else _per_dataset(
         classnames, len(sources), "classnames")
     specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
     train = [few_shot_indices(dataset_targets(s.data), s.train, shots, cfg.seed, s.classes) for s in specs]
-    head_list = load_heads(heads) if heads is not None else _heads(loaded, specs, head, templates, cache_dir,
-                                                                    train, device, cfg.progress)
-    if len(head_list) != len(specs):
-        raise ValueError(f"heads: {len(head_list)} heads for {len(specs)} data sets")
+    head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else _heads(
+        loaded, specs, head, templates, cache_dir, train, device, cfg.progress)
     return [Task(s.name, s.data, s.names, h, tr, s.val) for s, h, tr in zip(specs, head_list, train)]
+
+
+def _head_files(heads):
+    """The head files as the record names them: one path, or a list of several."""
+    files = [os.fspath(h) for h in _as_list(heads)]
+    return files[0] if len(files) == 1 else files
 
 
 def _gradient_scores(atlas, tasks, preprocess, cfg, batches):
