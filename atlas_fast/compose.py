@@ -305,6 +305,9 @@ class AtlasModel(nn.Module):
                 or tuple(coefficients.shape[1:]) != shape:
             raise ValueError(f"groups: coefficients must be (G, {', '.join(map(str, shape))}), got "
                              f"{tuple(getattr(coefficients, 'shape', ()))}")
+        if coefficients.shape[0] == 0:
+            raise ValueError(f"groups: coefficients for 0 groups {tuple(coefficients.shape)}; give at least one "
+                             f"coefficient set (G >= 1)")
         if coefficients.dtype not in (torch.float32, torch.float64) or coefficients.device != self.coefficients.device:
             raise ValueError(f"groups: coefficients must be float32 on {self.coefficients.device}, got "
                              f"{coefficients.dtype} on {coefficients.device}")
