@@ -224,7 +224,7 @@ class AdaptResult:
 def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, classnames=None, templates=None,
           shots=None, head="zeroshot", granularity="block", partitions=1, backend="auto", device=None,
           val_fraction=0.2, split_seed=0, finetuned_accuracy=None, preprocess=None, cache_dir=None,
-          heads=None, resume=False, on_step=None, offload=False, **options):
+          heads=None, resume=False, on_step=None, offload=False, allow_bank_mismatch=False, **options):
     """Learn aTLAS coefficients of `bank` for `model` on `data` with `objective`; writes the run to `out`.
 
     data: one or more folders / data sets (ce: one or more, task addition when several; negation:
@@ -233,6 +233,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     options: TrainConfig fields (epochs, batch_size, lr, seed, init, threshold, workers, ...).
     offload: "pinned" or "pageable" keeps the bank in host memory and streams it to the GPU module by module
     (compose(offload=...)): a bank larger than the GPU trains.
+    resume: continue from out/checkpoint.pt, which must have been written for the same bank, θ0, data and settings
+    (a one-line error names what differs); allow_bank_mismatch=True resumes with a bank of other values.
     Returns an AdaptResult (summary dict, the composed model, the tasks).
     Under `torchrun --nproc-per-node N` every process runs adapt() with the same arguments: data-parallel
     training (gloo on CPUs, NCCL on GPUs, one GPU per process), batch_size being the global batch.
@@ -274,7 +276,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     os.makedirs(out, exist_ok=True)
     if distributed.is_main():
         save_heads(os.path.join(out, "heads.pt"), tasks)
-    summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step)
+    summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step,
+                    allow_bank_mismatch=allow_bank_mismatch)
     return AdaptResult(summary, atlas, tasks, loaded.module)
 
 
@@ -294,13 +297,14 @@ def _coefficient_layout(path):
     return meta["granularity"], int(meta["partitions"]), int(meta["seed"])
 
 
-def compose_from_file(loaded, bank, coefficients, backend="auto", device=None):
-    """Compose loaded.encoder with `bank` laid out as in `coefficients` and load them."""
+def compose_from_file(loaded, bank, coefficients, backend="auto", device=None, allow_bank_mismatch=False):
+    """Compose loaded.encoder with `bank` laid out as in `coefficients` and load them (refused for a bank other
+    than theirs unless allow_bank_mismatch=True: AtlasModel.load_coefficients)."""
     granularity, partitions, seed = _coefficient_layout(coefficients)
     bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
     atlas = _compose(loaded, _load_bank(bank, _device(device)), bank_name, granularity=granularity,
                      partitions=partitions, backend=backend, seed=seed)
-    atlas.load_coefficients(coefficients)
+    atlas.load_coefficients(coefficients, allow_bank_mismatch)
     return atlas
 
 
@@ -319,7 +323,7 @@ def _load_finetuned(loaded, path, allow_pickle):
 
 def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetuned=None, classnames=None,
              templates=None, heads=None, split="val", val_fraction=0.2, split_seed=0, device=None, preprocess=None,
-             cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0):
+             cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0, allow_bank_mismatch=False):
     """Accuracy on each data set's `split` ("val", "train" or "all") of θ0, of θ0 composed with each
     coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}]."""
     if split not in ("val", "train", "all"):
@@ -353,7 +357,7 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
     for path in coefficients:
         # compose() works in place: compose a copy so that θ0 stays for the next model
         own = replace(loaded, encoder=copy.deepcopy(loaded.encoder))
-        run(os.fspath(path), compose_from_file(own, bank, path, backend, device))
+        run(os.fspath(path), compose_from_file(own, bank, path, backend, device, allow_bank_mismatch))
     for path in finetuned:
         own = replace(loaded, encoder=copy.deepcopy(loaded.encoder))
         _load_finetuned(own, path, allow_pickle)
@@ -361,12 +365,12 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
     return rows
 
 
-def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu"):
+def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu", allow_bank_mismatch=False):
     """Write θ0 + Σ c·τ as a checkpoint of the whole model (state dict; .safetensors or torch file) that
     open_clip.load_checkpoint reads. Returns the path."""
     loaded = load_model(model, pretrained, device=device)
     rest = clip_state_without_visual(loaded.module) if loaded.encoder is not loaded.module else {}
-    atlas = compose_from_file(loaded, bank, coefficients, backend, device)
+    atlas = compose_from_file(loaded, bank, coefficients, backend, device, allow_bank_mismatch)
     plain = atlas.merge()
     prefix = "visual." if loaded.encoder is not loaded.module else ""
     state = {**rest, **{prefix + k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}}
