@@ -325,7 +325,8 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
              templates=None, heads=None, split="val", val_fraction=0.2, split_seed=0, device=None, preprocess=None,
              cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0, allow_bank_mismatch=False):
     """Accuracy on each data set's `split` ("val", "train" or "all") of θ0, of θ0 composed with each
-    coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}]."""
+    coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}].
+    A coefficient file learned with a bank of other values is refused unless allow_bank_mismatch=True."""
     if split not in ("val", "train", "all"):
         raise ValueError(f"split={split!r}: expected val, train or all")
     coefficients, finetuned = _as_list(coefficients), _as_list(finetuned)
@@ -367,7 +368,8 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
 
 def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu", allow_bank_mismatch=False):
     """Write θ0 + Σ c·τ as a checkpoint of the whole model (state dict; .safetensors or torch file) that
-    open_clip.load_checkpoint reads. Returns the path."""
+    open_clip.load_checkpoint reads (refused for a bank other than the coefficients' unless allow_bank_mismatch=True).
+    Returns the path."""
     loaded = load_model(model, pretrained, device=device)
     rest = clip_state_without_visual(loaded.module) if loaded.encoder is not loaded.module else {}
     atlas = compose_from_file(loaded, bank, coefficients, backend, device, allow_bank_mismatch)
