@@ -38,7 +38,8 @@ def test_dequantize_hand_computed_int4():
     """A 2 × 5 block, groups of 2 columns (3 groups a row, the last of one column): column 2j in the low nibble of
     byte j, 2j + 1 in the high one, each stored as q + 8, the pad nibble of the odd last byte 8 (q = 0);
     τ[r, c] = q · scale[r, c // 2]. quantize() packs the same bytes."""
-    # row 0: q = [1, -2, 7, -7, 3] -> nibbles [9, 6, 15, 1, 11, pad 8]; row 1: q = [0, 4, -1, 2, -5] -> [8, 12, 7, 10, 3, 8]
+    # row 0: q = [1, -2, 7, -7, 3] -> nibbles [9, 6, 15, 1, 11, pad 8]
+    # row 1: q = [0, 4, -1, 2, -5] -> nibbles [8, 12, 7, 10, 3, pad 8]
     data = torch.tensor([[[9 | 6 << 4, 15 | 1 << 4, 11 | 8 << 4], [8 | 12 << 4, 7 | 10 << 4, 3 | 8 << 4]]],
                         dtype=torch.uint8)
     scale = torch.tensor([[[0.5, 0.25, 2.0], [1.0, 0.125, 0.75]]])
