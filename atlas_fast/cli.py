@@ -114,6 +114,12 @@ def _model_options(p, bank=True):
     p.add_argument("--backend", default="auto", help="atlas backend: auto, torch, triton or cuda")
 
 
+def _bank_mismatch_option(p, what):
+    p.add_argument("--allow-bank-mismatch", action="store_true",
+                   help=f"{what} even with a bank whose fingerprint (the task vectors' values, block by block) differs "
+                        f"from the one the coefficients were learned with")
+
+
 def _data_options(p, required=True):
     p.add_argument("--data", nargs="+", required=required,
                    help="image folder(s): <dir>/<class>/<image>, or <dir>/train and <dir>/val|test in that layout"
@@ -209,7 +215,9 @@ def _add_adapt(sub):
     p.add_argument("--offload", choices=("pinned", "pageable"),
                    help="keep the bank in host memory (page-locked, or mapped from its file) and stream it to the "
                         "GPU one module ahead: a bank larger than the GPU trains")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt (written for the same "
+                                                         "bank, θ0, data and settings)")
+    _bank_mismatch_option(p, "--resume")
     p.add_argument("--out", default="atlas_out", help="output folder (default ./atlas_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_adapt, parser=p)
@@ -227,7 +235,8 @@ def _run_adapt(args):
                        granularity=args.granularity, partitions=args.partitions,
                        backend=args.backend, device=args.device, val_fraction=args.val_fraction,
                        finetuned_accuracy=args.finetuned_acc, resume=args.resume, flip=not args.no_flip,
-                       offload=args.offload or False, progress=not args.no_progress, **options)
+                       offload=args.offload or False, progress=not args.no_progress,
+                       allow_bank_mismatch=args.allow_bank_mismatch, **options)
     except _user_errors() as e:
         _fail(args, e)
     finally:
@@ -237,7 +246,8 @@ def _run_adapt(args):
     s = result.summary
     print(f"selected epoch {s['selected_epoch']} ({s['select']}); validation accuracy, initial -> adapted:")
     for name, a, b in zip(s["tasks"], s["initial"], s["selected"]):
-        print(f"  {name}: {100 * a['accuracy']:.2f}% -> {100 * b['accuracy']:.2f}%")
+        print(f"  {name}: {100 * a['accuracy']:.2f}% -> {100 * b['accuracy']:.2f}%" if b["n"] else
+              f"  {name}: no validation images (--val-fraction 0)")
     print(f"wrote {args.out}/coefficients.safetensors, summary.json, log.jsonl, curves.png, coefficients.png")
     return 0
 
@@ -255,6 +265,7 @@ def _add_eval(sub):
                                               "release per --data (default: zero-shot heads from the text tower)")
     p.add_argument("--split", default="val", choices=("val", "train", "all"))
     p.add_argument("--json", help="also write the rows to this JSON file")
+    _bank_mismatch_option(p, "evaluate --coefficients")
     p.set_defaults(run=_run_eval, parser=p)
 
 
@@ -267,7 +278,7 @@ def _run_eval(args):
                         coefficients=args.coefficients, finetuned=args.finetuned, classnames=args.classnames,
                         templates=args.templates, heads=args.heads, split=args.split,
                         val_fraction=args.val_fraction, device=args.device, backend=args.backend,
-                        allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, allow_bank_mismatch=args.allow_bank_mismatch)
     except _user_errors() as e:
         _fail(args, e)
     width = max(len(r["model"]) for r in rows)
@@ -288,6 +299,7 @@ def _add_merge(sub):
     _model_options(p)
     p.add_argument("--coefficients", required=True, help="coefficient file from `atlas-fast adapt`")
     p.add_argument("--out", required=True, help="output checkpoint (a folder when θ0 is a Hugging Face folder)")
+    _bank_mismatch_option(p, "merge")
     p.set_defaults(run=_run_merge, parser=p)
 
 
@@ -295,7 +307,8 @@ def _run_merge(args):
     from .adapt import merge
     try:
         path = merge(args.model, args.bank, args.coefficients, args.out, pretrained=args.pretrained,
-                     backend=args.backend, device=args.device or "cpu", allow_pickle=args.allow_pickle)
+                     backend=args.backend, device=args.device or "cpu", allow_pickle=args.allow_pickle,
+                     allow_bank_mismatch=args.allow_bank_mismatch)
     except _user_errors() as e:
         _fail(args, e)
     print(f"wrote {path}")

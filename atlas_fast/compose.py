@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import lowrank, quant
+from . import fingerprint, quant
 from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
 from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients, _AtlasBlocks
@@ -41,12 +41,12 @@ from .ops import merge_blocks
 from .ops_grouped import merge_blocks_grouped
 from .task_vectors import LOWRANK, atomic_write
 
-COEF_FORMAT = "atlas_fast.coefficients/2"
-_COEF_FORMATS = ("atlas_fast.coefficients/1", COEF_FORMAT)   # /1 files carry no bank fingerprint
+COEF_FORMAT = "atlas_fast.coefficients/3"
+# /1 files carry no bank fingerprint, /2 files one [norm, sum] per task vector (metadata "fingerprint"), /3 files
+# the per-block fingerprint of fingerprint.py as the tensor FINGERPRINT_KEY
+_COEF_FORMATS = ("atlas_fast.coefficients/1", "atlas_fast.coefficients/2", COEF_FORMAT)
+FINGERPRINT_KEY = "bank_fingerprint"
 COEF_KEY = "atlas_coefficients"
-# Fingerprints of the same bank agree to rounding (a bank stored in another dtype); different or reordered
-# task vectors differ by about their norm.
-FINGERPRINT_RTOL = 1e-2
 
 
 @dataclass
@@ -237,6 +237,7 @@ class AtlasModel(nn.Module):
         self._unwrapped = False
         self._group_call = None                      # (index, coefficients) inside groups()
         self._offload = None                         # offload.BankOffload while offload_bank() is in effect
+        self._fingerprint = None                     # bank_fingerprint(), once computed
 
     def forward(self, *args, **kwargs):
         self._check_composed()
@@ -275,6 +276,7 @@ class AtlasModel(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._refuse_offloaded("moving or casting an AtlasModel (.to, .cuda, .cpu, .half, ...)")
+        self._fingerprint = None
         return super()._apply(fn, *args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -305,6 +307,9 @@ class AtlasModel(nn.Module):
                 or tuple(coefficients.shape[1:]) != shape:
             raise ValueError(f"groups: coefficients must be (G, {', '.join(map(str, shape))}), got "
                              f"{tuple(getattr(coefficients, 'shape', ()))}")
+        if coefficients.shape[0] == 0:
+            raise ValueError(f"groups: coefficients for 0 groups {tuple(coefficients.shape)}; give at least one "
+                             f"coefficient set (G >= 1)")
         if coefficients.dtype not in (torch.float32, torch.float64) or coefficients.device != self.coefficients.device:
             raise ValueError(f"groups: coefficients must be float32 on {self.coefficients.device}, got "
                              f"{coefficients.dtype} on {coefficients.device}")
@@ -467,33 +472,32 @@ class AtlasModel(nn.Module):
 
     @torch.no_grad()
     def bank_fingerprint(self):
-        """Per task vector [‖τ_t‖, Σ τ_t] over the composed blocks (float64): tells different or reordered
-        task vectors apart at the cost of one read of the bank."""
-        T = len(self.sources)
-        sq = torch.zeros(T, dtype=torch.float64)
-        total = torch.zeros(T, dtype=torch.float64)
-        for _, _, tau in self._theta0_and_tau():
-            if lowrank.is_lowrank(tau):
-                block_sq, block_total = lowrank.fingerprint(tau)
-                sq += block_sq.cpu()
-                total += block_total.cpu()
-                continue
-            flat = (tau.dequantize(torch.float64) if quant.is_quantized(tau) else tau).reshape(T, -1)
-            sq += flat.double().pow(2).sum(1).cpu()
-            total += flat.double().sum(1).cpu()
-        return [[float(n), float(s)] for n, s in zip(sq.sqrt(), total)]
+        """(T, B, 2 + fingerprint.SAMPLES) float64: norm, sum and sampled values of every task vector of every
+        composed block, in task-vector and block order (fingerprint.py), from one read of the bank. Kept until the
+        model is moved or cast: the bank is frozen."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint.fingerprint(tau for _, _, tau in self._theta0_and_tau())
+        return self._fingerprint
+
+    def bank_mismatch(self, saved, saved_sources=None):
+        """None when `saved` (a bank_fingerprint() of another time or place) is this bank's, else one line
+        naming the first block and task vector that differ (saved_sources: the task vectors' names then)."""
+        numels = [p0.numel() for _, p0, _ in self._theta0_and_tau()]
+        return fingerprint.mismatch(saved, self.bank_fingerprint(), self.block_names, self.sources, numels,
+                                    saved_sources)
 
     def save_coefficients(self, path):
-        """Write the coefficients and what they refer to as safetensors (atomic)."""
+        """Write the coefficients, what they refer to and the bank's fingerprint as safetensors (atomic)."""
         from safetensors.torch import save_file
-        meta = {"format": COEF_FORMAT, **self._coef_meta(), "fingerprint": json.dumps(self.bank_fingerprint())}
-        tensors = {"coefficients": self.coefficients.detach().cpu().contiguous()}
+        meta = {"format": COEF_FORMAT, **self._coef_meta()}
+        tensors = {"coefficients": self.coefficients.detach().cpu().contiguous(),
+                   FINGERPRINT_KEY: self.bank_fingerprint().contiguous()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def load_coefficients(self, path, allow_bank_mismatch=False):
-        """Load coefficients saved by save_coefficients for the same blocks, layout and bank. A file saved
-        for other or reordered task vectors (its sources or the bank's fingerprint differ) is refused unless
-        allow_bank_mismatch=True."""
+        """Load coefficients saved by save_coefficients for the same blocks, layout and bank. A file saved for a
+        bank holding other values (other, reordered or swapped task vectors or blocks: its fingerprint differs;
+        the task vectors' source names may differ) is refused unless allow_bank_mismatch=True."""
         from safetensors import safe_open
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -501,6 +505,7 @@ class AtlasModel(nn.Module):
         try:
             with safe_open(path, framework="pt") as f:
                 meta, coef = f.metadata() or {}, f.get_tensor("coefficients")
+                saved = f.get_tensor(FINGERPRINT_KEY) if FINGERPRINT_KEY in f.keys() else None
         except Exception as e:
             raise ValueError(f"{path}: unreadable or truncated coefficient file ({e})") from e
         if meta.get("format") not in _COEF_FORMATS:
@@ -512,28 +517,23 @@ class AtlasModel(nn.Module):
             raise ValueError(f"{path}: coefficients of shape {tuple(coef.shape)}, expected "
                              f"{tuple(self.coefficients.shape)}")
         if not allow_bank_mismatch:
-            self._check_same_bank(path, meta)
+            self._check_same_bank(path, meta, saved)
         if not torch.isfinite(coef).all():
             raise ValueError(f"{path}: the coefficients hold non-finite values")
         with torch.no_grad():
             self.coefficients.copy_(coef)
 
-    def _check_same_bank(self, path, meta):
-        saved = json.loads(meta["sources"])
-        differ = [f"task vector {t}: file {a!r}, model {b!r}" for t, (a, b) in enumerate(zip(saved, self.sources))
-                  if a != b]
-        if differ:
-            raise ValueError(f"{path}: saved for other task vectors ({'; '.join(differ[:4])}); pass "
-                             f"allow_bank_mismatch=True to load it anyway")
-        if "fingerprint" not in meta:
+    def _check_same_bank(self, path, meta, saved):
+        if saved is not None:
+            problem = self.bank_mismatch(saved, json.loads(meta.get("sources", "null")))
+        elif "fingerprint" in meta:
+            problem = fingerprint.legacy_mismatch(json.loads(meta["fingerprint"]), self.bank_fingerprint(),
+                                                  self.sources)
+        else:
             return
-        ours = self.bank_fingerprint()
-        for t, ((n0, s0), (n1, s1)) in enumerate(zip(json.loads(meta["fingerprint"]), ours)):
-            scale = max(n0, n1, 1e-30)
-            if abs(n0 - n1) > FINGERPRINT_RTOL * scale or abs(s0 - s1) > FINGERPRINT_RTOL * scale:
-                raise ValueError(f"{path}: task vector {t} ({self.sources[t]!r}) holds other values than when the "
-                                 f"coefficients were saved (norm {n0:.6g} then, {n1:.6g} now; sum {s0:.6g} then, "
-                                 f"{s1:.6g} now); pass allow_bank_mismatch=True to load it anyway")
+        if problem is not None:
+            raise ValueError(f"{path}: saved for another bank: {problem}; pass allow_bank_mismatch=True "
+                             f"(--allow-bank-mismatch) to load it anyway")
 
     def _coef_meta(self):
         a = self.atlas

@@ -46,7 +46,15 @@ def _grouped_tau(tau_w, scale_w, group_w, bt_w, weight):
 
 
 def _implementation(backend, x, coef_w, bt_w):
-    return TORCH if bt_w is not None else implementation(backend, x.device, coef_w.dtype)
+    # An empty batch has an empty result and zero coefficient gradients: the torch implementation gives them
+    # without launching kernels over no rows.
+    return TORCH if bt_w is not None or x.numel() == 0 else implementation(backend, x.device, coef_w.dtype)
+
+
+def _check_groups(what, coef):
+    if coef.shape[0] == 0:
+        raise ValueError(f"{what}: coefficients for 0 groups {tuple(coef.shape)}; a grouped call takes at least "
+                         f"one coefficient set")
 
 
 # ---------------------------------------------------------------- linear
@@ -288,6 +296,7 @@ _merge_grouped_quant.register_autograd(_merge_quant_grad, setup_context=_merge_q
 def _check_grouped(what, theta0, tau, coef, G=None):
     if coef.dim() != 3:
         raise ValueError(f"{what}: grouped coefficients must be (G, T, P), got {tuple(coef.shape)}")
+    _check_groups(what, coef)
     _check_block(what, theta0, tau, coef[0])
     if G is not None and coef.shape[0] != G:
         raise ValueError(f"{what}: coefficients for {coef.shape[0]} groups, expected {G}")
@@ -360,6 +369,7 @@ def merge_blocks_grouped(theta0, tau, coef, keys):
     if coef.dim() != 4 or not (len(theta0) == len(tau) == len(keys) == coef.shape[2]):
         raise ValueError(f"merge_blocks_grouped: {len(theta0)} blocks, {len(tau)} task-vector stacks, {len(keys)} "
                          f"keys, coefficients of shape {tuple(coef.shape)} (expected (G, T, B, K))")
+    _check_groups("merge_blocks_grouped", coef)
     for b, (t0, tv) in enumerate(zip(theta0, tau)):
         _check_block(f"block {b}", t0, tv, coef[0, :, b])
     factored = [b for b, t in enumerate(tau) if lowrank.is_lowrank(t)]

@@ -28,7 +28,7 @@ import tempfile
 
 import torch
 
-from . import lowrank, mapped, quant
+from . import fingerprint, lowrank, mapped, quant
 from .checkpoints import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -254,6 +254,11 @@ class TaskVectors:
     def nbytes(self):
         """Bytes of the stored bank: values, scales of quantised blocks, factors of low-rank ones."""
         return sum(_nbytes(v) for v in self.vectors.values())
+
+    def fingerprint(self, names=None):
+        """(T, B, 2 + fingerprint.SAMPLES) float64: norm, sum and sampled values of every task vector of the blocks
+        `names` (default: all, in bank order), from one read of them (fingerprint.py)."""
+        return fingerprint.fingerprint(self.vectors[n] for n in (self.names if names is None else names))
 
     def to(self, device=None, dtype=None, group_size=None):
         """A bank on another device or in another storage dtype: float32, bfloat16 or float16 from any bank (a

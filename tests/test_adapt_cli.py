@@ -141,10 +141,20 @@ def test_low_rank_bank_adapts(world, tmp_path, capsys):
     assert "--dtype int8 cannot be combined" in capsys.readouterr().err
 
 
-def test_offloaded_bank_learns_what_a_resident_one_learns(world, tmp_path):
+def test_offloaded_bank_learns_what_a_resident_one_learns(world, tmp_path, monkeypatch):
     """adapt --offload pageable (the bank stays mapped on the host, streamed module by module) learns the same
-    coefficients as the resident bank, step for step."""
+    coefficients as the resident bank, step for step. Adam's first step from c = 0 moves every coefficient by
+    lr · g / (|g| + eps) = ±lr (no warm-up step of 3 at warmup 0.1): each one got a gradient."""
     from safetensors.torch import load_file
+    first = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not first:
+            first.append(self.param_groups[0]["params"][0].detach().clone())
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     w = world
     bank = str(tmp_path / "bank.safetensors")
     assert main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", bank]) == 0
@@ -155,7 +165,7 @@ def test_offloaded_bank_learns_what_a_resident_one_learns(world, tmp_path):
                      "--shots", "5", "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "20", "--lr", "0.2",
                      "--workers", "0", "--out", str(tmp_path / run), "--no-progress", *extra]) == 0
         coefs.append(load_file(str(tmp_path / run / "coefficients.safetensors"))["coefficients"])
-    assert coefs[0].abs().min() > 0
+    assert_rel(first[0].abs(), torch.full_like(first[0], 0.2), 1e-4, "|coefficients| after Adam's first step")
     assert_rel(coefs[1], coefs[0], 1e-5, "coefficients")
 
 
@@ -206,3 +216,40 @@ def test_python_functions_are_exported():
     # the package is callable as adapt(): the call reaches adapt()'s own argument checks
     with pytest.raises(ValueError, match="objective='nope': expected one of ce, entropy, ufm, negation"):
         atlas_fast.adapt("ViT-B-32", "bank.safetensors", "data", objective="nope")
+
+
+def test_bank_mismatch_is_named_and_can_be_overridden(world, tmp_path, capsys):
+    """eval and merge with a bank whose task vectors are swapped: one line naming the block, the task vector and
+    --allow-bank-mismatch; with the flag they run. The same bank under other source names (moved checkpoints) runs
+    without it."""
+    import atlas_fast
+    from atlas_fast.adapt import load_model
+    w = world
+    bank = atlas_fast.TaskVectors.load(w["bank"])
+    swapped, moved = str(tmp_path / "swapped.safetensors"), str(tmp_path / "moved.safetensors")
+    atlas_fast.TaskVectors({k: v[[1, 0]] for k, v in bank.vectors.items()}, sources=bank.sources).save(swapped)
+    atlas_fast.TaskVectors(bank.vectors, sources=["/moved/a.pt", "/moved/b.pt"]).save(moved)
+    atlas = atlas_fast.compose(load_model(w["config"], w["theta0"], device="cpu").encoder, bank)
+    with torch.no_grad():
+        atlas.coefficients.uniform_(0.1, 0.5)
+    coef = str(tmp_path / "coef.safetensors")
+    atlas.save_coefficients(coef)
+    common = ["--model", w["config"], "--pretrained", w["theta0"], "--coefficients", coef, "--device", "cpu"]
+    evaluate = ["eval", *common, "--data", w["upright"], "--classnames", w["classnames"], "--templates",
+                w["templates"]]
+    merge = ["merge", *common, "--out", str(tmp_path / "merged.pt")]
+    for args in (evaluate, merge):
+        with pytest.raises(SystemExit) as exc:
+            main(args + ["--bank", swapped])
+        assert exc.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "coef.safetensors: saved for another bank: block 'class_embedding' of task vector 0 (" in line
+        assert "--allow-bank-mismatch" in line
+        assert main(args + ["--bank", swapped, "--allow-bank-mismatch"]) == 0
+        assert main(args + ["--bank", moved]) == 0
+
+
+def test_select_best_without_validation_images(world, tmp_path, capsys):
+    line = _adapt_error(world, capsys, "--val-fraction", "0", "--select", "best", "--out", str(tmp_path / "run"))
+    assert "select='best': data set 'upright' has no validation images" in line
+    assert "use select='last', or val_fraction > 0" in line

@@ -76,10 +76,38 @@ def test_ufm_raises_accuracy_without_labels(world, tmp_path):
                          lr=0.05, init=0.3, threshold=0.8, flip=False)
     # the pseudo-labelled share grows as the model grows confident, so the total is no fixed target
     assert hist[-1]["trusted_ce"] < hist[1]["trusted_ce"]
-    assert hist[-1]["mask_rate"] > 0                      # pseudo-labels above the threshold take part
+    # pseudo-labels above the threshold take part, more as training goes on; an epoch's rate is the mean of its 6
+    # steps' shares of 64 images: a multiple of 1/384
+    assert hist[-1]["mask_rate"] > hist[1]["mask_rate"]
+    assert hist[-1]["mask_rate"] * 384 == pytest.approx(round(hist[-1]["mask_rate"] * 384), abs=1e-9)
     start = summary["initial"][0]["accuracy"]
     assert summary["selected"][0]["accuracy"] > start + 0.08
     assert summary["selected"][0]["accuracy"] > _theta0_accuracy(world, "upright") + 0.2
+
+
+def test_ufm_loss_and_statistics_by_hand():
+    """UFM's loss on logits given directly: 2 of 4 weak views reach confidence 0.8 (mask_rate 0.5), their strong
+    views are trained on the weak views' labels, the trusted ones on theirs; every value computed here in float64."""
+    from types import SimpleNamespace
+
+    import torch
+    from atlas_fast.adapt.objectives import UFM
+    weak = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 3.0], [1.0, 1.2, 0.0]])
+    strong = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [0.0, 0.5, 1.5], [2.0, 0.0, -1.0]])
+    trusted, labels = torch.tensor([[0.5, 1.5, -0.5], [2.5, 0.0, 1.0]]), torch.tensor([1, 2])
+    loss, stats = UFM().loss(lambda i, x: x, [(weak, strong, None, None), (trusted, labels, None)],
+                             SimpleNamespace(threshold=0.8))
+
+    def ce(row, label):
+        row = row.double()
+        return float(torch.logsumexp(row, 0) - row[label])
+    # softmax maxima of the weak rows: e^4/(e^4+2) = 0.965, 0.367, e^3/(e^3+2) = 0.909, 0.45
+    pseudo = (ce(strong[0], 0) + ce(strong[2], 2)) / 4
+    sup = (ce(trusted[0], 1) + ce(trusted[1], 2)) / 2
+    assert stats["mask_rate"] == 0.5
+    assert stats["pseudo_ce"] == pytest.approx(pseudo, rel=1e-6)
+    assert stats["trusted_ce"] == pytest.approx(sup, rel=1e-6)
+    assert float(loss) == pytest.approx(pseudo + sup, rel=1e-6)
 
 
 def test_negation_forgets_the_target_and_keeps_the_control(world, tmp_path):

@@ -241,7 +241,8 @@ def test_coefficient_files_refuse_another_bank(tmp_path):
     reordered = atlas_fast.TaskVectors({k: v[order] for k, v in bank.vectors.items()},
                                        sources=[bank.sources[t] for t in order])
     other = atlas_fast.compose(copy.deepcopy(model), reordered)
-    with pytest.raises(ValueError, match=r"task vector 0: file 'synthetic\[0\]', model 'synthetic\[2\]'"):
+    with pytest.raises(ValueError, match=r"saved for another bank: block '0.weight' of task vector 0 "
+                                         r"\('synthetic\[0\]' then, 'synthetic\[2\]' now\) holds other values"):
         other.load_coefficients(path)
 
     same_names = atlas_fast.TaskVectors({k: v[order] for k, v in bank.vectors.items()}, sources=bank.sources)

@@ -203,7 +203,7 @@ def test_composed_model_moves_copies_and_compiles():
     with torch.no_grad():
         twin.coefficients.copy_(atlas.coefficients)
     fp_low, fp_dense = atlas.bank_fingerprint(), twin.bank_fingerprint()
-    assert_rel(torch.tensor(fp_low), torch.tensor(fp_dense), 1e-5, "fingerprint")
+    assert_rel(fp_low, fp_dense, 1e-5, "fingerprint")
     compiled = torch.compile(atlas, fullgraph=True, backend="aot_eager")
     assert_rel(compiled(x), y, 1e-6, "compiled")
     atlas.bfloat16()

@@ -22,6 +22,38 @@ def _mlp(width=768):
 
 # ---------------------------------------------------------------- storage
 
+def test_dequantize_hand_computed_int8():
+    """τ[t, r, c] = q · scale[t, r], by hand for two task vectors of a 2 × 3 block; quantize() gives these q back."""
+    data = torch.tensor([[[1, -2, 127], [-127, 0, 5]], [[3, 0, -1], [2, 2, 2]]], dtype=torch.int8)
+    scale = torch.tensor([[0.5, 0.25], [2.0, 0.125]])
+    block = quant.QuantizedBlock(data, scale, 0, (2, 2, 3))
+    want = torch.tensor([[[0.5, -1.0, 63.5], [-31.75, 0.0, 1.25]], [[6.0, 0.0, -2.0], [0.25, 0.25, 0.25]]])
+    assert torch.equal(block.dequantize(), want)
+    assert torch.equal(block.dequantize_rows(1, 2, torch.empty(2, 3)), want[:, 1])
+    again = quant.quantize(torch.tensor([[[0.5, -1.0, 63.5]]]), "int8")
+    assert again.data.tolist() == [[[1, -2, 127]]] and again.scale.tolist() == [[0.5]]
+
+
+def test_dequantize_hand_computed_int4():
+    """A 2 × 5 block, groups of 2 columns (3 groups a row, the last of one column): column 2j in the low nibble of
+    byte j, 2j + 1 in the high one, each stored as q + 8, the pad nibble of the odd last byte 8 (q = 0);
+    τ[r, c] = q · scale[r, c // 2]. quantize() packs the same bytes."""
+    # row 0: q = [1, -2, 7, -7, 3] -> nibbles [9, 6, 15, 1, 11, pad 8]
+    # row 1: q = [0, 4, -1, 2, -5] -> nibbles [8, 12, 7, 10, 3, pad 8]
+    data = torch.tensor([[[9 | 6 << 4, 15 | 1 << 4, 11 | 8 << 4], [8 | 12 << 4, 7 | 10 << 4, 3 | 8 << 4]]],
+                        dtype=torch.uint8)
+    scale = torch.tensor([[[0.5, 0.25, 2.0], [1.0, 0.125, 0.75]]])
+    block = quant.QuantizedBlock(data, scale, 2, (1, 2, 5))
+    want = torch.tensor([[[0.5, -1.0, 1.75, -1.75, 6.0], [0.0, 4.0, -0.125, 0.25, -3.75]]])
+    assert torch.equal(block.dequantize(), want)
+    assert torch.equal(block.dequantize(torch.float64), want.double())
+    assert torch.equal(block.dequantize_rows(1, 2, torch.empty(1, 5)), want[:, 1])
+    # groups [3, -7], [0.6, -1.4], [2.1]: scales absmax / 7 = 1, 0.2, 0.3; q = [3, -7], [3, -7], [7]
+    again = quant.quantize(torch.tensor([[[3.0, -7.0, 0.6, -1.4, 2.1]]]), "int4", 2)
+    assert again.data.tolist() == [[[11 | 1 << 4, 11 | 1 << 4, 15 | 8 << 4]]]
+    assert again.scale.flatten().tolist() == pytest.approx([1.0, 0.2, 0.3], rel=1e-6)
+
+
 @pytest.mark.parametrize("fmt,group", FORMATS + [("int4", 128), ("int4", 5)])
 @pytest.mark.parametrize("shape", [(45, 70), (7, 37), (6, 3, 3, 5), (1, 1)])
 def test_quantize_error_bound_and_exact_absmax(fmt, group, shape):

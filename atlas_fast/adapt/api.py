@@ -262,7 +262,8 @@ class AdaptResult:
 def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, classnames=None, templates=None,
           shots=None, head="zeroshot", granularity="block", partitions=1, backend="auto", device=None,
           val_fraction=0.2, split_seed=0, finetuned_accuracy=None, preprocess=None, cache_dir=None,
-          heads=None, resume=False, on_step=None, offload=False, allow_pickle=False, **options):
+          heads=None, resume=False, on_step=None, offload=False, allow_pickle=False,
+          allow_bank_mismatch=False, **options):
     """Learn aTLAS coefficients of `bank` for `model` on `data` with `objective`; writes the run to `out`.
 
     data: one or more folders / data sets (ce: one or more, task addition when several; negation:
@@ -273,6 +274,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     (compose(offload=...)): a bank larger than the GPU trains.
     heads: head files instead of `head` (a run's heads.pt, or one head_<Dataset>.pt per data set), each
     checked against its data's class count. allow_pickle: read pickled θ0 and head files (see load_model).
+    resume: continue from out/checkpoint.pt, which must have been written for the same bank, θ0, data and settings
+    (a one-line error names what differs); allow_bank_mismatch=True resumes with a bank of other values.
     Returns an AdaptResult (summary dict, the composed model, the tasks).
     Under `torchrun --nproc-per-node N` every process runs adapt() with the same arguments: data-parallel
     training (gloo on CPUs, NCCL on GPUs, one GPU per process), batch_size being the global batch.
@@ -312,7 +315,8 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     os.makedirs(out, exist_ok=True)
     if distributed.is_main():
         save_heads(os.path.join(out, "heads.pt"), tasks)
-    summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step)
+    summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step,
+                    allow_bank_mismatch=allow_bank_mismatch)
     return AdaptResult(summary, atlas, tasks, loaded.module)
 
 
@@ -332,13 +336,14 @@ def _coefficient_layout(path):
     return meta["granularity"], int(meta["partitions"]), int(meta["seed"])
 
 
-def compose_from_file(loaded, bank, coefficients, backend="auto", device=None):
-    """Compose loaded.encoder with `bank` laid out as in `coefficients` and load them."""
+def compose_from_file(loaded, bank, coefficients, backend="auto", device=None, allow_bank_mismatch=False):
+    """Compose loaded.encoder with `bank` laid out as in `coefficients` and load them (refused for a bank other
+    than theirs unless allow_bank_mismatch=True: AtlasModel.load_coefficients)."""
     granularity, partitions, seed = _coefficient_layout(coefficients)
     bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
     atlas = _compose(loaded, _load_bank(bank, _device(device)), bank_name, granularity=granularity,
                      partitions=partitions, backend=backend, seed=seed)
-    atlas.load_coefficients(coefficients)
+    atlas.load_coefficients(coefficients, allow_bank_mismatch)
     return atlas
 
 
@@ -357,11 +362,12 @@ def _load_finetuned(loaded, path, allow_pickle):
 
 def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetuned=None, classnames=None,
              templates=None, heads=None, split="val", val_fraction=0.2, split_seed=0, device=None, preprocess=None,
-             cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0):
+             cache_dir=None, backend="auto", allow_pickle=False, batch_size=256, workers=0, allow_bank_mismatch=False):
     """Accuracy on each data set's `split` ("val", "train" or "all") of θ0, of θ0 composed with each
     coefficient file, and of each fine-tuned checkpoint. Returns [{"model", "data", "accuracy", "n"}].
     heads: head files (as for adapt) instead of zero-shot heads; allow_pickle: read pickled checkpoints and
-    head files."""
+    head files.
+    A coefficient file learned with a bank of other values is refused unless allow_bank_mismatch=True."""
     if split not in ("val", "train", "all"):
         raise ValueError(f"split={split!r}: expected val, train or all")
     coefficients, finetuned = _as_list(coefficients), _as_list(finetuned)
@@ -394,7 +400,7 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
     for path in coefficients:
         # compose() works in place: compose a copy so that θ0 stays for the next model
         own = replace(loaded, encoder=copy.deepcopy(loaded.encoder))
-        run(os.fspath(path), compose_from_file(own, bank, path, backend, device))
+        run(os.fspath(path), compose_from_file(own, bank, path, backend, device, allow_bank_mismatch))
     for path in finetuned:
         own = replace(loaded, encoder=copy.deepcopy(loaded.encoder))
         _load_finetuned(own, path, allow_pickle)
@@ -402,20 +408,22 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
     return rows
 
 
-def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu", allow_pickle=False):
+def merge(model, bank, coefficients, out, pretrained=None, backend="auto", device="cpu", allow_pickle=False,
+          allow_bank_mismatch=False):
     """Write θ0 + Σ c·τ in the form θ0 came in. Returns the path.
 
     An open_clip θ0: the whole model's state dict (.safetensors, or a torch file for any other suffix) that
     open_clip.load_checkpoint reads, with the entries θ0 has (a θ0 without its text tower gives a merged
     model without it). A Hugging Face θ0: a folder (config.json + model.safetensors) that transformers'
-    from_pretrained loads, in θ0's class and dtypes (convert.save_hf_clip_vision). Written atomically."""
+    from_pretrained loads, in θ0's class and dtypes (convert.save_hf_clip_vision). Written atomically.
+    A bank other than the coefficients' is refused unless allow_bank_mismatch=True."""
     loaded = load_model(model, pretrained, device=device, allow_pickle=allow_pickle)
     out = os.fspath(out)
     if loaded.hf_pretrained is not None and os.path.splitext(out)[1] in (".pt", ".pth", ".bin", ".safetensors"):
         raise ValueError(f"{out}: θ0 {loaded.hf_pretrained} is a Hugging Face CLIP checkpoint, so the merged model "
                          f"is written as a Hugging Face folder (config.json + model.safetensors): give a folder path")
     rest = clip_state_without_visual(loaded.module) if loaded.encoder is not loaded.module else {}
-    atlas = compose_from_file(loaded, bank, coefficients, backend, device)
+    atlas = compose_from_file(loaded, bank, coefficients, backend, device, allow_bank_mismatch)
     plain = atlas.merge()
     tower = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     if loaded.hf_pretrained is not None:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..compose import COEF_KEY
 from ..task_vectors import atomic_write
 from . import checkpoint as ckpt
 from . import distributed
@@ -145,19 +147,23 @@ def evaluate_tasks(classify, tasks, preprocess, cfg, ranks=None):
             for i, t in enumerate(tasks)]
 
 
-def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
+def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None, allow_bank_mismatch=False):
     """Learn atlas.coefficients on `tasks` with cfg.objective; write checkpoint.pt, log.jsonl,
     coefficients.safetensors (the selected epoch's), summary.json, curves.png and coefficients.png to `out`.
 
-    resume=True continues from out/checkpoint.pt when there is one (same config required), whatever the number
-    of processes that wrote it. on_step(step) is called after every optimiser step. Returns the summary dict.
-    Under torchrun every process calls train(); cfg.batch_size is the global batch, split evenly across them.
+    resume=True continues from out/checkpoint.pt when there is one, whatever the number of processes that wrote
+    it: the same settings and the same inputs are required (checkpoint.py: bank, θ0, data, splits, heads), the
+    bank's fingerprint excepted with allow_bank_mismatch=True. on_step(step) is called after every optimiser step.
+    Returns the summary dict. Under torchrun every process calls train(); cfg.batch_size is the global batch, split
+    evenly across them.
+    The best epoch is the first of the highest score (a later epoch must score higher to replace it). select="best"
+    needs validation images in every task; without them the default selection is the last epoch, with a warning.
     """
     from tqdm.auto import tqdm
     cfg.validate()
     objective = get_objective(cfg.objective)
     objective.check(tasks)
-    select = cfg.select or objective.select
+    select = _selection(cfg, objective, tasks)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ckpt.CHECKPOINT)
     coef = atlas.coefficients
@@ -172,6 +178,7 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
 
     resuming = resume and os.path.isfile(path)
     ranks.barrier()  # every process has decided before rank 0 writes a first checkpoint
+    record = ckpt.run_record(atlas, tasks, COEF_KEY)
     if resuming:
         state = ckpt.load(path)
         if state["config"] != cfg.result_fields():
@@ -181,6 +188,8 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
         if state["coefficients"].shape != coef.shape:
             raise ValueError(f"{path}: coefficients of shape {tuple(state['coefficients'].shape)}, "
                              f"the model has {tuple(coef.shape)}")
+        ckpt.check_resume(path, state, record, atlas, allow_bank_mismatch)
+        state["record"] = record
         with torch.no_grad():
             coef.copy_(state["coefficients"])
         opt.load_state_dict(state["optimizer"])
@@ -191,7 +200,7 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
             coef.fill_(cfg.init)
         evals = evaluate_tasks(classify, tasks, preprocess, cfg, ranks)
         score = objective.score(evals, evals, tasks, cfg)
-        state = {"config": cfg.result_fields(), "step": 0, "epoch_loss": [0.0, 0], "epoch_stats": {},
+        state = {"config": cfg.result_fields(), "record": record, "step": 0, "epoch_loss": [0.0, 0], "epoch_stats": {},
                  "history": [{"epoch": 0, "step": 0, "loss": None, "eval": evals, "score": score}],
                  "best": {"epoch": 0, "score": score, "coefficients": coef.detach().cpu().clone()},
                  "objective_state": objective.prepare(classify, tasks, cfg, {}, preprocess)}
@@ -253,6 +262,22 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None):
                         acc=" ".join(f"{e['accuracy']:.3f}" for e in evals))
     bar.close()
     return _finish(atlas, tasks, cfg, out, state, select, time.time() - started, ranks)
+
+
+def _selection(cfg, objective, tasks):
+    """"best" or "last": cfg.select, else the objective's default; "best" scores the validation images, so a task
+    without any is refused with select="best" and selects the last epoch, saying so, by default."""
+    select = cfg.select or objective.select
+    empty = [t.name for t in tasks if not t.val]
+    if select != "best" or not empty:
+        return select
+    if cfg.select == "best":
+        raise ValueError(f"select='best': data set {empty[0]!r} has no validation images to choose the epoch by "
+                         f"(val_fraction=0 holds none out); use select='last', or val_fraction > 0")
+    warnings.warn(f"data set {empty[0]!r} has no validation images (val_fraction=0 holds none out): the last epoch "
+                  f"is selected, not the best (select='last'); its validation accuracy is not measured",
+                  stacklevel=3)
+    return "last"
 
 
 def _reduce_step(ranks, coef, loss, stats):

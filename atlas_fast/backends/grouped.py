@@ -314,7 +314,7 @@ class KernelGrouped(TorchGrouped):
         block_m = self._block_m()
         choice = {m: getattr(plan.for_linear(m, weight, tau_w, coef_w[0], dtype, block_m), which) != "fused"
                   for m in set(counts) if m}
-        return torch.tensor([bool(m) and choice[m] for m in counts], device=coef_w.device)
+        return torch.tensor([bool(m) and choice[m] for m in counts], dtype=torch.bool, device=coef_w.device)
 
     def _merged_rows(self, out, a, row_group, merge_groups, weight, tau_w, coef_w, key_w, transpose, bias=None):
         """out[rows of g] = a[rows of g] · W(c[g])ᵀ (+ b(c[g])), or · W(c[g]) when `transpose`, for the merge-once
