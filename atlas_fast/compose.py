@@ -14,12 +14,18 @@ its state_dict is the original's plus that key, and it deep-copies like any modu
 subclass of its own (as torch.nn.utils.parametrize does) that keeps the coefficients float32 through
 .half()/.bfloat16() and moves the generic blocks' task vectors with it; unwrap() restores the class.
 
+A tied parameter (one tensor held by several modules: GPT-2's lm_head.weight is transformer.wte.weight) is one
+block, named as model.named_parameters() names it; the bank may name it under any of its names (identical task
+vectors where it names several). Each use runs θ0 + Σ c τ with that block's coefficients: a fused owner through
+its op on θ0, the other owners lent the one merged tensor, so the coefficient gradient sums all uses.
+
 Grouped compositions (AtlasModel.groups): G coefficient sets in one forward, each sample with its own. The
 forward runs as torch.func.vmap over the samples of the inputs (dim 0 of every tensor positional argument;
 inside, each sample is a batch of one, in whatever layout the model's modules use): the fused modules call
 the grouped ops, whose batching rule gathers all samples back into one call with a group index per sample;
-the generic blocks are merged once per group (one GEMM per block) and each sample's merged copy is handed to
-the model with torch.func.functional_call, which under vmap applies every use of it (LayerNorm scales,
+the generic blocks (and those of a fused module without a grouped op, transformers' Conv1D) are merged once per
+group (one GEMM per block) and each sample's merged copy is handed to the model with torch.func.functional_call
+(untied: a tied parameter's fused owner keeps θ0), which under vmap applies every use of it (LayerNorm scales,
 embeddings, a projection matrix) per sample, exactly, in batched ops. Those copies are the only per-sample
 parameters: for ViT-B/32 (projection, positional embedding, LayerNorms) 0.47 M values per sample.
 """
@@ -111,7 +117,7 @@ class GenericBlocks(nn.Module):
                 elif i not in found[0]:
                     found[0].append(i)
         self.root = [root]                                   # a list: not registered as a child
-        self._lent = {}                                      # trigger slot (-1: root) -> (blocks, [(owner, attr, θ0)])
+        self._lent = {}                                      # slot (-1: root) -> (blocks, [(owner, attr, θ0)])
         self._handles = []
 
     def theta0(self, i):
@@ -814,8 +820,8 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     coefs.generic = GenericBlocks(model, generic_entries, bank)
     _install(model, coefs)
     generic = [name for _, uses_of, _ in generic_entries for _, _, name, _ in uses_of]
-    report = CompositionReport(composed=names, fused=fused, generic=generic, missing_from_bank=missing, unused_bank_entries=unknown,
-                               buffers_not_composed=buffers_in_bank,
+    report = CompositionReport(composed=names, fused=fused, generic=generic, missing_from_bank=missing,
+                               unused_bank_entries=unknown, buffers_not_composed=buffers_in_bank,
                                tied={n: uses[n][1:] for n in names if len(uses[n]) > 1})
     atlas = AtlasModel(model, swaps, tau_paths, requires_grad, report, task_vectors.sources)
     if offload:

@@ -238,8 +238,8 @@ class _StoredInOutLinear(torch.autograd.Function):
         dc[t, k]  = Σ_{i : k(i) = k} τ_t[i] (x2ᵀ dy)[i]: that op's coefficient gradient for output gradient x2
 
     Saved for the backward: x2, c, θ0 and the task vectors' tensors (as tensors, so that an offloaded bank's
-    saved-tensor hooks see them); neither W(c) nor the weight gradient outlives its call. dc runs that op
-    forward and backward: when x2 needs no gradient, the forward's product is computed and dropped."""
+    saved-tensor hooks see them); neither W(c) nor the weight gradient outlives its call. The backward calls the
+    ops themselves (no autograd inside it), so torch.compile traces it."""
 
     @staticmethod
     def forward(ctx, x2, coef, bias, weight, key, backend, kind, group, *tau_tensors):
@@ -255,13 +255,24 @@ class _StoredInOutLinear(torch.autograd.Function):
         x2, coef, weight, *tau_tensors = ctx.saved_tensors
         key, backend, kind, group, bias_dtype = ctx.extra
         need_x, need_c, need_b = ctx.needs_input_grad[:3]
-        tau = _tau_of(kind, group, tau_tensors, weight)
-        with torch.enable_grad():
-            c = coef.detach().requires_grad_(need_c)
-            dx = atlas_linear(dy, weight, None, tau, None, c, key_w=key, backend=backend)
-        dc = torch.autograd.grad(dx, c, x2.to(dx.dtype))[0] if need_c else None
-        db = dy.sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
-        return (dx.detach().to(x2.dtype) if need_x else None, dc, db) + (None,) * (5 + len(tau_tensors))
+        dx = dc = db = None
+        if need_x:
+            dx = atlas_linear(dy, weight, None, _tau_of(kind, group, tau_tensors, weight), None, coef, key_w=key,
+                              backend=backend).to(x2.dtype)
+        if need_c:
+            dc = _linear_coef_grad(x2.to(dy.dtype), dy, weight, kind, group, tau_tensors, coef, key, backend)
+        if need_b and bias_dtype is not None:
+            db = dy.sum(0, dtype=torch.float32).to(bias_dtype)
+        return (dx, dc, db) + (None,) * (5 + len(tau_tensors))
+
+
+def _linear_coef_grad(grad_out, x, weight, kind, group, tau_tensors, coef, key, backend):
+    """dc of the linear op y = x W(c)ᵀ for the output gradient grad_out: its backward op, without dx."""
+    if kind == "lowrank":
+        return torch.ops.atlas_fast.atlas_linear_lowrank_backward(grad_out, x, weight, *tau_tensors, coef, False)[1]
+    scale = tau_tensors[1] if kind == "quantized" else None
+    return torch.ops.atlas_fast.atlas_linear_backward(grad_out, x, weight, tau_tensors[0], None, coef, key, 0, False,
+                                                      backend, scale, group)[1]
 
 
 def _tau_tensors(tau):

@@ -198,6 +198,21 @@ def test_triton_backend():
         check(plain, atlas, bank, torch.randn(2, 3, 7), partitions)
 
 
+def test_torch_compile_fullgraph():
+    plain = holder()
+    bank = bank_of(plain, "int8")
+    atlas = compose(copy.deepcopy(plain), bank, 1)
+    x = torch.randn(4, 5, 13)
+    check(plain, atlas, bank, x)
+    eager = atlas(x)
+    g = torch.randn_like(eager)
+    grad = torch.autograd.grad(eager, atlas.coefficients, g)[0]
+    compiled = torch.compile(atlas, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert_rel(out.detach(), eager.detach(), 1e-6, "compiled output")
+    assert_rel(torch.autograd.grad(out, atlas.coefficients, g)[0], grad, 1e-6, "compiled coefficient gradient")
+
+
 def test_importing_atlas_fast_does_not_import_transformers():
     code = "import sys, atlas_fast; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
