@@ -14,12 +14,18 @@ its state_dict is the original's plus that key, and it deep-copies like any modu
 subclass of its own (as torch.nn.utils.parametrize does) that keeps the coefficients float32 through
 .half()/.bfloat16() and moves the generic blocks' task vectors with it; unwrap() restores the class.
 
+A tied parameter (one tensor held by several modules: GPT-2's lm_head.weight is transformer.wte.weight) is one
+block, named as model.named_parameters() names it; the bank may name it under any of its names (identical task
+vectors where it names several). Each use runs θ0 + Σ c τ with that block's coefficients: a fused owner through
+its op on θ0, the other owners lent the one merged tensor, so the coefficient gradient sums all uses.
+
 Grouped compositions (AtlasModel.groups): G coefficient sets in one forward, each sample with its own. The
 forward runs as torch.func.vmap over the samples of the inputs (dim 0 of every tensor positional argument;
 inside, each sample is a batch of one, in whatever layout the model's modules use): the fused modules call
 the grouped ops, whose batching rule gathers all samples back into one call with a group index per sample;
-the generic blocks are merged once per group (one GEMM per block) and each sample's merged copy is handed to
-the model with torch.func.functional_call, which under vmap applies every use of it (LayerNorm scales,
+the generic blocks (and those of a fused module without a grouped op, transformers' Conv1D) are merged once per
+group (one GEMM per block) and each sample's merged copy is handed to the model with torch.func.functional_call
+(untied: a tied parameter's fused owner keeps θ0), which under vmap applies every use of it (LayerNorm scales,
 embeddings, a projection matrix) per sample, exactly, in batched ops. Those copies are the only per-sample
 parameters: for ViT-B/32 (projection, positional embedding, LayerNorms) 0.47 M values per sample.
 """
@@ -36,7 +42,7 @@ import torch.nn as nn
 from . import fingerprint, quant
 from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
-from .modules import SWAP_TABLE, SWAPPABLE, AtlasCoefficients, _AtlasBlocks
+from .modules import AtlasCoefficients, _AtlasBlocks, swap_table
 from .ops import merge_blocks
 from .ops_grouped import merge_blocks_grouped
 from .task_vectors import LOWRANK, atomic_write
@@ -51,17 +57,24 @@ COEF_KEY = "atlas_coefficients"
 
 @dataclass
 class CompositionReport:
-    """What compose() did with each parameter and bank entry."""
+    """What compose() did with each parameter and bank entry. A tied parameter (one tensor under several names,
+    an output layer sharing its embedding's weight) is one block, named as model.named_parameters() names it;
+    `fused` and `generic` name each of its uses as the model's state_dict does."""
     composed: list                                   # block names, in model.named_parameters() order
-    fused: dict = field(default_factory=dict)        # block name -> module type running it through a fused op
-    generic: list = field(default_factory=list)      # blocks merged on the fly
+    fused: dict = field(default_factory=dict)        # parameter name -> module type running it through a fused op
+    generic: list = field(default_factory=list)      # parameter names merged on the fly
     missing_from_bank: list = field(default_factory=list)  # model parameters kept at θ0
     unused_bank_entries: list = field(default_factory=list)  # bank entries naming no parameter or buffer
     buffers_not_composed: list = field(default_factory=list)  # bank entries naming buffers: the model keeps its own
+    tied: dict = field(default_factory=dict)         # block name -> the other names of its tensor in the model
 
     def __str__(self):
         lines = [f"composed {len(self.composed)} blocks: {len(self.fused)} through fused ops, "
                  f"{len(self.generic)} merged on the fly"]
+        if self.tied:
+            ties = ["{} = {}".format(n, " = ".join(others)) for n, others in self.tied.items()]
+            lines.append(f"tied parameters (one tensor, one block, every use composed): {len(ties)}: "
+                         f"{'; '.join(ties[:8])}{' ...' if len(ties) > 8 else ''}")
         for label, names in (("kept at θ0 (no task vector)", self.missing_from_bank),
                              ("bank entries naming nothing in the model", self.unused_bank_entries),
                              ("bank entries for buffers, not composed (the model keeps its own)",
@@ -71,54 +84,66 @@ class CompositionReport:
         return "\n".join(lines)
 
 
-def _swap_entry(module):
-    """The SWAP_TABLE entry for a module of a listed type (or a subclass keeping its forward), else None."""
-    for base, entry in SWAP_TABLE.items():
-        if isinstance(module, base) and type(module).forward is base.forward and SWAPPABLE[base](module):
+def _swap_entry(module, table, swappable):
+    """The swap table's entry for a module of a listed type (or a subclass keeping its forward), else None."""
+    for base, entry in table.items():
+        if isinstance(module, base) and type(module).forward is base.forward and swappable[base](module):
             return entry
     return None
 
 
 class GenericBlocks(nn.Module):
     """The task vectors of the blocks merged on the fly, and the hooks that lend the merged tensors to their
-    owners for one forward. θ0 stays registered on its owner; it is read from there at every merge."""
+    owners for one forward. θ0 stays registered on its owners; it is read from there at every merge.
+
+    A block may have several uses, (owner, attribute) pairs holding one tensor (tied parameters: an embedding
+    and an output layer sharing a weight): it is merged once and every use is lent the same merged tensor, so
+    the gradients of all uses reach one coefficient set."""
 
     def __init__(self, root, entries, bank):
-        """entries: (bank name, owner module, attribute, block index, trigger module) per block."""
+        """entries: (bank name, [(owner module, attribute, parameter name, trigger module)], block index) per
+        block."""
         super().__init__()
-        self.entries = [(owner, attr, b) for _, owner, attr, b, _ in entries]
+        self.entries = [([(owner, attr, name) for owner, attr, name, _ in uses], b) for _, uses, b in entries]
         for i, (name, *_) in enumerate(entries):
             quant.register_tau(self, f"tau_{i}", bank[name])
-        # Each block is merged by its trigger's hooks when the trigger runs outside the composed model.
+        # Each block is merged by its triggers' hooks when a trigger runs outside the composed model.
         self.triggers = []                                   # [(trigger module, block indices)]
-        for i, (*_, trigger) in enumerate(entries):
-            found = [ix for t, ix in self.triggers if t is trigger]
-            if found:
-                found[0].append(i)
-            else:
-                self.triggers.append((trigger, [i]))
+        for i, (_, uses, _) in enumerate(entries):
+            for *_, trigger in uses:
+                found = [ix for t, ix in self.triggers if t is trigger]
+                if not found:
+                    self.triggers.append((trigger, [i]))
+                elif i not in found[0]:
+                    found[0].append(i)
         self.root = [root]                                   # a list: not registered as a child
-        self._lent = {}                                      # trigger slot (-1: root) -> [(owner, attr, θ0)]
+        self._lent = {}                                      # slot (-1: root) -> (blocks, [(owner, attr, θ0)])
         self._handles = []
 
+    def theta0(self, i):
+        """θ0 of block i, from its first use (every use holds the same tensor outside a forward)."""
+        owner, attr, _ = self.entries[i][0][0]
+        return owner._parameters[attr]
+
     def lend(self, slot, indices):
-        """Put θ0 + Σ c τ on the owners of these blocks, remembering θ0 to put back."""
+        """Put θ0 + Σ c τ on every use of these blocks, remembering θ0 to put back."""
         atlas = self.atlas_coefficients()
-        theta0 = [self.entries[i][0]._parameters[self.entries[i][1]] for i in indices]
-        merged = merge_blocks(theta0, [quant.get_tau(self, f"tau_{i}") for i in indices],
-                              atlas.blocks([self.entries[i][2] for i in indices]),
-                              [atlas.keys[self.entries[i][2]] for i in indices], atlas.backend)
-        self._lent[slot] = [(self.entries[i][0], self.entries[i][1], p0) for i, p0 in zip(indices, theta0)]
+        blocks = [self.entries[i][1] for i in indices]
+        merged = merge_blocks([self.theta0(i) for i in indices], [quant.get_tau(self, f"tau_{i}") for i in indices],
+                              atlas.blocks(blocks), [atlas.keys[b] for b in blocks], atlas.backend)
+        lent = []
         for i, m in zip(indices, merged):
-            owner, attr, _ = self.entries[i]
-            owner._parameters[attr] = m
+            for owner, attr, _ in self.entries[i][0]:
+                lent.append((owner, attr, owner._parameters[attr]))
+                owner._parameters[attr] = m
+        self._lent[slot] = (list(indices), lent)
 
     def _apply(self, fn, recurse=True):
         # The scales of quantised task vectors stay float32 through .half() / .bfloat16().
         return quant.apply_keeping_scales(self, lambda f: super(GenericBlocks, self)._apply(f, recurse), fn)
 
     def give_back(self, slot):
-        for owner, attr, p0 in self._lent.pop(slot, ()):
+        for owner, attr, p0 in reversed(self._lent.pop(slot, ((), ()))[1]):
             owner._parameters[attr] = p0
 
     def atlas_coefficients(self):
@@ -135,10 +160,14 @@ class GenericBlocks(nn.Module):
         self.give_back(-1)
 
     def _trigger_pre(self, slot, module, args):
-        if self.atlas_coefficients().grouped is not None:
+        if self.atlas_coefficients().grouped is not None or slot in self._lent:
             return
-        if -1 not in self._lent and slot not in self._lent:
-            self.lend(slot, self.triggers[slot][1])
+        # A block another slot has lent already (the root's, or a tied block's other owner running around this
+        # one) stays as it is: its uses hold the merged tensor until that slot gives it back.
+        active = {i for indices, _ in self._lent.values() for i in indices}
+        indices = [i for i in self.triggers[slot][1] if i not in active]
+        if indices:
+            self.lend(slot, indices)
 
     def _trigger_post(self, slot, module, args, output):
         self.give_back(slot)
@@ -171,6 +200,20 @@ class _SlotHook:
         return self.method(self.slot, *args)
 
 
+class _ConvertOnce:
+    """A module._apply conversion that converts each tensor once: the task vectors of a tied parameter, held by
+    each module that uses it (a fused owner and the generic blocks, or two fused owners), stay one tensor."""
+
+    def __init__(self, fn):
+        self.fn, self.done = fn, {}
+
+    def __call__(self, t):
+        hit = self.done.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self.done[id(t)] = (t, self.fn(t))
+        return hit[1]
+
+
 class _ComposedRoot:
     """Mixed into the composed module's class: the coefficients stay float32 through dtype moves, the generic
     blocks' task vectors (held by the AtlasCoefficients in `_atlas`, not a child, so that containers that run
@@ -181,6 +224,7 @@ class _ComposedRoot:
         atlas = self.__dict__["_atlas"]
         c = self._parameters[COEF_KEY]
         before = (c.data, None if c.grad is None else c.grad.data)
+        fn = _ConvertOnce(fn)
         super()._apply(fn, recurse)
         atlas.generic._apply(fn)
         c = self._parameters[COEF_KEY]
@@ -342,19 +386,19 @@ class AtlasModel(nn.Module):
         order = torch.argsort(index, stable=True)
         index = index[order]
         args = tuple(a.index_select(0, order) if isinstance(a, torch.Tensor) else a for a in args)
-        generic = atlas.generic
         sample_params = {}
-        if generic.entries:
-            blocks = [b for _, _, b in generic.entries]
-            merged = merge_blocks_grouped([owner._parameters[attr] for owner, attr, _ in generic.entries],
-                                          [quant.get_tau(generic, f"tau_{i}") for i in range(len(blocks))],
-                                          atlas.group_blocks(coef, blocks), [atlas.keys[b] for b in blocks])
-            sample_params = {name: m.index_select(0, index) for name, m in zip(self.report.generic, merged)}
+        merges = self._blocks_merged_per_group()
+        if merges:
+            names, theta0, taus, blocks = zip(*merges)
+            merged = merge_blocks_grouped(list(theta0), list(taus), atlas.group_blocks(coef, list(blocks)),
+                                          [atlas.keys[b] for b in blocks])
+            sample_params = {n: m.index_select(0, index) for uses, m in zip(names, merged) for n in uses}
         model = self.model
 
         def one(params, *xs):
             xs = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs)
-            out = torch.func.functional_call(model, params, xs, kwargs)
+            # Untied: a tied parameter's fused owner keeps θ0 (its op merges); its other uses are named in params.
+            out = torch.func.functional_call(model, params, xs, kwargs, tie_weights=False)
             return torch.utils._pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, out)
 
         in_dims = (0, *(0 if isinstance(a, torch.Tensor) else None for a in args))
@@ -368,6 +412,21 @@ class AtlasModel(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return torch.utils._pytree.tree_map(
             lambda t: t.index_select(0, inverse) if isinstance(t, torch.Tensor) else t, out)
+
+    def _blocks_merged_per_group(self):
+        """(parameter names, θ0, τ, block index) of each block a grouped call merges per group and hands to the
+        model per sample: the generic blocks (every use of a tied one), and those of the fused modules that run a
+        grouped call on such merged weights (merges_in_groups)."""
+        generic = self.atlas.generic
+        out = [([name for _, _, name in uses], generic.theta0(i), quant.get_tau(generic, f"tau_{i}"), b)
+               for i, (uses, b) in enumerate(generic.entries)]
+        for m in self.model.modules():
+            if isinstance(m, _AtlasBlocks) and m.merges_in_groups:
+                for attr, (b, name) in m.blocks.items():
+                    p0 = m._parameters[attr]
+                    # .to(): an offloaded bank's task vectors are on the host until the module runs
+                    out.append(([name], p0, quant.get_tau(m, f"tau_{attr}").to(p0.device), b))
+        return out
 
     @property
     def atlas(self):
@@ -603,6 +662,48 @@ def _prefix_hint(model_names, bank_names):
     return ""
 
 
+def _parameter_names(model):
+    """{name model.named_parameters() gives a tensor: every name of that tensor, that one first}. A tied
+    parameter (one tensor held by several modules, as an output layer shares its embedding's weight) has
+    several; the state_dict lists it under each."""
+    first, names = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(first.setdefault(id(p), name), []).append(name)
+    return names
+
+
+def _same_task_vectors(a, b):
+    if a is b:
+        return True
+    if type(a) is not type(b) or tuple(a.shape) != tuple(b.shape):
+        return False
+    if quant.is_quantized(a):
+        return a.group == b.group and torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+    if lowrank.is_lowrank(a):
+        return torch.equal(a.a, b.a) and torch.equal(a.bt, b.bt)
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _one_block(task_vectors, prefix, names):
+    """The task vectors of one parameter the bank names under `names` (several names of a tied tensor must
+    hold identical task vectors: the tensor is one block, merged once)."""
+    first = task_vectors[prefix + names[0]]
+    for other in names[1:]:
+        if not _same_task_vectors(first, task_vectors[prefix + other]):
+            raise ValueError(f"compose: bank entries {prefix + names[0]!r} and {prefix + other!r} name one tied "
+                             f"parameter of the model (one tensor) but hold different task vectors; a tied "
+                             f"parameter is one block: keep one of the two entries, or untie the parameter in the "
+                             f"model")
+    return first
+
+
+def _use(model, name, triggers):
+    """(owner module, attribute, name, trigger module) of a generically merged parameter use `name`."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner, attr, name, triggers.get(name, owner)
+
+
 def compose(model, task_vectors, granularity="block", partitions=1, backend="auto", seed=0, strict=True,
             prefix=None, check_finite=True, offload=False):
     """Compose `model` (modified in place, θ0 shared, not copied) with a TaskVectors bank.
@@ -626,6 +727,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
         raise ValueError(f"compose(offload={offload!r}): expected False, True, 'pinned' or 'pageable'")
     _check_not_composed(model)
     params = dict(model.named_parameters())
+    uses = _parameter_names(model)
     device = next(iter(params.values())).device if params else torch.device("cpu")
     _check_backend(backend, device)
     bank_format = task_vectors.format if task_vectors.format in quant.FORMATS + (LOWRANK,) else None
@@ -640,9 +742,11 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
         if not bank_names:
             raise ValueError(f"compose: no bank entry starts with prefix={prefix!r}")
     bank_set = set(bank_names)
-    names = [n for n in params if n in bank_set]
-    missing = [n for n in params if n not in bank_set]
-    extra = [n for n in bank_names if n not in params]
+    in_bank = {n: [a for a in uses[n] if a in bank_set] for n in params}   # a tied parameter may be named twice
+    names = [n for n in params if in_bank[n]]
+    missing = [n for n in params if not in_bank[n]]
+    known = {a for names_of in uses.values() for a in names_of}
+    extra = [n for n in bank_names if n not in known]
     unknown = [n for n in extra if n not in buffers]
     hint = _prefix_hint(list(params), bank_names) if (not names or (strict and missing and unknown)) else ""
     if not names:
@@ -652,7 +756,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
         parts += [f"{len(unknown)} bank entries name nothing in the model ({', '.join(unknown[:5])})"] if unknown else []
         raise ValueError("compose(strict=True): " + "; ".join(parts) + ". Pass strict=False to compose the "
                          "intersection." + hint)
-    bank = {n: task_vectors[(prefix or "") + n] for n in names}
+    bank = {n: _one_block(task_vectors, prefix or "", in_bank[n]) for n in names}
     for n in names:
         p, tau = params[n], bank[n]
         if tuple(tau.shape[1:]) != tuple(p.shape):
@@ -667,7 +771,9 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
                       f"{', ...' if len(buffers_in_bank) > 3 else ''}); buffers are not composed, the model keeps "
                       f"its own (see AtlasModel.report)", stacklevel=2)
 
-    index = {n: b for b, n in enumerate(names)}
+    index = {a: b for b, n in enumerate(names) for a in uses[n]}     # every name of a block's tensor
+    block_of = {a: n for n in names for a in uses[n]}
+    bank.update({a: bank[n] for a, n in block_of.items()})
     coefs = AtlasCoefficients(len(task_vectors), len(names), granularity, partitions, seed, backend)
     coefs.to(device)
     coefs.check_finite = bool(check_finite)
@@ -678,11 +784,12 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
         p.requires_grad_(False)
 
     swaps, fused, triggers, tau_paths = [], {}, {}, {}
+    table, swappable = swap_table()
 
     def visit(module, path):
         for attr, child in list(module.named_children()):
             full = path + attr
-            entry = _swap_entry(child)
+            entry = _swap_entry(child, table, swappable)
             if entry is not None:
                 cls, pmap = entry
                 blocks = {a: (index[f"{full}.{p}"], f"{full}.{p}") for p, a in pmap.items() if f"{full}.{p}" in index}
@@ -691,29 +798,31 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
                     setattr(module, attr, new)
                     swaps.append((path.rstrip("."), attr, child))
                     fused.update({name: type(child).__name__ for _, name in blocks.values()})
-                    tau_paths.update({name: (False, f"{full}.tau_{a}") for a, (_, name) in blocks.items()})
+                    for a, (_, name) in blocks.items():
+                        tau_paths.setdefault(block_of[name], (False, f"{full}.tau_{a}"))
                     continue
             if isinstance(child, nn.MultiheadAttention):
                 # It reads out_proj's parameters directly, never calling out_proj: leave out_proj unswapped
                 # and merge its blocks when the attention module itself runs.
-                triggers.update({f"{full}.{n}": child for n, _ in child.named_parameters()})
+                triggers.update({f"{full}.{n}": child for n, _ in child.named_parameters(remove_duplicate=False)})
                 continue
             visit(child, full + ".")
 
     visit(model, "")
     generic_entries = []
     for n in names:
-        if n not in fused:
+        # The uses of the block that no fused module runs: every one of a tied parameter's other owners
+        rest = [a for a in uses[n] if a not in fused]
+        if rest:
             bank[n] = bank[n].to(device)
-            owner_name, _, attr = n.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            generic_entries.append((n, owner, attr, index[n], triggers.get(n, owner)))
-            tau_paths[n] = (True, f"tau_{len(generic_entries) - 1}")
+            generic_entries.append((n, [_use(model, a, triggers) for a in rest], index[n]))
+            tau_paths.setdefault(n, (True, f"tau_{len(generic_entries) - 1}"))
     coefs.generic = GenericBlocks(model, generic_entries, bank)
     _install(model, coefs)
-    report = CompositionReport(composed=names, fused=fused, generic=[e[0] for e in generic_entries],
-                               missing_from_bank=missing, unused_bank_entries=unknown,
-                               buffers_not_composed=buffers_in_bank)
+    generic = [name for _, uses_of, _ in generic_entries for _, _, name, _ in uses_of]
+    report = CompositionReport(composed=names, fused=fused, generic=generic, missing_from_bank=missing,
+                               unused_bank_entries=unknown, buffers_not_composed=buffers_in_bank,
+                               tied={n: uses[n][1:] for n in names if len(uses[n]) > 1})
     atlas = AtlasModel(model, swaps, tau_paths, requires_grad, report, task_vectors.sources)
     if offload:
         atlas.offload_bank(pin=offload != "pageable")

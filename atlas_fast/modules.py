@@ -2,15 +2,24 @@
 
 Each Atlas module keeps the original module's frozen θ0 parameters (the same tensors, not copies) and
 references to its blocks' stacked task vectors, and calls one atlas op per projection.
+
+transformers' Conv1D (the GPT-2 family's linear layer, y = x W + b with W stored (in, out), the transpose of
+nn.Linear's) is composed in its stored layout, the one the generic merge, merge() and the partition hash see,
+with no transposed copy of θ0 or of the bank: the stored W read as a linear weight (out', in') = (in, out) is
+what the linear op takes, and Conv1D's backward is that op's forward and coefficient gradient (AtlasConv1D).
+Transposed views would not do: every backend makes its weight and task vectors contiguous (a copy of the layer's
+bank per call) and hashes partitions over the flat index of the layout it is given.
 """
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import quant
+from . import lowrank, quant
 from .hashing import block_key
 from .ops_grouped import call_conv2d_grouped, call_linear_grouped
-from .ops import atlas_conv2d, atlas_linear
+from .ops import atlas_conv2d, atlas_linear, merge_blocks
 
 GRANULARITIES = ("block", "task")
 
@@ -118,6 +127,10 @@ class AtlasCoefficients(nn.Module):
 class _AtlasBlocks(nn.Module):
     """Shared plumbing: a block's task vectors as non-persistent buffers, its coefficients and key."""
 
+    # True for a module without a grouped op: a grouped call (AtlasModel.groups) merges its blocks per group as
+    # it merges the generic ones and hands them to the module per sample, which runs the plain layer on them.
+    merges_in_groups = False
+
     def _attach(self, coefs, bank, blocks):
         """blocks: {attribute: (block index, block name)} of the composed parameters."""
         # A plain attribute, not a submodule: the coefficients are owned (and registered) by the AtlasModel.
@@ -185,6 +198,100 @@ class AtlasConv2d(_AtlasBlocks):
                                        self.stride, self.padding, self.dilation, self.groups, self.atlas.backend)
         return atlas_conv2d(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb, self.stride, self.padding,
                             self.dilation, self.groups, backend=self.atlas.backend)
+
+
+class AtlasConv1D(_AtlasBlocks):
+    """transformers' Conv1D (weight (in, out), bias (out,)) with both blocks composed, in the stored layout."""
+
+    merges_in_groups = True
+
+    def __init__(self, conv, coefs, bank, blocks):
+        super().__init__()
+        self.nf, self.nx = conv.nf, conv.nx
+        self.weight, self.bias = conv.weight, conv.bias
+        self._attach(coefs, bank, blocks)
+
+    def forward(self, x):
+        _refuse_mixed_dtypes(x, self.weight, lambda: conv1d(x, self.weight, self.bias))
+        if self.atlas.grouped is not None:   # weight and bias are this sample's merged ones (AtlasModel.groups)
+            return conv1d(x, self.weight, self.bias)
+        tw, cw, kw = self._block_args("weight")
+        tb, cb, kb = self._block_args("bias")
+        backend = self.atlas.backend
+        bias = self.bias if tb is None else merge_blocks([self.bias], [tb], cb[:, None], [kb], backend)[0]
+        kind, group, tensors = _tau_tensors(tw)
+        y = _StoredInOutLinear.apply(x.reshape(-1, x.shape[-1]), cw, bias, self.weight, kw, backend, kind, group,
+                                     *tensors)
+        return y.view(*x.shape[:-1], self.nf)
+
+
+def conv1d(x, weight, bias):
+    """transformers' Conv1D on these parameters: x W + b with W (in, out)."""
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
+
+
+class _StoredInOutLinear(torch.autograd.Function):
+    """y = x2 W(c) + bias for a weight W0 stored (in, out); x2 (M, in); bias merged already (or θ0, or None).
+
+        forward   W(c) merged into a transient buffer (merge_blocks: one layer, freed at once), one addmm
+        dx        = dy W(c)ᵀ = atlas_linear(dy, W0, τ, c): the linear op with W0 as its (out', in') weight
+        dc[t, k]  = Σ_{i : k(i) = k} τ_t[i] (x2ᵀ dy)[i]: that op's coefficient gradient for output gradient x2
+
+    Saved for the backward: x2, c, θ0 and the task vectors' tensors (as tensors, so that an offloaded bank's
+    saved-tensor hooks see them); neither W(c) nor the weight gradient outlives its call. The backward calls the
+    ops themselves (no autograd inside it), so torch.compile traces it."""
+
+    @staticmethod
+    def forward(ctx, x2, coef, bias, weight, key, backend, kind, group, *tau_tensors):
+        tau = _tau_of(kind, group, tau_tensors, weight)
+        w = merge_blocks([weight], [tau], coef[:, None], [key], backend)[0].to(x2.dtype)
+        y = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+        ctx.save_for_backward(x2, coef, weight, *tau_tensors)
+        ctx.extra = (key, backend, kind, group, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, coef, weight, *tau_tensors = ctx.saved_tensors
+        key, backend, kind, group, bias_dtype = ctx.extra
+        need_x, need_c, need_b = ctx.needs_input_grad[:3]
+        dx = dc = db = None
+        if need_x:
+            dx = atlas_linear(dy, weight, None, _tau_of(kind, group, tau_tensors, weight), None, coef, key_w=key,
+                              backend=backend).to(x2.dtype)
+        if need_c:
+            dc = _linear_coef_grad(x2.to(dy.dtype), dy, weight, kind, group, tau_tensors, coef, key, backend)
+        if need_b and bias_dtype is not None:
+            db = dy.sum(0, dtype=torch.float32).to(bias_dtype)
+        return (dx, dc, db) + (None,) * (5 + len(tau_tensors))
+
+
+def _linear_coef_grad(grad_out, x, weight, kind, group, tau_tensors, coef, key, backend):
+    """dc of the linear op y = x W(c)ᵀ for the output gradient grad_out: its backward op, without dx."""
+    if kind == "lowrank":
+        return torch.ops.atlas_fast.atlas_linear_lowrank_backward(grad_out, x, weight, *tau_tensors, coef, False)[1]
+    scale = tau_tensors[1] if kind == "quantized" else None
+    return torch.ops.atlas_fast.atlas_linear_backward(grad_out, x, weight, tau_tensors[0], None, coef, key, 0, False,
+                                                      backend, scale, group)[1]
+
+
+def _tau_tensors(tau):
+    """(kind, group, tensors) of a weight's task vectors: a float tensor, int8/int4 data and scales, or low-rank
+    factors; _tau_of rebuilds them."""
+    if lowrank.is_lowrank(tau):
+        return "lowrank", 0, (tau.a, tau.bt)
+    if quant.is_quantized(tau):
+        return "quantized", tau.group, (tau.data, tau.scale)
+    return "dense", 0, (tau,)
+
+
+def _tau_of(kind, group, tensors, weight):
+    shape = (tensors[0].shape[0], *weight.shape)
+    if kind == "lowrank":
+        return lowrank.LowRankBlock(tensors[0], tensors[1], shape)
+    if kind == "quantized":
+        return quant.QuantizedBlock(tensors[0], tensors[1], group, shape)
+    return tensors[0]
 
 
 def conv_padding(conv):
@@ -293,3 +400,19 @@ SWAPPABLE = {
     nn.Conv2d: lambda m: conv_padding(m) is not None,
     nn.MultiheadAttention: supports_mha,
 }
+
+# Module types of optional libraries, swapped when their library is loaded (a model holding one has imported it;
+# compose() never imports it): (module path, class name) -> (SWAP_TABLE entry, SWAPPABLE test).
+OPTIONAL_SWAPS = {
+    ("transformers.pytorch_utils", "Conv1D"): ((AtlasConv1D, {"weight": "weight", "bias": "bias"}), lambda m: True),
+}
+
+
+def swap_table():
+    """(SWAP_TABLE, SWAPPABLE) with the OPTIONAL_SWAPS entries of the loaded libraries added."""
+    table, swappable = dict(SWAP_TABLE), dict(SWAPPABLE)
+    for (module, name), (entry, test) in OPTIONAL_SWAPS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            table[cls], swappable[cls] = entry, test
+    return table, swappable

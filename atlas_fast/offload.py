@@ -37,6 +37,19 @@ def _tau_buffers(module):
     return [n for n, t in module._buffers.items() if n.startswith("tau_") and t is not None]
 
 
+def _once(copies, t, convert):
+    """convert(t), once per tensor: the task vectors of a tied parameter, held by each fused module using it, stay
+    one tensor."""
+    if id(t) not in copies:
+        copies[id(t)] = (t, convert(t))
+    return copies[id(t)][1]
+
+
+def _to_host(t, pin):
+    t = t.detach().to("cpu")
+    return t.pin_memory() if pin else t
+
+
 class BankOffload:
     """The fused modules' task vectors of one composed model kept on the host and streamed to `device`."""
 
@@ -45,11 +58,11 @@ class BankOffload:
         self.modules = [m for m in root.modules() if isinstance(m, _AtlasBlocks) and _tau_buffers(m)]
         pin = pin and self.device.type == "cuda"
         self.host = []
+        copies = {}
         for m in self.modules:
             host = {}
             for n in _tau_buffers(m):
-                t = m._buffers[n].detach().to("cpu")
-                host[n] = m._buffers[n] = t.pin_memory() if pin else t
+                host[n] = m._buffers[n] = _once(copies, m._buffers[n], lambda t: _to_host(t, pin))
             self.host.append(host)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.cache = {}                          # module index -> [{name: device copy}, copy event or None]
@@ -64,15 +77,17 @@ class BankOffload:
 
     @property
     def host_bytes(self):
-        return sum(t.numel() * t.element_size() for host in self.host for t in host.values())
+        unique = {id(t): t for host in self.host for t in host.values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def remove(self):
         """Take the hooks out and put every module's task vectors back on the device."""
         for h in self._handles:
             h.remove()
+        copies = {}
         for m, host in zip(self.modules, self.host):
             for n, t in host.items():
-                m._buffers[n] = t.to(self.device)
+                m._buffers[n] = _once(copies, t, lambda t: t.to(self.device))
         self.cache.clear()
         self.packed.clear()
 
