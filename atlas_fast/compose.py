@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import fingerprint, quant
+from . import fingerprint, lowrank, quant
 from .backends import BACKENDS, resolve
 from .backends.torch_backend import merge_block
 from .modules import AtlasCoefficients, _AtlasBlocks, swap_table
