@@ -20,16 +20,22 @@ Buffers are not task vectors: aTLAS composes parameters, and compose() never com
 takes parameters only, and state dicts lose their BatchNorm statistics (running_mean, running_var), unless
 include_buffers=True asks for them.
 """
+import errno
+import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
+import re
+import secrets
+import socket
+import stat
 
 import torch
 
 from . import lowrank, mapped, quant
 from .checkpoints import read_state_dict
+from .errors import WriteError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT = "atlas_fast.task_vectors/1"
@@ -63,18 +69,101 @@ def _select(state_dict, prefix, source):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`.
+
+    The temporary file, .tmp-<name>.<host>-<pid>-<random>, gets the mode a plain open() would give `path`: the
+    existing file's, else 0666 & ~umask. The temporary files of `path` that a killed writer left (this host, a pid
+    that is gone) are removed first. A write that fails for want of space or a place to write (a full disk, a
+    missing folder, a folder named `path`) raises WriteError naming `path`; the previous file stays as it was and
+    no temporary file is left."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    os.close(fd)
+    check_output_file(path)
+    name = os.path.basename(path)
+    _remove_stale_temporaries(folder, name)
+    tmp = os.path.join(folder, f"{_TMP}{name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))   # the umask applies, as for open()
+        if os.path.isfile(path):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except Exception as e:
+        full = _disk_full(folder)   # before the temporary file gives its space back
+        _discard(tmp)
+        if full:
+            raise WriteError(errno.ENOSPC, "no space left on device", path) from e
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, e.strerror or str(e), path) from e
         raise
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+_TMP = ".tmp-"
+
+
+def _host_tag():
+    """8 hex digits naming this host in temporary-file names: a pid means something on its own host only."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def check_output_file(path, missing_folders=False):
+    """Raise WriteError naming `path` if no file can be written there: it is a folder, a file stands where a folder
+    should be, or its folder does not exist (unless missing_folders=True: the caller makes them)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise WriteError(errno.EISDIR, "it is a folder; name a file", path)
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise WriteError(errno.ENOTDIR, f"{parent} is a file, not a folder", path)
+    if parent != folder and not missing_folders:
+        raise WriteError(errno.ENOENT, f"the folder {folder} does not exist", path)
+
+
+def _remove_stale_temporaries(folder, name):
+    """Remove the temporary files of `name` in `folder` whose writer, a process of this host, is gone."""
+    pattern = re.compile(re.escape(_TMP + name) + r"\.([0-9a-f]{8})-(\d+)-[0-9a-f]{8}")
+    host = _host_tag()
+    try:
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(_TMP + name + ".")]
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m and m.group(1) == host and not _alive(int(m.group(2))):
+            _discard(os.path.join(folder, entry))
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # it exists, owned by another user
+    return True
+
+
+def _disk_full(folder):
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail == 0 or st.f_bfree == 0
+
+
+def _discard(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 class TaskVectors:
