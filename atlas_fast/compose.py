@@ -625,6 +625,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     if offload not in (False, True, "pinned", "pageable"):
         raise ValueError(f"compose(offload={offload!r}): expected False, True, 'pinned' or 'pageable'")
     _check_not_composed(model)
+    task_vectors.check_mapped_files()
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
     _check_backend(backend, device)

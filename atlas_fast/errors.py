@@ -2,7 +2,8 @@
 
 OptionError names a parameter and its value: `lr=1e+30: training diverged ...` from Python, and the command line
 shows it under the flag's name, `--lr 1e+30: ...`. WriteError is an output file that could not be written (full
-disk, a folder in the way, a missing folder): it names that file, and nothing was written there.
+disk, a folder in the way, a missing folder): it names that file, and nothing was written there. FileChangedError
+is a memory-mapped file that changed under its tensors.
 """
 
 
@@ -20,3 +21,7 @@ class WriteError(OSError):
 
     def __str__(self):
         return f"{self.filename}: cannot write: {self.strerror}"
+
+
+class FileChangedError(ValueError):
+    """A memory-mapped file that was replaced, removed, truncated or modified since it was opened; load it again."""

@@ -490,7 +490,8 @@ class TaskVectors:
         tensors are views of the file, read from disk when first used, so opening costs no memory, processes
         that open one file share one copy in the kernel's page cache, and the kernel can evict the pages of a
         bank larger than the memory. Its finite check reads the file once, a block at a time, and gives each
-        block's pages back."""
+        block's pages back. The tensors are read-only (clone() one to edit it), and the file must stay as it is
+        while the bank is in use: check_mapped_files() refuses one that changed."""
         from safetensors import safe_open
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -517,11 +518,18 @@ class TaskVectors:
             raise ValueError(f"{path}: contents disagree with its metadata (T, dtype)")
         if mmap:
             for name, v in tv.vectors.items():
+                mapped.check_unchanged(_tensors(v))   # a file truncated since it was mapped: an error, not SIGBUS
                 for part in _stored(v):
                     _check_finite(part, name, tv.sources)
                 if quant.is_quantized(v):
                     mapped.release(v.data)
         return tv
+
+    def check_mapped_files(self):
+        """Raise FileChangedError naming the file if a memory-mapped bank's file (load(mmap=True)) was replaced,
+        removed, truncated or modified since it was opened: its tensors are that file (mapped.py). compose() calls
+        it; other banks pass."""
+        mapped.check_unchanged(t for v in self.vectors.values() for t in _tensors(v))
 
 
 def _read_vectors(path, meta, get):
@@ -585,6 +593,13 @@ def _stored(v):
     finite), factors of a low-rank one, else the tensor itself."""
     if quant.is_quantized(v):
         return [v.scale]
+    return [v.a, v.bt] if lowrank.is_lowrank(v) else [v]
+
+
+def _tensors(v):
+    """Every tensor a block is stored as."""
+    if quant.is_quantized(v):
+        return [v.data, v.scale]
     return [v.a, v.bt] if lowrank.is_lowrank(v) else [v]
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset
 from .. import quant
 from ..backends import BACKENDS, get_backend
 from ..compose import compose
-from ..errors import OptionError, WriteError
+from ..errors import FileChangedError, OptionError, WriteError
 from ..task_vectors import DTYPES, TaskVectors, atomic_write, check_output_file, read_state_dict
 from . import distributed
 from .checkpoint import torch_save
@@ -122,7 +122,7 @@ def _compose(loaded, bank, bank_name, **kwargs):
     _check_backend(kwargs.get("backend", "auto"), next(loaded.encoder.parameters()).device)
     try:
         return compose(loaded.encoder, bank, **kwargs)
-    except OptionError:
+    except (OptionError, FileChangedError):
         raise
     except ValueError as e:
         raise BankMismatchError(f"{bank_name}: does not match the model's image tower: {e}") from e
