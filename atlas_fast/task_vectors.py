@@ -89,12 +89,11 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:
-        full = _disk_full(folder)   # before the temporary file gives its space back
+        # before the temporary file gives its space back: torch.save reports a full disk as "unexpected pos"
+        code = errno.ENOSPC if _disk_full(folder) else _os_errno(e)
         _discard(tmp)
-        if full:
-            raise WriteError(errno.ENOSPC, "no space left on device", path) from e
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise WriteError(e.errno, e.strerror or str(e), path) from e
+        if code is not None and not isinstance(e, WriteError):
+            raise WriteError(code, os.strerror(code), path) from e
         raise
     except BaseException:
         _discard(tmp)
@@ -149,6 +148,18 @@ def _alive(pid):
     except OSError:
         return True   # it exists, owned by another user
     return True
+
+
+def _os_errno(error):
+    """The errno behind a failed write: of an OSError in the exception's chain, or in the text of a Rust I/O error
+    (safetensors: "... (os error 28)"); None when there is none."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    m = re.search(r"\(os error (\d+)\)", str(error))
+    return int(m.group(1)) if m else None
 
 
 def _disk_full(folder):
