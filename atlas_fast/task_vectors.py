@@ -73,9 +73,8 @@ def atomic_write(path, write):
 
     The temporary file, .tmp-<name>.<host>-<pid>-<random>, gets the mode a plain open() would give `path`: the
     existing file's, else 0666 & ~umask. The temporary files of `path` that a killed writer left (this host, a pid
-    that is gone) are removed first. A write that fails for want of space or a place to write (a full disk, a
-    missing folder, a folder named `path`) raises WriteError naming `path`; the previous file stays as it was and
-    no temporary file is left."""
+    that is gone) are removed first. A write that fails on an OS error (a full disk, a missing folder, a folder named
+    `path`) raises WriteError naming `path`; the previous file stays as it was and no temporary file is left."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     check_output_file(path)
@@ -88,15 +87,11 @@ def atomic_write(path, write):
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         write(tmp)
         os.replace(tmp, path)
-    except Exception as e:
-        # before the temporary file gives its space back: torch.save reports a full disk as "unexpected pos"
-        code = errno.ENOSPC if _disk_full(folder) else _os_errno(e)
+    except BaseException as e:
         _discard(tmp)
-        if code is not None and not isinstance(e, WriteError):
+        code = _os_errno(e) if isinstance(e, Exception) and not isinstance(e, WriteError) else None
+        if code is not None:
             raise WriteError(code, os.strerror(code), path) from e
-        raise
-    except BaseException:
-        _discard(tmp)
         raise
 
 
@@ -151,8 +146,9 @@ def _alive(pid):
 
 
 def _os_errno(error):
-    """The errno behind a failed write: of an OSError in the exception's chain, or in the text of a Rust I/O error
-    (safetensors: "... (os error 28)"); None when there is none."""
+    """The errno behind a failed write: of an OSError in the exception's chain (torch.save reports a full disk as
+    "unexpected pos", raised while handling the OSError), or in the text of a Rust I/O error (safetensors:
+    "... (os error 28)"); None when there is none."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno:
@@ -160,14 +156,6 @@ def _os_errno(error):
         seen = seen.__cause__ or seen.__context__
     m = re.search(r"\(os error (\d+)\)", str(error))
     return int(m.group(1)) if m else None
-
-
-def _disk_full(folder):
-    try:
-        st = os.statvfs(folder)
-    except (OSError, AttributeError):
-        return False
-    return st.f_bavail == 0 or st.f_bfree == 0
 
 
 def _discard(path):
