@@ -275,7 +275,10 @@ def _run_eval(args):
     import json
 
     from .adapt import evaluate
+    from .task_vectors import check_output_file
     try:
+        if args.json:
+            check_output_file(args.json)   # before the evaluation, not after it
         rows = evaluate(args.model, args.data, pretrained=args.pretrained, bank=args.bank,
                         coefficients=args.coefficients, finetuned=args.finetuned, classnames=args.classnames,
                         templates=args.templates, heads=args.heads, split=args.split,
@@ -344,7 +347,9 @@ def _add_select(sub):
 
 def _run_select(args):
     from .adapt import select_blocks, selection_path
+    from .task_vectors import check_output_file
     try:
+        check_output_file(args.out)
         sel = select_blocks(args.model, args.bank, args.data, keep=args.keep, method=args.method, out=args.out,
                             pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
                             shots=args.shots, batches=args.batches, batch_size=args.batch_size, head=args.head,

@@ -176,6 +176,14 @@ def test_bank_out_in_a_missing_folder(world, tmp_path, capsys):
         f"atlas-fast bank: error: --out {out}: cannot write: the folder {tmp_path / 'missing'} does not exist")
 
 
+def test_eval_json_in_a_missing_folder(world, tmp_path, capsys):
+    out = tmp_path / "missing" / "rows.json"
+    assert _error_line(capsys, ["eval", "--model", world["config"], "--pretrained", world["theta0"], "--data",
+                                world["upright"], "--classnames", world["classnames"], "--templates",
+                                world["templates"], "--json", str(out)]) == (
+        f"atlas-fast eval: error: --json {out}: cannot write: the folder {tmp_path / 'missing'} does not exist")
+
+
 _WRITER = textwrap.dedent(r"""
     import os, sys, threading, time
     from atlas_fast.task_vectors import atomic_write
