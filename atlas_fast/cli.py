@@ -291,7 +291,11 @@ def _run_eval(args):
         print(f"{r['model']:<{width}}  {r['data']}: {100 * r['accuracy']:.2f}% of {r['n']}")
     if args.json:
         from .adapt.loop import write_text
-        write_text(args.json, json.dumps(rows, indent=1))
+        from .errors import WriteError
+        try:
+            write_text(args.json, json.dumps(rows, indent=1))
+        except WriteError as e:
+            _fail(args, e)
     return 0
 
 
