@@ -146,7 +146,23 @@ def validate(s: Settings) -> None:
         torch.device(s.device)
     except RuntimeError:
         raise ValueError(f"--device {s.device!r}: not a torch device") from None
+    _check_backends_run(s.backends, torch.device(s.device))
     _check_out(s.out)
+
+
+def _check_backends_run(backends, device):
+    """Off a GPU every backend's reason not to run is known at once: refuse it here, not in a child process. (On a
+    CPU Triton runs in its interpreter, which the children switch on; on a GPU the CUDA backend's check builds its
+    extension, which the children do.)"""
+    from .backends import get_backend
+    if device.type == "cuda":
+        return
+    for name in backends:
+        if name in BASELINES or (name == "triton" and device.type == "cpu"):
+            continue
+        reason = get_backend(name).unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"--backends {name}: cannot run on {device}: {reason}")
 
 
 def _check_model_config(path):

@@ -85,17 +85,40 @@ def _run_bench_groups(args, s):
 def _user_errors():
     """The error types that mean bad input (reported as one `atlas-fast CMD: error:` line, exit 2)."""
     from .adapt import BankMismatchError, DataError, ModelSpecError
-    return (ValueError, DataError, ModelSpecError, BankMismatchError, FileNotFoundError, PermissionError)
+    from .errors import WriteError
+    return (ValueError, DataError, ModelSpecError, BankMismatchError, FileNotFoundError, PermissionError, WriteError)
 
 
 def _fail(args, error):
-    """Exit through argparse with one line: a data-loader worker's error arrives wrapped in its traceback."""
+    """Exit through argparse with one line: a data-loader worker's error arrives wrapped in its traceback. An
+    OptionError of one of this command's options is shown under the flag's name (`--lr 1e+30: ...`), a WriteError
+    of an output option's file under that option."""
+    from .errors import OptionError, WriteError
+    if isinstance(error, OptionError) and hasattr(args, error.option):
+        args.parser.error(f"--{error.option.replace('_', '-')} {error.value}: {error.reason}")
+    if isinstance(error, WriteError):
+        args.parser.error(_write_error(args, error))
     lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     message = lines[0]
     if len(lines) > 1 and "Traceback" in str(error):
         name, _, rest = lines[-1].partition(": ")
         message = rest if rest and " " not in name else lines[-1]
     args.parser.error(message)
+
+
+def _write_error(args, error):
+    """The line of a WriteError, under the output option (--out, --json) that names its file or holds it."""
+    import os
+    target = os.path.abspath(error.filename)
+    for option in ("out", "json"):
+        value = getattr(args, option, None)
+        if not value:
+            continue
+        if os.path.abspath(value) == target:
+            return f"--{option} {value}: cannot write: {error.strerror}"
+        if target.startswith(os.path.join(os.path.abspath(value), "")):
+            return f"--{option} {value}: {error}"
+    return str(error)
 
 
 def _model_options(p, bank=True):
@@ -273,7 +296,10 @@ def _run_eval(args):
     import json
 
     from .adapt import evaluate
+    from .task_vectors import check_output_file
     try:
+        if args.json:
+            check_output_file(args.json)   # before the evaluation, not after it
         rows = evaluate(args.model, args.data, pretrained=args.pretrained, bank=args.bank,
                         coefficients=args.coefficients, finetuned=args.finetuned, classnames=args.classnames,
                         templates=args.templates, heads=args.heads, split=args.split,
@@ -286,7 +312,11 @@ def _run_eval(args):
         print(f"{r['model']:<{width}}  {r['data']}: {100 * r['accuracy']:.2f}% of {r['n']}")
     if args.json:
         from .adapt.loop import write_text
-        write_text(args.json, json.dumps(rows, indent=1))
+        from .errors import WriteError
+        try:
+            write_text(args.json, json.dumps(rows, indent=1))
+        except WriteError as e:
+            _fail(args, e)
     return 0
 
 
@@ -346,7 +376,9 @@ def _add_select(sub):
 
 def _run_select(args):
     from .adapt import select_blocks, selection_path
+    from .task_vectors import check_output_file
     try:
+        check_output_file(args.out)
         sel = select_blocks(args.model, args.bank, args.data, keep=args.keep, method=args.method, out=args.out,
                             pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
                             shots=args.shots, batches=args.batches, batch_size=args.batch_size, head=args.head,

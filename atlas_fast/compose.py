@@ -722,10 +722,12 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     the fused modules' task vectors stay in host memory and stream to the model's device module by module, so the
     bank may stay on the CPU (a memory-mapped one too) with the model on a GPU; the small generically merged
     blocks are copied to the model's device.
+    A memory-mapped bank whose file changed since it was loaded is refused (TaskVectors.check_mapped_files).
     """
     if offload not in (False, True, "pinned", "pageable"):
         raise ValueError(f"compose(offload={offload!r}): expected False, True, 'pinned' or 'pageable'")
     _check_not_composed(model)
+    task_vectors.check_mapped_files()
     params = dict(model.named_parameters())
     uses = _parameter_names(model)
     device = next(iter(params.values())).device if params else torch.device("cpu")

@@ -7,6 +7,7 @@ heads). Data are ImageFolder-layout folders (<root>/<class>/<image>, or <root>/t
 holding that layout) or torchvision-style data sets yielding (PIL image, class index).
 """
 import copy
+import errno
 import os
 from dataclasses import dataclass, field, fields, replace
 
@@ -14,8 +15,10 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from .. import quant
+from ..backends import BACKENDS, get_backend
 from ..compose import compose
-from ..task_vectors import DTYPES, TaskVectors, atomic_write, read_state_dict
+from ..errors import FileChangedError, OptionError, WriteError
+from ..task_vectors import DTYPES, TaskVectors, atomic_write, check_output_file, read_state_dict
 from . import distributed
 from .checkpoint import torch_save
 from .data import (DataError, ImageFolderData, ViewData, check_classnames, dataset_targets, few_shot_indices,
@@ -47,7 +50,38 @@ class LoadedModel:
 
 
 def _device(device):
-    return distributed.local_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The torch device to run on (default: cuda when available); OptionError for one that is not here."""
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OptionError("device", device, "not a torch device; expected cpu or cuda[:i]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device", device, "no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                                            "use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError("device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return distributed.local_device(dev)
+
+
+def _check_backend(backend, device):
+    """OptionError now, before anything is loaded, for a backend that does not exist or cannot run on `device`."""
+    if backend not in BACKENDS + ("auto",):
+        raise OptionError("backend", backend, f"expected one of {', '.join(BACKENDS + ('auto',))}")
+    reason = None if backend == "auto" else get_backend(backend).unavailable_reason(device)
+    if reason is not None:
+        raise OptionError("backend", backend, f"cannot run on {device}: {reason}")
+
+
+def _check_out_folder(out):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise WriteError(errno.ENOTDIR, "it is a file; name a folder", os.fspath(out))
+    check_output_file(os.path.join(out, "summary.json"), missing_folders=True)
+
+
+def _check_partitions(partitions):
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise OptionError("partitions", partitions, "expected an int >= 1 (random partitions per block)")
 
 
 def load_model(model, pretrained=None, preprocess=None, device=None, allow_pickle=False):
@@ -102,8 +136,11 @@ def _load_bank(bank, device):
 
 
 def _compose(loaded, bank, bank_name, **kwargs):
+    _check_backend(kwargs.get("backend", "auto"), next(loaded.encoder.parameters()).device)
     try:
         return compose(loaded.encoder, bank, **kwargs)
+    except (OptionError, FileChangedError):
+        raise
     except ValueError as e:
         raise BankMismatchError(f"{bank_name}: does not match the model's image tower: {e}") from e
 
@@ -289,6 +326,9 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     if finetuned_accuracy is not None and not all(0 < a <= 1 for a in _as_list(finetuned_accuracy)):
         raise ValueError(f"finetuned_accuracy={finetuned_accuracy}: expected fractions in (0, 1]")
     device = _device(device)
+    _check_backend(backend, device)
+    _check_partitions(partitions)
+    _check_out_folder(out)
     sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
     if not sources:
         raise DataError("data: no data set given")
@@ -379,6 +419,7 @@ def evaluate(model, data, pretrained=None, bank=None, coefficients=None, finetun
         classnames, len(sources), "classnames")
     specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
     cfg = TrainConfig(eval_batch_size=batch_size, workers=workers)
+    _check_backend(backend, device)
     loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
     if heads is not None:
         head_list = heads_from_files(heads, specs, loaded, allow_pickle)
@@ -417,11 +458,14 @@ def merge(model, bank, coefficients, out, pretrained=None, backend="auto", devic
     model without it). A Hugging Face θ0: a folder (config.json + model.safetensors) that transformers'
     from_pretrained loads, in θ0's class and dtypes (convert.save_hf_clip_vision). Written atomically.
     A bank other than the coefficients' is refused unless allow_bank_mismatch=True."""
+    _check_backend(backend, _device(device))
     loaded = load_model(model, pretrained, device=device, allow_pickle=allow_pickle)
     out = os.fspath(out)
     if loaded.hf_pretrained is not None and os.path.splitext(out)[1] in (".pt", ".pth", ".bin", ".safetensors"):
         raise ValueError(f"{out}: θ0 {loaded.hf_pretrained} is a Hugging Face CLIP checkpoint, so the merged model "
                          f"is written as a Hugging Face folder (config.json + model.safetensors): give a folder path")
+    if loaded.hf_pretrained is None:
+        check_output_file(out, missing_folders=True)
     rest = clip_state_without_visual(loaded.module) if loaded.encoder is not loaded.module else {}
     atlas = compose_from_file(loaded, bank, coefficients, backend, device, allow_bank_mismatch)
     plain = atlas.merge()
@@ -452,6 +496,7 @@ def build_bank(pretrained, finetuned, out, prefix="visual.", dtype="float32", al
     finetuned = _as_list(finetuned)
     if not finetuned:
         raise ValueError("finetuned: no fine-tuned checkpoint given")
+    check_output_file(out)
     read = _bank_reader(prefix, allow_pickle)
     tv = TaskVectors.from_state_dicts(read(pretrained), (read(p) for p in finetuned), DTYPES.get(dtype, dtype),
                                       prefix or None, sources=[os.fspath(p) for p in finetuned],

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..compose import COEF_KEY
+from ..errors import OptionError
 from ..task_vectors import atomic_write
 from . import checkpoint as ckpt
 from . import distributed
@@ -74,7 +75,7 @@ class TrainConfig:
         return d
 
     def validate(self):
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", 0 < self.lr < math.inf),
                   ("warmup", 0 <= self.warmup < 1), ("threshold", 0 <= self.threshold <= 1),
                   ("trusted_per_class", self.trusted_per_class >= 1), ("keep", 0 <= self.keep <= 1),
                   ("select", self.select in (None, "best", "last")),
@@ -83,7 +84,9 @@ class TrainConfig:
                   ("checkpoint_every", self.checkpoint_every >= 0), ("workers", self.workers >= 0)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: invalid value")
+                raise OptionError(name, getattr(self, name), "invalid value")
+        if not math.isfinite(self.init):
+            raise OptionError("init", self.init, "expected a finite number (the initial value of every coefficient)")
         get_objective(self.objective)
 
 
@@ -228,10 +231,12 @@ def train(atlas, tasks, preprocess, cfg, out, resume=False, on_step=None, allow_
             loss.backward()
             loss, stats = _reduce_step(ranks, coef, loss, stats)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the {cfg.objective} loss is {loss}; lower lr={cfg.lr}")
+                raise _diverged(cfg, step, f"the {cfg.objective} loss is {loss}")
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([coef], cfg.grad_clip)
             opt.step()
+            if not bool(torch.isfinite(coef).all()):
+                raise _diverged(cfg, step + 1, "the coefficients are non-finite")
             sched.step()
             step += 1
             state["step"] = step
@@ -278,6 +283,16 @@ def _selection(cfg, objective, tasks):
                   f"is selected, not the best (select='last'); its validation accuracy is not measured",
                   stacklevel=3)
     return "last"
+
+
+def _diverged(cfg, step, what):
+    """The error of a run whose loss or coefficients became non-finite at `step`: after the first step the learning
+    rate is at fault, at it the initial coefficients (or, at θ0, the model or the data)."""
+    if step > 0:
+        return OptionError("lr", cfg.lr, f"training diverged at step {step} ({what}); lower the learning rate")
+    if cfg.init != 0:
+        return OptionError("init", cfg.init, f"{what} at the initial coefficients; start from a smaller value")
+    return ValueError(f"{what} at θ0, before any step: the model or the data give non-finite values")
 
 
 def _reduce_step(ranks, coef, loss, stats):
