@@ -18,6 +18,7 @@ separate single-stream runs with the same seeds and batch order, to float32 roun
 Episodic mode puts the coefficients and optimiser state of the streams of a batch back at the start after the
 batch (each batch is adapted to from θ(c0) alone, then forgotten).
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -118,14 +119,15 @@ class StreamCoefficients:
         return torch.stack([p.detach() for p in self.rows]).clone()
 
 
-def grouped_logits(atlas, heads, images, index, coef):
-    """Logits of every sample with its group's coefficients: one grouped forward of the composed encoder, then
-    the head (one head for all, or heads[g] for the samples of group g, when heads is a list). A list of heads
-    gives a list of (n_g, C_g) logits in group order; one head gives (N, C)."""
-    with atlas.groups(index, coef):
-        features = atlas(images)
+def grouped_logits(atlas, heads, images, index, coef, autocast=nullcontext):
+    """Logits of every sample with its group's coefficients: one grouped forward of the composed encoder (under
+    `autocast`), then the head in float32 (one head for all, or heads[g] for the samples of group g, when heads is
+    a list). A list of heads gives a list of (n_g, C_g) logits in group order; one head gives (N, C)."""
+    with autocast():
+        with atlas.groups(index, coef):
+            features = atlas(images)
     if not isinstance(heads, (list, tuple)):
-        return heads(features.float()) if heads is not None else features
+        return heads(features.float()) if heads is not None else features.float()
     return [heads[g](features[index == g].float()) for g in range(coef.shape[0])]
 
 
@@ -187,8 +189,7 @@ class OnlineTTA:
         index = index.to(device)
         coef = self.coef.stacked(present)
         head = [self.head[s] for s in present] if isinstance(self.head, (list, tuple)) else self.head
-        with self.autocast():
-            logits = grouped_logits(self.atlas, head, images.to(device), index, coef)
+        logits = grouped_logits(self.atlas, head, images.to(device), index, coef, self.autocast)
         per_group = logits if isinstance(logits, list) else [logits[index == g] for g in range(len(present))]
         losses = [self.loss_fn(lg) for lg in per_group]
         torch.stack([loss.float() for loss in losses]).sum().backward()
