@@ -44,6 +44,10 @@ def _add_bench(sub):
     p.add_argument("--groups", type=int,
                    help="instead: one batch carrying G coefficient sets (AtlasModel.groups) against G separate "
                         "composed runs and G merged models, on the first backend of --backends (default auto)")
+    p.add_argument("--streams", type=int,
+                   help="with --mode tta: S streams of --batch images each adapting at once, one grouped step "
+                        "against S separate composed runs in turn, S naive merges in turn and the per-sample merge "
+                        "loop (bench_tta.py)")
     p.set_defaults(run=_run_bench, parser=p)
 
 
@@ -67,6 +71,8 @@ def _run_bench(args):
         args.parser.error(str(e))
     if args.groups is not None:
         return _run_bench_groups(args, s)
+    if args.streams is not None:
+        return _run_bench_streams(args, s)
     return bench.run(s)
 
 
@@ -80,6 +86,19 @@ def _run_bench_groups(args, s):
                                     partitions=s.partitions, steps=s.steps, warmup=s.warmup, seed=s.seed,
                                     threads=s.threads, out=s.out)
     return bench_grouped.run(g)
+
+
+def _run_bench_streams(args, s):
+    from . import bench_tta
+    if s.mode != "tta" or args.streams < 1:
+        args.parser.error(f"--streams {args.streams}: needs --mode tta and S >= 1")
+    if s.bank_dtype not in bench_tta.DTYPES or s.rank is not None or s.granularity != "block" or s.partitions != 1:
+        args.parser.error("--streams: measured with an fp32/bf16/fp16 bank, --granularity block, one partition")
+    backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
+    t = bench_tta.TTASettings(model=s.model, tasks=s.tasks, batch=s.batch, streams=args.streams, device=s.device,
+                              backend=backend, bank_dtype=s.bank_dtype, amp=s.amp, steps=s.steps, warmup=s.warmup,
+                              seed=s.seed, threads=s.threads, out=s.out)
+    return bench_tta.run(t)
 
 
 def _user_errors():
