@@ -77,11 +77,12 @@ def _plain_loop(vit, bank, head, xs, loss_fn, lr, weight_decay, grad_clip, episo
 
 
 def _run_mixed(tta, images, batches):
-    """Steps tta over the mixed batches; returns per stream (labels, confidence) in its own sample order."""
+    """Steps tta over the mixed batches (a generator, as a serving loop feeds them); returns per stream
+    (labels, confidence) in its own sample order."""
     got = {s: ([], []) for s in range(len(images))}
-    for batch in batches:
+    arriving = ((torch.stack([images[s][i] for s, i in batch]), [s for s, _ in batch]) for batch in batches)
+    for batch, out in zip(batches, tta.run(arriving)):
         ids = [s for s, _ in batch]
-        out = tta.step(torch.stack([images[s][i] for s, i in batch]), ids)
         for n, s in enumerate(ids):
             got[s][0].append(out.labels[n])
             got[s][1].append(out.confidence[n])
@@ -160,3 +161,17 @@ def test_bad_input_is_named(world):
     with pytest.raises(ValueError, match="head: 1 heads for streams=2"):
         OnlineTTA(tta.atlas, [head], streams=2)
     assert tta.steps == [0, 0]
+
+
+@pytest.mark.parametrize("bank_format", ["int8", "int4", "lowrank"])
+def test_quantised_and_low_rank_banks(world, bank_format):
+    """Every bank format adapts online: the mixed run equals each stream's plain loop on the same bank."""
+    vit, bank, head, images, batches = world
+    bank = bank.low_rank(rank=2) if bank_format == "lowrank" else bank.to(dtype=getattr(torch, bank_format, "int4"))
+    tta = OnlineTTA(atlas_fast.compose(copy.deepcopy(vit), bank), head, streams=len(SIZES), **OPTIONS)
+    mixed = _run_mixed(tta, images, batches)
+    for s in range(len(SIZES)):
+        labels, _, coef = _plain_loop(vit, bank, head, _stream_batches(images, batches, s), _entropy, **OPTIONS)
+        assert coef.abs().max() > 1e-3
+        assert torch.equal(mixed[s][0], labels)
+        assert_rel(tta.coefficients(s), coef, 1e-4, f"{bank_format} bank, stream {s}: coefficients")

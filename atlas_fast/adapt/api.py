@@ -290,8 +290,9 @@ class Job:
 
 
 def prepare_job(model, bank, data, out, pretrained=None, classnames=None, templates=None, head="zeroshot",
-                labelled=False, shots=None, seed=0, granularity="block", partitions=1, backend="auto", device=None, val_fraction=0.2,
-                split_seed=0, preprocess=None, cache_dir=None, heads=None, offload=False, progress=True):
+                labelled=False, shots=None, seed=0, granularity="block", partitions=1, backend="auto", device=None,
+                val_fraction=0.2, split_seed=0, preprocess=None, cache_dir=None, heads=None, offload=False,
+                progress=True):
     """A Job for `data` (a folder / data set or a list of them), with adapt()'s meaning of every argument.
     labelled=True: the training indices are each data set's `shots` per class drawn with `seed` (all when None),
     and a head="linear" probe is fitted on them; labelled=False: no label is used."""

@@ -5,6 +5,7 @@ forward/backward (AtlasModel.groups) over a batch that mixes the streams.
     for images, stream_ids in batches:               # arriving in order
         out = tta.step(images, stream_ids)           # predictions made BEFORE the update, then one update
         out.labels, out.confidence                   # (N,) each
+    for out in tta.run(batch_iterable): ...          # the same over an iterable of (images, stream_ids)
 
 Why the streams stay independent. The grouped forward gives every sample exactly the outputs and gradients of
 a model composed with its own stream's coefficients, and the loss is Σ_s mean_{n ∈ s} ℓ_n: stream s's
@@ -214,6 +215,12 @@ class OnlineTTA:
             self.steps[s] += 1
         labels, confidence = self._predictions(per_group, index, len(present))
         return OnlineStep(labels, confidence, {s: loss.item() for s, loss in zip(present, losses)})
+
+    def run(self, batches):
+        """step() over an iterable (a generator, a DataLoader) of (images, stream_ids) as they arrive; yields each
+        batch's OnlineStep."""
+        for images, stream_ids in batches:
+            yield self.step(images, stream_ids)
 
     @contextmanager
     def _single_stream(self, present):
