@@ -44,6 +44,10 @@ def _add_bench(sub):
     p.add_argument("--groups", type=int,
                    help="instead: one batch carrying G coefficient sets (AtlasModel.groups) against G separate "
                         "composed runs and G merged models, on the first backend of --backends (default auto)")
+    p.add_argument("--streams", type=int,
+                   help="with --mode tta: S streams of --batch images each adapting at once, one grouped step "
+                        "against S separate composed runs in turn, S naive merges in turn and the per-sample merge "
+                        "loop (bench_tta.py)")
     p.set_defaults(run=_run_bench, parser=p)
 
 
@@ -67,6 +71,8 @@ def _run_bench(args):
         args.parser.error(str(e))
     if args.groups is not None:
         return _run_bench_groups(args, s)
+    if args.streams is not None:
+        return _run_bench_streams(args, s)
     return bench.run(s)
 
 
@@ -80,6 +86,19 @@ def _run_bench_groups(args, s):
                                     partitions=s.partitions, steps=s.steps, warmup=s.warmup, seed=s.seed,
                                     threads=s.threads, out=s.out)
     return bench_grouped.run(g)
+
+
+def _run_bench_streams(args, s):
+    from . import bench_tta
+    if s.mode != "tta" or args.streams < 1:
+        args.parser.error(f"--streams {args.streams}: needs --mode tta and S >= 1")
+    if s.bank_dtype not in bench_tta.DTYPES or s.rank is not None or s.granularity != "block" or s.partitions != 1:
+        args.parser.error("--streams: measured with an fp32/bf16/fp16 bank, --granularity block, one partition")
+    backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
+    t = bench_tta.TTASettings(model=s.model, tasks=s.tasks, batch=s.batch, streams=args.streams, device=s.device,
+                              backend=backend, bank_dtype=s.bank_dtype, amp=s.amp, steps=s.steps, warmup=s.warmup,
+                              seed=s.seed, threads=s.threads, out=s.out)
+    return bench_tta.run(t)
 
 
 def _user_errors():
@@ -243,10 +262,26 @@ def _add_adapt(sub):
     _bank_mismatch_option(p, "--resume")
     p.add_argument("--out", default="atlas_out", help="output folder (default ./atlas_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--per-stream", action="store_true",
+                   help="one coefficient set per --data folder (a stream each: entropy, ufm, or ce with --shots), "
+                        "all learned together, one grouped step over a batch mixing the streams; each equals a "
+                        "separate run on its folder. Writes --out/<NN_name>/ per stream and --out/summary.json")
+    p.add_argument("--online", action="store_true",
+                   help="online test-time adaptation of every --data folder (a stream each, entropy or ufm's "
+                        "confident pseudo-labels): one pass in folder order, --batch-size images of each stream per "
+                        "step, predicted with the current coefficients then used for one update (the accuracy is "
+                        "of those predictions); writes predictions.jsonl, running_accuracy.png and per-stream "
+                        "coefficients")
+    p.add_argument("--episodic", action="store_true", help="--online: reset every stream to the start after each "
+                                                           "of its batches")
+    p.add_argument("--online-split", default="all", choices=("all", "train", "val"),
+                   help="--online: the images of each folder streamed (default all, in folder order)")
     p.set_defaults(run=_run_adapt, parser=p)
 
 
 def _run_adapt(args):
+    if args.online or args.per_stream or args.episodic:
+        return _run_adapt_streams(args)
     from .adapt import adapt, distributed
     options = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "weight_decay", "seed",
                                              "init", "select", "threshold", "trusted_per_class", "keep", "augment",
@@ -272,6 +307,40 @@ def _run_adapt(args):
         print(f"  {name}: {100 * a['accuracy']:.2f}% -> {100 * b['accuracy']:.2f}%" if b["n"] else
               f"  {name}: no validation images (--val-fraction 0)")
     print(f"wrote {args.out}/coefficients.safetensors, summary.json, log.jsonl, curves.png, coefficients.png")
+    return 0
+
+
+def _run_adapt_streams(args):
+    from .adapt import streams
+    if args.episodic and not args.online:
+        args.parser.error("--episodic: only with --online")
+    if args.online and args.per_stream:
+        args.parser.error("--online and --per-stream: choose one (--online adapts one coefficient set per stream)")
+    common = dict(out=args.out, pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
+                  head=args.head, granularity=args.granularity, partitions=args.partitions, backend=args.backend,
+                  device=args.device, val_fraction=args.val_fraction, offload=args.offload or False)
+    try:
+        if args.online:
+            if args.shots is not None:
+                args.parser.error("--shots: --online reads no labels for training")
+            s = streams.adapt_online(args.model, args.bank, args.data, objective=args.objective,
+                                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                                     episodic=args.episodic, threshold=args.threshold, amp=args.amp,
+                                     split=args.online_split, workers=args.workers, progress=not args.no_progress,
+                                     **common)
+        else:
+            options = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "weight_decay",
+                                                     "seed", "init", "select", "threshold", "trusted_per_class",
+                                                     "augment", "amp", "workers")}
+            s = streams.adapt_streams(args.model, args.bank, args.data, objective=args.objective, shots=args.shots,
+                                      flip=not args.no_flip, progress=not args.no_progress, **options, **common)
+    except _user_errors() as e:
+        _fail(args, e)
+    print(f"{len(s['streams'])} streams ({s['mode']}, {s['objective']}); accuracy per stream:")
+    for r in s["streams"]:
+        before = f"{100 * r['initial_accuracy']:.2f}% -> " if "initial_accuracy" in r else ""
+        print(f"  {r['stream']}: {before}{100 * r['accuracy']:.2f}% ({r['folder']})")
+    print(f"wrote {args.out}/summary.json and one folder per stream")
     return 0
 
 

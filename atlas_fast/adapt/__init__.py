@@ -18,12 +18,15 @@ from .data import DataError
 from .heads import Classifier, LinearHead, ZeroShotHead, fit_linear_probe, zero_shot_head
 from .loop import Task, TrainConfig, train
 from .models import ModelSpecError
+from .online import OnlineStep, OnlineTTA
+from .streams import adapt_online, adapt_streams
 from .select import Selection, save_selection, select_blocks, selection_path
 
 __all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "compose_from_file",
            "AdaptResult", "BankMismatchError", "DataError", "ModelSpecError", "Classifier", "LinearHead",
            "ZeroShotHead", "fit_linear_probe", "zero_shot_head", "Task", "TrainConfig", "train", "select_blocks",
-           "save_selection", "selection_path", "Selection"]
+           "save_selection", "selection_path", "Selection", "OnlineTTA", "OnlineStep", "adapt_online",
+           "adapt_streams"]
 
 
 class _CallableModule(type(sys)):

@@ -360,6 +360,48 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     return AdaptResult(summary, atlas, tasks, loaded.module)
 
 
+@dataclass
+class Job:
+    """What a run over several data sets starts from: the model, one DataSpec and one head per data set, and the
+    bank composed into the model's image tower."""
+    loaded: LoadedModel
+    specs: list
+    heads: list
+    atlas: object
+    train: list                       # per data set: its training indices (its k-shot subset when labelled)
+
+
+def prepare_job(model, bank, data, out, pretrained=None, classnames=None, templates=None, head="zeroshot",
+                labelled=False, shots=None, seed=0, granularity="block", partitions=1, backend="auto", device=None,
+                val_fraction=0.2, split_seed=0, preprocess=None, cache_dir=None, heads=None, offload=False,
+                progress=True):
+    """A Job for `data` (a folder / data set or a list of them), with adapt()'s meaning of every argument.
+    labelled=True: the training indices are each data set's `shots` per class drawn with `seed` (all when None),
+    and a head="linear" probe is fitted on them; labelled=False: no label is used."""
+    device = _device(device)
+    sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
+    if not sources:
+        raise DataError("data: no data set given")
+    names = [classnames] if _is_name_list(classnames) and len(sources) == 1 else _per_dataset(
+        classnames, len(sources), "classnames")
+    specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
+    if shots is not None and not labelled:
+        raise ValueError(f"shots={shots}: the objective uses no labels")
+    train_sets = [few_shot_indices(dataset_targets(s.data), s.train, shots, seed, s.classes) if labelled else s.train
+                  for s in specs]
+    bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
+    bank = _load_bank(bank, torch.device("cpu") if offload else device)
+    loaded = load_model(model, pretrained, preprocess, device)
+    head_list = load_heads(heads) if heads is not None else _heads(
+        loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
+        train_sets if labelled else [None] * len(specs), device, progress)
+    if len(head_list) != len(specs):
+        raise ValueError(f"heads: {len(head_list)} heads for {len(specs)} data sets")
+    atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend,
+                     offload=offload)
+    return Job(loaded, specs, [h.to(device) for h in head_list], atlas, train_sets)
+
+
 def _coefficient_layout(path):
     """(granularity, partitions, seed) recorded in a coefficient file."""
     from safetensors import safe_open
@@ -515,4 +557,4 @@ def _bank_reader(prefix, allow_pickle):
 
 
 __all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "AdaptResult",
-           "BankMismatchError", "compose_from_file"]
+           "BankMismatchError", "compose_from_file", "Job", "prepare_job"]

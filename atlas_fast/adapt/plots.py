@@ -77,6 +77,20 @@ def plot_coefficients(coefficients, block_names, sources, path):
     _save(fig, path)
 
 
+def plot_running_accuracy(curves, path):
+    """Online accuracy so far against images seen, one line per stream. curves: {stream: [(seen, accuracy)]}."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, points in curves.items():
+        if points:
+            ax.plot([n for n, _ in points], [100 * a for _, a in points], label=_short(name))
+    ax.set(xlabel="images seen", ylabel="accuracy so far (%)", title="online accuracy (predicted before each update)")
+    ax.grid(alpha=0.3)
+    if len(curves) <= 20:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def _short(source, width=28):
     s = os.path.basename(str(source))
     return s if len(s) <= width else s[:width - 1] + "…"
@@ -88,4 +102,4 @@ def coefficient_summary(coefficients):
             "per_task_mean": (c.flatten(1).mean(1) if c.dim() > 1 else c).tolist()}
 
 
-__all__ = ["plot_curves", "plot_coefficients", "layer_label", "coefficient_summary"]
+__all__ = ["plot_curves", "plot_coefficients", "plot_running_accuracy", "layer_label", "coefficient_summary"]

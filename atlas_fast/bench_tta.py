@@ -1,0 +1,230 @@
+"""Benchmark of test-time adaptation of S streams at once (`atlas-fast bench --mode tta --streams S`).
+
+Every step each stream brings a batch of `batch` images and makes one update of its own coefficients (entropy
+loss, AdamW, the online protocol of adapt/online.py). Four ways to do it, each in a fresh process so that its
+peak memory is its own:
+
+    grouped     one grouped forward/backward over the S·batch images (OnlineTTA: AtlasModel.groups)
+    separate    one composed model, the S streams stepped in turn, each with its own coefficients and AdamW: what S
+                separate runs compute (S processes would also hold S copies of θ0 and the bank)
+    naive       the paper-style merge stepped in turn: for each stream, every parameter θ0 + Σ_t c_t τ_t built in
+                Python and the model run by torch.func.functional_call on the stream's batch
+    per_sample  the per-sample merge loop (as FusionBench's WEMoE runs a merged model per sample): θ0 + Σ_t c_t τ_t
+                merged and functional_call'ed once per image, its loss backpropagated at once (the least memory
+                this way can take)
+
+All four compute the same updates (the test suite checks grouped and separate against separate runs; the
+naive and per-sample merges are plain autograd). Measured: time per step and per image (median of the timed
+steps), peak memory above the built model and bank (CPU: resident high-water mark; CUDA: peak allocated), and
+the ratios of each to grouped. It measures, it asserts nothing.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+VARIANTS = ("grouped", "separate", "naive", "per_sample")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLASSES = 10
+
+
+@dataclass
+class TTASettings:
+    model: str = "ViT-B-32"         # open_clip name or config .json; its visual tower with random weights
+    tasks: int = 8
+    batch: int = 8                  # images per stream per step
+    streams: int = 8
+    device: str = "cpu"
+    backend: str = "auto"
+    bank_dtype: str = "fp32"
+    amp: bool = False               # bf16 autocast
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    threads: Optional[int] = None
+    lr: float = 1e-3
+    out: str = "bench_out"
+
+
+def _visual(s):
+    import open_clip
+    name = s.model
+    if name.endswith(".json"):
+        open_clip.add_model_config(name)
+        name = os.path.splitext(os.path.basename(name))[0]
+    torch.manual_seed(s.seed)
+    clip = open_clip.create_model(name, pretrained=None)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return clip.visual.eval().requires_grad_(False).to(s.device), size
+
+
+def _entropy(logits):
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class Runner:
+    """One variant built in this process; step() makes one update of every stream."""
+
+    def __init__(self, variant, s: TTASettings):
+        from .task_vectors import synthetic_task_vectors
+        self.variant, self.s = variant, s
+        vit, size = _visual(s)
+        bank = synthetic_task_vectors(vit, s.tasks, dtype=DTYPES[s.bank_dtype], seed=s.seed)
+        gen = torch.Generator().manual_seed(s.seed + 1)
+        dim = vit.output_dim
+        self.head = nn.Linear(dim, CLASSES, bias=False).requires_grad_(False).to(s.device)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(CLASSES, dim, generator=gen) / dim ** 0.5)
+        n = s.streams * s.batch
+        self.images = [torch.randn(n, 3, *size, generator=gen).to(s.device) for _ in range(2)]
+        self.ids = torch.arange(s.streams).repeat_interleave(s.batch)
+        self.calls = 0
+        if variant in ("grouped", "separate"):
+            from .compose import compose
+            self.atlas = compose(vit, bank, backend=s.backend, seed=s.seed)
+            shape = self.atlas.coefficients.shape
+        else:
+            self.vit = vit
+            names = [k for k, _ in vit.named_parameters() if k in bank]
+            self.theta0 = {k: p for k, p in vit.named_parameters() if k in bank}
+            self.tau = {k: bank[k] for k in names}
+            shape = (s.tasks, len(names))
+        if variant == "grouped":
+            from .adapt.online import OnlineTTA
+            self.tta = OnlineTTA(self.atlas, self.head, streams=s.streams, lr=s.lr, amp="bf16" if s.amp else "off")
+        else:
+            self.rows = [nn.Parameter(torch.zeros(shape, device=s.device)) for _ in range(s.streams)]
+            self.opts = [torch.optim.AdamW([r], lr=s.lr, weight_decay=0.0) for r in self.rows]
+
+    def _autocast(self):
+        return torch.autocast(torch.device(self.s.device).type, dtype=torch.bfloat16, enabled=self.s.amp)
+
+    def _merged(self, c):
+        """θ0 + Σ_t c[t, b] τ_t for every block b, in Python, as the paper's code (and NaiveAtlas) does."""
+        return {k: p0 + sum(c[t, b] * tau[t].to(p0.dtype) for t in range(tau.shape[0]))
+                for b, ((k, p0), tau) in enumerate(zip(self.theta0.items(), self.tau.values()))}
+
+    def _logits(self, x, c):
+        with self._autocast():
+            return self.head(functional_call(self.vit, self._merged(c), (x,)).float())
+
+    def step(self):
+        x = self.images[self.calls % 2]
+        self.calls += 1
+        if self.variant == "grouped":
+            self.tta.step(x, self.ids)
+            return
+        B = self.s.batch
+        for s, (row, opt) in enumerate(zip(self.rows, self.opts)):
+            xs = x[s * B:(s + 1) * B]
+            if self.variant == "separate":
+                with torch.no_grad():
+                    self.atlas.coefficients.copy_(row)
+                self.atlas.coefficients.grad = None
+                with self._autocast():
+                    features = self.atlas(xs)
+                _entropy(self.head(features.float())).mean().backward()
+                row.grad = self.atlas.coefficients.grad
+            elif self.variant == "naive":
+                _entropy(self._logits(xs, row)).mean().backward()
+            else:
+                for i in range(B):
+                    (_entropy(self._logits(xs[i:i + 1], row)).sum() / B).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure(variant, s: TTASettings):
+    """One variant in this process: {"step_s": [...], "peak_extra_mb": float}."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    runner = Runner(variant, s)
+    cuda = str(s.device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(s.device)
+        base = torch.cuda.memory_allocated(s.device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kb("VmRSS") * 1024
+    for _ in range(s.warmup):
+        runner.step()
+    times = []
+    for _ in range(s.steps):
+        _sync(s.device)
+        start = time.perf_counter()
+        runner.step()
+        _sync(s.device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(s.device) if cuda else _status_kb("VmHWM") * 1024
+    return {"step_s": times, "peak_extra_mb": (peak - base) / 1e6}
+
+
+def summarise(results, s: TTASettings):
+    """Per variant: median step time, time per image, peak, and the ratios to grouped."""
+    images = s.streams * s.batch
+    rows = {}
+    for name, r in results.items():
+        med = statistics.median(r["step_s"])
+        rows[name] = {"step_s": med, "per_image_ms": med / images * 1e3, "peak_extra_mb": r["peak_extra_mb"]}
+    if "grouped" in rows:
+        g = rows["grouped"]
+        for r in rows.values():
+            r["time_vs_grouped"] = r["step_s"] / g["step_s"]
+    return rows
+
+
+def format_table(rows, s: TTASettings):
+    lines = [f"{s.model}, T={s.tasks}, S={s.streams} streams x {s.batch} images per step, {s.device}, "
+             f"backend={s.backend}, bank {s.bank_dtype}" + (", bf16 autocast" if s.amp else ""),
+             f"{'variant':11} {'step':>11} {'per image':>11} {'peak extra':>12} {'x grouped':>10}"]
+    for name, r in rows.items():
+        ratio = f"{r['time_vs_grouped']:9.2f}x" if "time_vs_grouped" in r else "—"
+        lines.append(f"{name:11} {r['step_s'] * 1e3:8.1f} ms {r['per_image_ms']:8.2f} ms "
+                     f"{r['peak_extra_mb']:9.1f} MB {ratio:>10}")
+    return "\n".join(lines)
+
+
+def run(s: TTASettings, variants=VARIANTS):
+    """Every variant in its own process; prints the table and writes results_tta_S<streams>.json to s.out."""
+    from .bench import machine_info, versions
+    results = {}
+    for variant in variants:
+        proc = subprocess.run([sys.executable, "-m", "atlas_fast.bench_tta", json.dumps(asdict(s)), variant],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{variant}: failed: {' | '.join(proc.stderr.strip().splitlines()[-4:])}", file=sys.stderr)
+            continue
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = summarise(results, s)
+    print(format_table(rows, s))
+    from .task_vectors import atomic_write
+    os.makedirs(s.out, exist_ok=True)
+    text = json.dumps({"machine": machine_info(s.device), "versions": versions(), "settings": asdict(s),
+                       "results": results, "summary": rows}, indent=1)
+    atomic_write(os.path.join(s.out, f"results_tta_S{s.streams}.json"), lambda tmp: open(tmp, "w").write(text))
+    return 0 if len(results) == len(variants) else 1
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[2], TTASettings(**json.loads(sys.argv[1])))))
