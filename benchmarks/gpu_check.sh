@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks in one pass, under 9 minutes on an H200, against the package as a user installs it: install it
+# The GPU checks in one pass, in at most 560 s on an H200, against the package as a user installs it: install it
 # (pure Python, from a copy of the sources, into a folder of its own), then build the CUDA extension, run the
 # gpu-marked tests (the kernels against the float64 reference, the grouped CUDA ops among them; on 8 pytest-xdist
 # workers when it is installed, since compiling the Triton kernels dominates), time atlas_linear at the ViT-B/32
 # MLP size against its FLOP and byte floors, then each fused backend with the fused and merge-once strategies and
 # the cost model's choice at M = 6400, 128, 8, 1, and run `atlas-fast bench` at ViT-B/32, T=21 bf16 bank, batch 128,
-# bf16 autocast, then a ViT-B/32 training step with the bank offloaded to host memory against the resident one.
-# Every part runs under `timeout`, so the script always finishes; a part that fails or times out is logged, the
-# next one runs, and the script exits non-zero at the end.
+# bf16 autocast, then a ViT-B/32 training step with the bank offloaded to host memory against the resident one, then
+# online test-time adaptation of S = 8 and 64 streams (T=21 bf16 bank, 4 images per stream) four ways.
+# Every part runs under `timeout`, cut to what is left of the script's deadline (GPU_CHECK_SECONDS, 560 s on the GPU),
+# so the script always finishes; a part that fails, times out or finds no time left is logged, the next one runs,
+# and the script exits non-zero at the end.
 #
 #   bash benchmarks/gpu_wheels.sh    once, where the package index is reachable: wheels the GPU machine lacks, in .whl/
 #   bash benchmarks/gpu_check.sh     on the GPU machine: results under $OUT (absolute; default bench_out/gpu_check)
@@ -16,9 +18,10 @@
 #                                    extension compiled and loaded but not run: an import, flag, path or output
 #                                    file that is wrong fails here, not on the GPU
 #
-# $OUT receives 6 files: gpu_check.log (every part's output, in order), layer.json, strategies.json,
-# bench/results.json, bench/bench.png and offload.json. Wheels in .whl/ (open_clip and its tokenizer's ftfy and
-# wcwidth, which the GPU machine's image lacks) are installed first.
+# $OUT receives 8 files (all that come back from the GPU machine): gpu_check.log (every part's output, in order),
+# layer.json, strategies.json, bench/results.json, bench/bench.png, offload.json and
+# bench_tta/results_tta_S{8,64}.json. Wheels in .whl/ (open_clip and its tokenizer's ftfy and wcwidth, which the GPU
+# machine's image lacks) are installed first.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -35,8 +38,14 @@ FAILED=()
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, appends its output to $LOG
     local name=$1 limit=$2; shift 2
-    local start=$SECONDS
+    local start=$SECONDS left=$((DEADLINE - SECONDS))
     echo "==== $name" >>"$LOG"
+    if [ "$left" -lt 20 ]; then   # the whole script stays inside one call of the GPU machine
+        echo "== $name: skipped, $left s left of the script's $DEADLINE s" | tee -a "$LOG"
+        FAILED+=("$name (no time left)")
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
@@ -54,14 +63,20 @@ if [ "$DRY" = 1 ]; then
     BENCH_ARGS=(--model "$MODEL" --tasks 3 --batch 2 --warmup 1 --steps 1)
     OFFLOAD_ARGS=(--model "$MODEL" --tasks 3 --batch 2 --warmup 1 --steps 1)
     LAYER_ARGS=(--dry-run)
-    BUILD_LIMIT=300 BENCH_LIMIT=600 WORKERS=2   # a loaded 2-core CI machine: checks, not timings
+    TTA_ARGS=(--model "$MODEL" --tasks 3 --batch 2 --warmup 0 --steps 1)
+    TTA_STREAMS="1 2"
+    BUILD_LIMIT=300 BENCH_LIMIT=600 TTA_LIMIT=300 WORKERS=2   # a loaded 2-core CI machine: checks, not timings
+    DEADLINE=${GPU_CHECK_SECONDS:-3600}
 else
     DEVICE=cuda
     MODEL=ViT-B-32
     BENCH_ARGS=(--model "$MODEL" --tasks 21 --batch 128 --warmup 2 --steps 8)
     OFFLOAD_ARGS=(--model "$MODEL" --tasks 21 --batch 128)
     LAYER_ARGS=()
-    BUILD_LIMIT=100 BENCH_LIMIT=150 WORKERS=8
+    TTA_ARGS=(--model "$MODEL" --tasks 21 --batch 4 --warmup 1 --steps 2)
+    TTA_STREAMS="8 64"
+    BUILD_LIMIT=100 BENCH_LIMIT=150 TTA_LIMIT=90 WORKERS=8
+    DEADLINE=${GPU_CHECK_SECONDS:-560}   # one call of the GPU machine runs 600 s at most
 fi
 
 DEPS=
@@ -158,7 +173,17 @@ part "atlas-fast bench" "$BENCH_LIMIT" "$PY" -m atlas_fast bench --device "$DEVI
 part "offloaded bank" 45 "$PY" benchmarks/bench_offload.py --device "$DEVICE" "${OFFLOAD_ARGS[@]}" \
     --bank-dtype bf16 --json "$OUT/offload.json"
 
-for f in gpu_check.log layer.json strategies.json bench/results.json bench/bench.png offload.json; do
+# S streams adapting online in one grouped step against S composed runs in turn, S naive merges in turn and the
+# per-sample merge loop (last: the part the script's deadline cuts first).
+TTA_FILES=()
+for S in $TTA_STREAMS; do
+    part "bench tta S=$S" "$TTA_LIMIT" "$PY" -m atlas_fast bench --mode tta --streams "$S" --device "$DEVICE" \
+        "${TTA_ARGS[@]}" --bank-dtype bf16 --amp --out "$OUT/bench_tta"
+    TTA_FILES+=("bench_tta/results_tta_S$S.json")
+done
+
+for f in gpu_check.log layer.json strategies.json bench/results.json bench/bench.png offload.json \
+         "${TTA_FILES[@]}"; do
     [ -s "$OUT/$f" ] || { echo "gpu_check: $OUT/$f was not written" | tee -a "$LOG"; FAILED+=("output $f"); }
 done
 echo "gpu_check: done in $SECONDS s; results in $OUT" | tee -a "$LOG"
