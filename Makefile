@@ -1,5 +1,6 @@
 # make bench        install into .venv (once) and run `atlas-fast bench` on its embedded default
 # make test         install into .venv (once) and run the test suite (what CI runs)
+# make lint         ruff (pyflakes and import order, pyproject.toml [tool.ruff]) over the whole tree
 # make gpu-check-dry  benchmarks/gpu_check.sh as a dry run: every part on the CPU at tiny sizes against an install
 #                   of the package (what CI runs, so that the GPU run does not fail on a path, flag or import)
 # make cuda-check   compile every source in csrc/ with nvcc, compile-only, for sm_80 and sm_90 (the .cpp once,
@@ -25,7 +26,7 @@ CXX_FLAGS = -O2 -std=c++20 -Xcompiler -Wall,-fPIC $(TORCH_INCLUDES)
 CU_SOURCES := $(wildcard csrc/*.cu)
 CPP_SOURCES := $(wildcard csrc/*.cpp)
 
-.PHONY: install bench test cuda-check gpu-check-dry
+.PHONY: install bench test lint cuda-check gpu-check-dry
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -39,6 +40,9 @@ bench: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 gpu-check-dry: $(VENV)/.installed
 	GPU_CHECK_DRY_RUN=1 PYTHON=$(PYTHON) OUT=$${OUT:-$$(mktemp -d)/gpu_check} bash benchmarks/gpu_check.sh

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from . import lowrank, quant
 from .hashing import block_key
-from .ops_grouped import call_conv2d_grouped, call_linear_grouped
 from .ops import atlas_conv2d, atlas_linear, merge_blocks
+from .ops_grouped import call_conv2d_grouped, call_linear_grouped
 
 GRANULARITIES = ("block", "task")
 

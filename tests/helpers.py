@@ -98,6 +98,7 @@ def reference_call(model, merged, *args, **kwargs):
     """Runs a float64 copy of the plain `model` on the float64 parameters `merged` (others at θ0) with
     torch.func.functional_call; floating tensor arguments are upcast to float64."""
     import copy
+
     from torch.func import functional_call
     model64 = copy.deepcopy(model).double()
     return functional_call(model64, merged, tuple(_double(a) for a in args),

@@ -12,9 +12,6 @@ import adapt_world
 from atlas_fast.cli import main
 from helpers import assert_rel
 
-
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -25,9 +22,8 @@ def test_help_lists_the_subcommands():
 
 
 def test_bank_adapt_eval_merge(world, tmp_path, capsys):
-    from safetensors import safe_open
-
     import open_clip
+    from safetensors import safe_open
     w = world
     bank = str(tmp_path / "bank.safetensors")
     assert main(["bank", "--pretrained", w["theta0"], "--finetuned", *w["finetuned"], "--out", bank]) == 0
@@ -178,8 +174,9 @@ def test_missing_files(world, tmp_path, capsys):
 
 
 def test_bank_of_another_architecture(world, tmp_path, capsys):
-    from atlas_fast import synthetic_task_vectors
     from open_clip.transformer import VisionTransformer
+
+    from atlas_fast import synthetic_task_vectors
     other = VisionTransformer(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=2.0,
                               output_dim=32)
     path = str(tmp_path / "other.safetensors")

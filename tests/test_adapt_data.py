@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas_fast.adapt.data import (DataError, ImageFolderData, StreamBatches, ViewData, few_shot_indices,
-                                   split_indices)
 from atlas_fast.adapt.api import load_data
+from atlas_fast.adapt.data import DataError, ImageFolderData, StreamBatches, ViewData, few_shot_indices, split_indices
 
 
 def _folder(root, counts, size=8):

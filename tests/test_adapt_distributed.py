@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 
+from adapt_world import single_thread
 from atlas_fast.adapt import adapt
 from atlas_fast.adapt.distributed import Ranks
-
-from adapt_world import single_thread, world  # noqa: F401 (fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a mid-epoch checkpoint (every 2 steps, 3 steps an epoch), seeded augmentations that must replay per item

@@ -1,16 +1,11 @@
 """Models without a text tower: a linear-probe head fitted on θ0's features, and a torchvision data set
 object instead of a folder."""
 import pytest
-import torch
 import torchvision
 
-import adapt_world
 from atlas_fast import TaskVectors
 from atlas_fast.adapt import LinearHead, adapt, evaluate
 from atlas_fast.adapt.models import load_clip
-
-
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,6 @@ from safetensors.torch import load_file
 
 from atlas_fast.adapt import adapt, objectives
 
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -3,11 +3,7 @@ real fine-tuning (adapt_world). θ0 knows digits in two other orientations and g
 upright and 90°-rotated ones; accuracies are measured on held-out images."""
 import pytest
 
-import adapt_world
 from atlas_fast.adapt import adapt, evaluate
-
-
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,6 +87,7 @@ def test_ufm_loss_and_statistics_by_hand():
     from types import SimpleNamespace
 
     import torch
+
     from atlas_fast.adapt.objectives import UFM
     weak = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 3.0], [1.0, 1.2, 0.0]])
     strong = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [0.0, 0.5, 1.5], [2.0, 0.0, -1.0]])

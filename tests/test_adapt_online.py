@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 import atlas_fast
 from atlas_fast.adapt import OnlineTTA
-
-from adapt_world import one_thread  # noqa: F401 (fixture)
 from helpers import assert_rel, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")

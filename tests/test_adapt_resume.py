@@ -7,9 +7,6 @@ import torch
 import adapt_world
 from atlas_fast.adapt import adapt
 
-
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -11,9 +11,6 @@ import adapt_world
 from atlas_fast import TaskVectors
 from atlas_fast.adapt import BankMismatchError, DataError, adapt, select_blocks, selection_path
 
-
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -136,8 +133,9 @@ def test_bad_input_names_the_parameter(world, tmp_path):
             _select(world, keep=1, **{name: 0})
     with pytest.raises(DataError, match="data: gradient selection scores on labelled data"):
         _select(world, data=None, keep=1)
-    from atlas_fast import synthetic_task_vectors
     from open_clip.transformer import VisionTransformer
+
+    from atlas_fast import synthetic_task_vectors
     other = VisionTransformer(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=32)
     path = tmp_path / "other.safetensors"
     synthetic_task_vectors(other, 2).save(path)

@@ -12,8 +12,6 @@ from safetensors.torch import load_file
 import adapt_world
 from atlas_fast.cli import main
 
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = {"upright": (0, 30), "rot90": (1, 17), "rot270": (3, 45)}

@@ -19,8 +19,6 @@ from atlas_fast.cli import main
 from atlas_fast.errors import FileChangedError
 from atlas_fast.task_vectors import atomic_write
 
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 

@@ -69,7 +69,6 @@ def test_bench_end_to_end(tmp_path, tiny_model):
 def test_bench_quantised_bank(tmp_path, tiny_model, bank_dtype):
     """--bank-dtype int8 | int4: the torch backend on the quantised bank agrees with naive on its dequantised
     copy, the floor reads the quantised bytes, and the cuda backend is reported as not dequantising it."""
-    import torch
     from atlas_fast import quant
     out = tmp_path / "out"
     _bench("--model", tiny_model, "--tasks", "2", "--batch", "2", "--steps", "1", "--warmup", "0", "--bank-dtype",

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from atlas_fast import bench_tta
-
-from adapt_world import one_thread  # noqa: F401 (fixture)
 from helpers import assert_rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,11 +5,11 @@ import sys
 import textwrap
 import types
 
+import open_clip
 import pytest
 import torch
 import torch.nn as nn
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-import open_clip
 
 import atlas_fast
 from atlas_fast.checkpoints import read_state_dict

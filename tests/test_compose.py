@@ -9,7 +9,6 @@ from open_clip.transformer import VisionTransformer
 
 import atlas_fast
 from atlas_fast.baselines.naive import NaiveAtlas
-
 from helpers import assert_rel
 
 T = 3

@@ -18,7 +18,6 @@ from atlas_fast.lowrank import LowRankBlock
 from atlas_fast.modules import AtlasConv1D
 from atlas_fast.quant import QuantizedBlock
 from atlas_fast.reference import merge_ref
-
 from helpers import TOL, assert_coef_grad, assert_rel
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,6 @@ import torch
 from atlas_fast import quant
 from atlas_fast.backends import cpu_native
 from atlas_fast.hashing import partition_index
-
 from helpers import assert_rel
 
 needs_native = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native.unavailable_reason()}")

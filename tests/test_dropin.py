@@ -14,7 +14,6 @@ from torch.func import functional_call
 import atlas_fast
 from atlas_fast.baselines.naive import NaiveAtlas
 from atlas_fast.reference import merge_ref
-
 from helpers import assert_rel
 
 T = 3

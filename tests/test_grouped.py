@@ -19,7 +19,6 @@ from atlas_fast.backends import grouped as grouped_impl
 from atlas_fast.hashing import block_key
 from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
-
 from conftest import DEVICE
 from helpers import TOL, assert_rel, compile_for_sm90, merged_reference, random_bank, reference_call, tiny_vit
 

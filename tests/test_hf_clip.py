@@ -9,7 +9,6 @@ import torch
 
 import atlas_fast
 from atlas_fast import convert
-
 from helpers import assert_rel, merged_reference, reference_call
 
 transformers = pytest.importorskip("transformers")

@@ -10,8 +10,6 @@ import torch
 import adapt_world
 from atlas_fast.cli import main
 
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,6 @@ import atlas_fast
 from atlas_fast import TaskVectors, compose, lowrank, synthetic_task_vectors
 from atlas_fast.hashing import block_key
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
-
 from helpers import TOL, assert_rel, random_coef
 from test_quant_ops import Mixed, composed_against_reference
 
@@ -293,8 +292,8 @@ def test_bad_factors_name_the_problem(tmp_path):
     bank = TaskVectors({"w": lowrank.stack([(torch.ones(4, 1), torch.ones(1, 3))], (4, 3))})
     path = tmp_path / "bank.safetensors"
     bank.save(path)
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))

@@ -5,7 +5,6 @@ import torch
 import atlas_fast
 from atlas_fast.hashing import block_key
 from atlas_fast.reference import merge_ref
-
 from conftest import DEVICE
 from helpers import TOL, assert_rel, random_bank
 

@@ -8,9 +8,16 @@ import torch.nn as nn
 
 import atlas_fast
 from atlas_fast.modules import AtlasConv2d, AtlasLinear, AtlasMultiheadAttention
-
-from helpers import (TOL, assert_coef_grad, assert_rel, composed_block_names, input_leaves, merged_reference,
-                     reference_call, reference_outputs_and_grad)
+from helpers import (
+    TOL,
+    assert_coef_grad,
+    assert_rel,
+    composed_block_names,
+    input_leaves,
+    merged_reference,
+    reference_call,
+    reference_outputs_and_grad,
+)
 
 SEED = 7
 

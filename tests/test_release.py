@@ -22,8 +22,6 @@ import torch.nn.functional as F
 import adapt_world
 from atlas_fast.cli import main
 
-from adapt_world import one_thread, world  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELING = '''

@@ -4,7 +4,6 @@ import torch
 import torch.nn as nn
 
 from atlas_fast import TaskVectors
-
 from helpers import resident_mb
 
 

@@ -15,7 +15,6 @@ from torch.func import functional_call
 import atlas_fast
 from atlas_fast.hashing import block_key
 from atlas_fast.reference import merge_ref
-
 from helpers import TOL, assert_coef_grad, assert_rel
 
 T, VOCAB, DIM, SEED = 3, 37, 12, 5

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import atlas_fast
-
 from helpers import TOL, assert_coef_grad, assert_rel, reference_outputs_and_grad, tiny_vit
 
 T = 3

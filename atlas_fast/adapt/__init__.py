@@ -12,15 +12,24 @@ minimisation, unsupervised FixMatch (UFM) and task negation, with zero-shot or l
 """
 import sys
 
-from .api import AdaptResult, BankMismatchError, adapt, build_bank, compose_from_file, evaluate, load_data, \
-    load_model, merge
+from .api import (
+    AdaptResult,
+    BankMismatchError,
+    adapt,
+    build_bank,
+    compose_from_file,
+    evaluate,
+    load_data,
+    load_model,
+    merge,
+)
 from .data import DataError
 from .heads import Classifier, LinearHead, ZeroShotHead, fit_linear_probe, zero_shot_head
 from .loop import Task, TrainConfig, train
 from .models import ModelSpecError
 from .online import OnlineStep, OnlineTTA
-from .streams import adapt_online, adapt_streams
 from .select import Selection, save_selection, select_blocks, selection_path
+from .streams import adapt_online, adapt_streams
 
 __all__ = ["adapt", "evaluate", "merge", "build_bank", "load_data", "load_model", "compose_from_file",
            "AdaptResult", "BankMismatchError", "DataError", "ModelSpecError", "Classifier", "LinearHead",

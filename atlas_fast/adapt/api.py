@@ -21,13 +21,35 @@ from ..errors import FileChangedError, OptionError, WriteError
 from ..task_vectors import DTYPES, TaskVectors, atomic_write, check_output_file, read_state_dict
 from . import distributed
 from .checkpoint import torch_save
-from .data import (DataError, ImageFolderData, ViewData, check_classnames, dataset_targets, few_shot_indices,
-                   folder_classnames, split_indices)
-from .heads import (DEFAULT_TEMPLATES, Classifier, fit_linear_probe, head_record, read_classnames, read_heads,
-                    read_templates, zero_shot_head)
-from .loop import Task, TrainConfig, evaluate as evaluate_data, train
-from .models import (ModelSpecError, clip_state_without_visual, load_hf_encoder, open_clip_from_checkpoint,
-                     read_pretrained)
+from .data import (
+    DataError,
+    ImageFolderData,
+    ViewData,
+    check_classnames,
+    dataset_targets,
+    few_shot_indices,
+    folder_classnames,
+    split_indices,
+)
+from .heads import (
+    DEFAULT_TEMPLATES,
+    Classifier,
+    fit_linear_probe,
+    head_record,
+    read_classnames,
+    read_heads,
+    read_templates,
+    zero_shot_head,
+)
+from .loop import Task, TrainConfig, train
+from .loop import evaluate as evaluate_data
+from .models import (
+    ModelSpecError,
+    clip_state_without_visual,
+    load_hf_encoder,
+    open_clip_from_checkpoint,
+    read_pretrained,
+)
 
 
 class BankMismatchError(ValueError):

@@ -25,7 +25,7 @@ from ..errors import OptionError
 from ..task_vectors import atomic_write
 from . import checkpoint as ckpt
 from . import distributed
-from .data import ViewData, mix_seed, eval_loader, stream_batch_size, stream_loader
+from .data import ViewData, eval_loader, mix_seed, stream_batch_size, stream_loader
 from .objectives import get_objective
 from .plots import coefficient_summary, plot_coefficients, plot_curves
 

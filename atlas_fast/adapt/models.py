@@ -68,8 +68,12 @@ def fit_open_clip(clip, state_dict, model, source):
     """Load `state_dict` into `clip` (strict), as open_clip.load_checkpoint prepares it ("module." prefixes,
     third-party names, resized position embeddings). Top-level parts of the text side that the checkpoint has
     none of are removed from `clip`; returns their names (empty: the whole CLIP was loaded)."""
-    from open_clip.factory import (convert_state_dict, convert_to_custom_text_state_dict, resize_pos_embed,
-                                   resize_text_pos_embed)
+    from open_clip.factory import (
+        convert_state_dict,
+        convert_to_custom_text_state_dict,
+        resize_pos_embed,
+        resize_text_pos_embed,
+    )
     sd = dict(state_dict)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -136,6 +140,7 @@ def load_hf_encoder(ckpt, model=None):
     VisionTransformer built as its config.json says. `model`, an open_clip architecture, if given must have an
     image tower of the same entries and shapes (the checkpoint's config decides activation and eps)."""
     import open_clip
+
     from ..convert import hf_clip_vision_config, hf_clip_vision_model, hf_folder
     try:
         config = hf_clip_vision_config(hf_folder(ckpt.path))

@@ -17,8 +17,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..task_vectors import TaskVectors, atomic_write
-from .api import (_as_list, _compose, _device, _heads, _is_name_list, _load_bank, _per_dataset,
-                  heads_from_files, load_data, load_model)
+from .api import (
+    _as_list,
+    _compose,
+    _device,
+    _heads,
+    _is_name_list,
+    _load_bank,
+    _per_dataset,
+    heads_from_files,
+    load_data,
+    load_model,
+)
 from .data import DataError, dataset_targets, few_shot_indices, mix_seed, stream_loader
 from .loop import Task, TrainConfig, make_classify
 from .objectives import get_objective

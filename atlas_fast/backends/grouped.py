@@ -38,8 +38,8 @@ the bank.
 import torch
 import torch.nn.functional as F
 
-from ..hashing import cached_partition_index
 from .. import lowrank
+from ..hashing import cached_partition_index
 from ..quant import is_quantized, unpack
 from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch

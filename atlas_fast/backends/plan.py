@@ -256,6 +256,7 @@ def for_linear(M, weight, tau_w, coef_w, act_dtype, block_m):
     """The plan of a backend's call: shapes and dtypes from its tensors, rates from their device, tf32 as
     torch allows it for matmuls."""
     import torch
+
     from ..quant import is_quantized
     N, K = weight.shape
     T, P = coef_w.shape
