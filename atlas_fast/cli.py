@@ -318,7 +318,8 @@ def _run_adapt_streams(args):
         args.parser.error("--online and --per-stream: choose one (--online adapts one coefficient set per stream)")
     common = dict(out=args.out, pretrained=args.pretrained, classnames=args.classnames, templates=args.templates,
                   head=args.head, granularity=args.granularity, partitions=args.partitions, backend=args.backend,
-                  device=args.device, val_fraction=args.val_fraction, offload=args.offload or False)
+                  device=args.device, val_fraction=args.val_fraction, offload=args.offload or False,
+                  heads=args.heads, allow_pickle=args.allow_pickle)
     try:
         if args.online:
             if args.shots is not None:

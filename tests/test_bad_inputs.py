@@ -74,6 +74,14 @@ def test_unknown_backend(world, tmp_path, capsys):
         "atlas-fast adapt: error: --backend foo: expected one of torch, triton, cuda, auto")
 
 
+@pytest.mark.parametrize("mode", ["--per-stream", "--online"])
+def test_unknown_backend_many_streams(world, tmp_path, capsys, mode):
+    argv = [a for a in _adapt(world, tmp_path / "run", "--backend", "foo", mode) if a not in ("--shots", "2")]
+    argv[argv.index("--data") + 1:argv.index("--data") + 2] = [world["upright"], world["upright"]]
+    assert _error_line(capsys, argv + ["--objective", "entropy"]) == (
+        "atlas-fast adapt: error: --backend foo: expected one of torch, triton, cuda, auto")
+
+
 def test_zero_partitions(world, tmp_path, capsys):
     assert _error_line(capsys, _adapt(world, tmp_path / "run", "--partitions", "0")) == (
         "atlas-fast adapt: error: --partitions 0: expected an int >= 1 (random partitions per block)")

@@ -347,39 +347,25 @@ def adapt(model, bank, data, objective="ce", out="atlas_out", pretrained=None, c
     cfg.validate()
     if finetuned_accuracy is not None and not all(0 < a <= 1 for a in _as_list(finetuned_accuracy)):
         raise ValueError(f"finetuned_accuracy={finetuned_accuracy}: expected fractions in (0, 1]")
-    device = _device(device)
-    _check_backend(backend, device)
-    _check_partitions(partitions)
-    _check_out_folder(out)
-    sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
-    if not sources:
-        raise DataError("data: no data set given")
-    names = [classnames] if _is_name_list(classnames) and len(sources) == 1 else _per_dataset(
-        classnames, len(sources), "classnames")
-    specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
     labelled = objective in ("ce", "negation")
-    train_sets = [few_shot_indices(dataset_targets(s.data), s.train, shots, cfg.seed, s.classes)
-                  if labelled else s.train for s in specs]
     if shots is not None and not labelled:
         raise ValueError(f"shots={shots}: objective {objective!r} uses no labels")
-    bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
-    bank = _load_bank(bank, torch.device("cpu") if offload else device)
-    loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
-    head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else _heads(
-        loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
-        train_sets if labelled else [None] * len(specs), device, cfg.progress)
-    ft = _per_dataset(finetuned_accuracy, len(specs), "finetuned_accuracy") if finetuned_accuracy is not None \
-        else [None] * len(specs)
+    job = prepare_job(model, bank, data, out, pretrained=pretrained, classnames=classnames, templates=templates,
+                      head=head, labelled=labelled, shots=shots, seed=cfg.seed, granularity=granularity,
+                      partitions=partitions, backend=backend, device=device, val_fraction=val_fraction,
+                      split_seed=split_seed, preprocess=preprocess, cache_dir=cache_dir, heads=heads, offload=offload,
+                      progress=cfg.progress, allow_pickle=allow_pickle)
+    ft = _per_dataset(finetuned_accuracy, len(job.specs), "finetuned_accuracy") if finetuned_accuracy is not None \
+        else [None] * len(job.specs)
     tasks = [Task(s.name, s.data, s.names, h, tr, s.val, a)
-             for s, h, tr, a in zip(specs, head_list, train_sets, ft)]
-    atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend,
-                     offload=offload)
+             for s, h, tr, a in zip(job.specs, job.heads, job.train, ft)]
+    atlas = job.atlas
     os.makedirs(out, exist_ok=True)
     if distributed.is_main():
         save_heads(os.path.join(out, "heads.pt"), tasks)
-    summary = train(atlas, tasks, loaded.preprocess, cfg, out, resume=resume, on_step=on_step,
+    summary = train(atlas, tasks, job.loaded.preprocess, cfg, out, resume=resume, on_step=on_step,
                     allow_bank_mismatch=allow_bank_mismatch)
-    return AdaptResult(summary, atlas, tasks, loaded.module)
+    return AdaptResult(summary, atlas, tasks, job.loaded.module)
 
 
 @dataclass
@@ -396,11 +382,15 @@ class Job:
 def prepare_job(model, bank, data, out, pretrained=None, classnames=None, templates=None, head="zeroshot",
                 labelled=False, shots=None, seed=0, granularity="block", partitions=1, backend="auto", device=None,
                 val_fraction=0.2, split_seed=0, preprocess=None, cache_dir=None, heads=None, offload=False,
-                progress=True):
-    """A Job for `data` (a folder / data set or a list of them), with adapt()'s meaning of every argument.
+                progress=True, allow_pickle=False):
+    """A Job for `data` (a folder / data set or a list of them), with adapt()'s meaning of every argument; the
+    device, backend, partitions and output folder are checked before anything is read.
     labelled=True: the training indices are each data set's `shots` per class drawn with `seed` (all when None),
     and a head="linear" probe is fitted on them; labelled=False: no label is used."""
     device = _device(device)
+    _check_backend(backend, device)
+    _check_partitions(partitions)
+    _check_out_folder(out)
     sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
     if not sources:
         raise DataError("data: no data set given")
@@ -413,12 +403,10 @@ def prepare_job(model, bank, data, out, pretrained=None, classnames=None, templa
                   for s in specs]
     bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
     bank = _load_bank(bank, torch.device("cpu") if offload else device)
-    loaded = load_model(model, pretrained, preprocess, device)
-    head_list = load_heads(heads) if heads is not None else _heads(
+    loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
+    head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else _heads(
         loaded, specs, head, templates, cache_dir or os.path.join(out, "cache"),
         train_sets if labelled else [None] * len(specs), device, progress)
-    if len(head_list) != len(specs):
-        raise ValueError(f"heads: {len(head_list)} heads for {len(specs)} data sets")
     atlas = _compose(loaded, bank, bank_name, granularity=granularity, partitions=partitions, backend=backend,
                      offload=offload)
     return Job(loaded, specs, [h.to(device) for h in head_list], atlas, train_sets)

@@ -159,7 +159,7 @@ def _grouped_losses(objective, atlas, heads, batches, active, cfg, ctx):
 def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretrained=None, classnames=None,
                   templates=None, shots=None, head="zeroshot", granularity="block", partitions=1, backend="auto",
                   device=None, val_fraction=0.2, split_seed=0, preprocess=None, cache_dir=None, heads=None,
-                  offload=False, **options):
+                  offload=False, allow_pickle=False, **options):
     """One coefficient set per data set of `data` (a list of S folders / data sets), learned together with
     `objective` (entropy, ufm, or ce with `shots` per class of each), each exactly as adapt() would learn it on that
     data set alone with the same options (TrainConfig fields). Returns the summary dict (also <out>/summary.json)."""
@@ -172,9 +172,11 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
                          f"{', '.join(OBJECTIVES)}")
     cfg = TrainConfig(objective=objective, **options)
     cfg.validate()
-    job = prepare_job(model, bank, data, out, pretrained, classnames, templates, head, objective == "ce", shots,
-                      cfg.seed, granularity, partitions, backend, device, val_fraction, split_seed, preprocess,
-                      cache_dir, heads, offload, cfg.progress)
+    job = prepare_job(model, bank, data, out, pretrained=pretrained, classnames=classnames, templates=templates,
+                      head=head, labelled=objective == "ce", shots=shots, seed=cfg.seed, granularity=granularity,
+                      partitions=partitions, backend=backend, device=device, val_fraction=val_fraction,
+                      split_seed=split_seed, preprocess=preprocess, cache_dir=cache_dir, heads=heads, offload=offload,
+                      progress=cfg.progress, allow_pickle=allow_pickle)
     atlas, pre = job.atlas, job.loaded.preprocess
     obj = get_objective(objective)
     select = cfg.select or obj.select
@@ -274,7 +276,7 @@ def adapt_online(model, bank, data, objective="entropy", out="atlas_out", batch_
                  grad_clip=1.0, episodic=False, threshold=0.9, amp="auto", split="all", pretrained=None,
                  classnames=None, templates=None, head="zeroshot", granularity="block", partitions=1,
                  backend="auto", device=None, val_fraction=0.2, split_seed=0, preprocess=None, cache_dir=None,
-                 heads=None, offload=False, workers=0, progress=True):
+                 heads=None, offload=False, workers=0, progress=True, allow_pickle=False):
     """Online test-time adaptation of each data set of `data` (one stream each): its images of `split` ("all",
     "train" or "val") in data-set order, `batch_size` of every stream per step, predicted then used for one
     update with `objective` ("entropy", or "pseudo" (alias "ufm"): UFM's confident pseudo-labels at `threshold`,
@@ -286,9 +288,10 @@ def adapt_online(model, bank, data, objective="entropy", out="atlas_out", batch_
         raise ValueError(f"split={split!r}: expected all, train or val")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive batch size")
-    job = prepare_job(model, bank, data, out, pretrained, classnames, templates, head, False, None, 0, granularity,
-                      partitions, backend, device, val_fraction, split_seed, preprocess, cache_dir, heads, offload,
-                      progress)
+    job = prepare_job(model, bank, data, out, pretrained=pretrained, classnames=classnames, templates=templates,
+                      head=head, granularity=granularity, partitions=partitions, backend=backend, device=device,
+                      val_fraction=val_fraction, split_seed=split_seed, preprocess=preprocess, cache_dir=cache_dir,
+                      heads=heads, offload=offload, progress=progress, allow_pickle=allow_pickle)
     atlas, specs = job.atlas, job.specs
     order = {"all": lambda sp: list(range(len(sp.data))), "train": lambda sp: sp.train, "val": lambda sp: sp.val}
     views = {(s, 0): ViewData(sp.data, order[split](sp), job.loaded.preprocess) for s, sp in enumerate(specs)}
