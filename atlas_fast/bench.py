@@ -231,21 +231,41 @@ def _bank_bytes_per_task(model, bank_dtype, rank=None):
     return sum(p.numel() for p in params) * {"fp32": 4, "bf16": 2, "fp16": 2}[bank_dtype]
 
 
-def _load_model(s: Settings):
-    """The visual tower of an open_clip architecture with random weights, the same in every process."""
+def load_visual(model, seed):
+    """(visual tower, (height, width), embed_dim) of an open_clip architecture name or model config .json, with
+    random weights seeded by `seed`: the same in every process."""
     import open_clip
     import torch
 
-    name = s.model
+    name = model
     if name.endswith(".json"):
         open_clip.add_model_config(name)
         name = os.path.splitext(os.path.basename(name))[0]
-    torch.manual_seed(s.seed)
+    torch.manual_seed(seed)
     clip = open_clip.create_model(name, pretrained=None)
     cfg = open_clip.get_model_config(name)
     size = cfg["vision_cfg"]["image_size"]
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     return clip.visual.eval(), size, cfg["embed_dim"]
+
+
+def run_children(module, settings, variants, env=None):
+    """{variant: the JSON of its last stdout line} of `python -m <module> <settings JSON> <variant>`, each variant
+    in a fresh process; a variant whose process fails is reported on stderr and left out."""
+    results = {}
+    for variant in variants:
+        proc = subprocess.run([sys.executable, "-m", module, json.dumps(settings), variant], capture_output=True,
+                              text=True, env=env)
+        if proc.returncode != 0:
+            print(f"{variant}: failed: {' | '.join(proc.stderr.strip().splitlines()[-4:])}", file=sys.stderr)
+            continue
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def _load_model(s: Settings):
+    """The visual tower of the settings' architecture with random weights, the same in every process."""
+    return load_visual(s.model, s.seed)
 
 
 class Runner:

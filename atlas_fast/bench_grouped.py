@@ -9,7 +9,6 @@ model's own footprint (CPU: resident high-water mark; CUDA: peak allocated). It 
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .bench import Settings, _bank, _proc_status_kb
+from .bench import Settings, _bank, _proc_status_kb, run_children
 
 VARIANTS = ("grouped", "separate", "merged")
 
@@ -171,17 +170,8 @@ def format_table(results, s: GroupSettings):
 
 def run(s: GroupSettings, variants=VARIANTS):
     """Every variant in its own process; prints the table and writes results_groups.json to s.out."""
-    results = {}
-    for variant in variants:
-        env = dict(os.environ)
-        if s.device == "cpu":
-            env["TRITON_INTERPRET"] = "1"
-        proc = subprocess.run([sys.executable, "-m", "atlas_fast.bench_grouped", json.dumps(asdict(s)), variant],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"{variant}: failed: {' | '.join(proc.stderr.strip().splitlines()[-4:])}", file=sys.stderr)
-            continue
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if s.device == "cpu" else {}))
+    results = run_children("atlas_fast.bench_grouped", asdict(s), variants, env)
     print(format_table(results, s))
     os.makedirs(s.out, exist_ok=True)
     with open(os.path.join(s.out, "results_groups.json"), "w") as f:

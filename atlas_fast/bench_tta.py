@@ -21,7 +21,6 @@ the ratios of each to grouped. It measures, it asserts nothing.
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -55,16 +54,9 @@ class TTASettings:
 
 
 def _visual(s):
-    import open_clip
-    name = s.model
-    if name.endswith(".json"):
-        open_clip.add_model_config(name)
-        name = os.path.splitext(os.path.basename(name))[0]
-    torch.manual_seed(s.seed)
-    clip = open_clip.create_model(name, pretrained=None)
-    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return clip.visual.eval().requires_grad_(False).to(s.device), size
+    from .bench import load_visual
+    vit, size, _ = load_visual(s.model, s.seed)
+    return vit.requires_grad_(False).to(s.device), size
 
 
 def _entropy(logits):
@@ -207,15 +199,8 @@ def format_table(rows, s: TTASettings):
 
 def run(s: TTASettings, variants=VARIANTS):
     """Every variant in its own process; prints the table and writes results_tta_S<streams>.json to s.out."""
-    from .bench import machine_info, versions
-    results = {}
-    for variant in variants:
-        proc = subprocess.run([sys.executable, "-m", "atlas_fast.bench_tta", json.dumps(asdict(s)), variant],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{variant}: failed: {' | '.join(proc.stderr.strip().splitlines()[-4:])}", file=sys.stderr)
-            continue
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    from .bench import machine_info, run_children, versions
+    results = run_children("atlas_fast.bench_tta", asdict(s), variants)
     rows = summarise(results, s)
     print(format_table(rows, s))
     from .task_vectors import atomic_write

@@ -8,7 +8,6 @@ measures, it asserts nothing.
 """
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -16,6 +15,7 @@ import time
 import torch
 
 import atlas_fast
+from atlas_fast.bench import load_visual
 
 
 def _sync(device):
@@ -54,14 +54,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    import open_clip
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    name = args.model
-    if name.endswith(".json"):   # a model config file (the dry run's tiny ViT)
-        open_clip.add_model_config(name)
-        name = os.path.splitext(os.path.basename(name))[0]
-    vit = open_clip.create_model(name, pretrained=None).visual.eval().to(device)
+    vit = load_visual(args.model, seed=0)[0].to(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.bank_dtype]
     bank = atlas_fast.synthetic_task_vectors(vit, args.tasks, dtype=dtype, seed=0).to(device)
     bank_mb = sum(v.numel() * v.element_size() for v in bank.vectors.values()) / 2 ** 20
