@@ -14,7 +14,8 @@ import os
 
 from setuptools import setup
 
-packages = ["atlas_fast", "atlas_fast.adapt", "atlas_fast.backends", "atlas_fast.baselines", "atlas_fast.kernels",
+packages = ["atlas_fast", "atlas_fast.adapt", "atlas_fast.backends", "atlas_fast.bank", "atlas_fast.bench",
+            "atlas_fast.composer", "atlas_fast.io", "atlas_fast.ops", "atlas_fast.kernels",
             "atlas_fast.csrc"]
 package_dir = {"atlas_fast.kernels": "kernels", "atlas_fast.csrc": "csrc"}
 package_data = {"atlas_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "*.c"]}

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from . import bench
+from .bench import step as bench
 
 
 def _comma_list(text):
@@ -77,7 +77,7 @@ def _run_bench(args):
 
 
 def _run_bench_groups(args, s):
-    from . import bench_grouped
+    from .bench import grouped as bench_grouped
     if not 1 <= args.groups <= s.batch or s.model.endswith(".json"):
         args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
@@ -89,7 +89,7 @@ def _run_bench_groups(args, s):
 
 
 def _run_bench_streams(args, s):
-    from . import bench_tta
+    from .bench import tta as bench_tta
     if s.mode != "tta" or args.streams < 1:
         args.parser.error(f"--streams {args.streams}: needs --mode tta and S >= 1")
     if s.bank_dtype not in bench_tta.DTYPES or s.rank is not None or s.granularity != "block" or s.partitions != 1:
@@ -198,8 +198,8 @@ def _add_bank(sub):
 
 
 def _run_bank(args):
-    from . import quant
     from .adapt import build_bank
+    from .bank import quant
     if (args.rank is not None or args.energy is not None) and args.dtype != "float32":
         args.parser.error(f"--rank/--energy make a float32 low-rank bank; --dtype {args.dtype} cannot be combined")
     try:
@@ -366,7 +366,7 @@ def _run_eval(args):
     import json
 
     from .adapt import evaluate
-    from .task_vectors import check_output_file
+    from .io.atomic import check_output_file
     try:
         if args.json:
             check_output_file(args.json)   # before the evaluation, not after it
@@ -381,8 +381,8 @@ def _run_eval(args):
     for r in rows:
         print(f"{r['model']:<{width}}  {r['data']}: {100 * r['accuracy']:.2f}% of {r['n']}")
     if args.json:
-        from .adapt.loop import write_text
         from .errors import WriteError
+        from .io.atomic import write_text
         try:
             write_text(args.json, json.dumps(rows, indent=1))
         except WriteError as e:
@@ -446,7 +446,7 @@ def _add_select(sub):
 
 def _run_select(args):
     from .adapt import select_blocks, selection_path
-    from .task_vectors import check_output_file
+    from .io.atomic import check_output_file
     try:
         check_output_file(args.out)
         sel = select_blocks(args.model, args.bank, args.data, keep=args.keep, method=args.method, out=args.out,

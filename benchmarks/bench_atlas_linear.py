@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from atlas_fast import atlas_linear
 from atlas_fast.backends import plan
-from atlas_fast.bench import unavailable_reason
+from atlas_fast.bench.step import unavailable_reason
 
 # (in_features, out_features, tokens per image) of the layers that dominate each model.
 SHAPES = {"B32-mlp": (768, 3072, 50), "B32-in_proj": (768, 2304, 50), "B16-mlp": (768, 3072, 197),

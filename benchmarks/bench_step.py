@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from atlas_fast.bench import BACKEND_NAMES, BASELINES, Runner, Settings, unavailable_reason
+from atlas_fast.bench.step import BACKEND_NAMES, BASELINES, Runner, Settings, unavailable_reason
 
 CPU = Settings(model="ViT-S-32", tasks=8, batch=8, device="cpu")
 GPU = Settings(model="ViT-B-32", tasks=21, batch=128, bank_dtype="bf16", amp=True, device="cuda")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from atlas_fast import bench
+from atlas_fast.bench import step as bench
 
 
 def main():

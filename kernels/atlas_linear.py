@@ -2,16 +2,16 @@
 and the merge kernel of the merge-once strategy for large M.
 
 The plain-PyTorch reference of the same op is `atlas_fast.backends.torch_backend` (and the float64 oracle
-`atlas_fast.reference.linear_ref`). This file reads top to bottom: shared `@triton.jit` helpers (partition
+`atlas_fast.ops.reference.linear_ref`). This file reads top to bottom: shared `@triton.jit` helpers (partition
 hash, merged tile) → the forward, input-gradient and coefficient-gradient kernels → the merge kernel →
 tile configurations → their launchers.
 
 Shapes: x (M, K) · W0 (N, K) · τ (T, N, K) · c (T, P) float32 · b0 (N,) · τ' (T, N) · c' (T, P).
 W0, τ, b0, τ' are row-major contiguous, so element (n, k) of the weight has the flat index n·K + k that the
-partition hash of `atlas_fast.hashing` is defined on. Banks may be float32, bfloat16 or float16; activations
+partition hash of `atlas_fast.ops.hashing` is defined on. Banks may be float32, bfloat16 or float16; activations
 float32, bfloat16 or float16. Merging and every reduction accumulate in float32; outputs have x's dtype.
 
-Weight banks may also be quantised (atlas_fast.quant.QuantizedBlock; the constexpr QUANT says which): int8
+Weight banks may also be quantised (atlas_fast.bank.quant.QuantizedBlock; the constexpr QUANT says which): int8
 (T, N, K) with float32 scales (T, N), or int4 packed two a byte (T, N, ⌈K/2⌉) with float32 scales
 (T, N, ⌈K/GROUP⌉). The kernels load the int8/int4 tile and its scales and dequantise in registers (_tau_tile);
 no dequantised τ exists in memory. Bias banks are always float.
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_fast.hashing import FMIX_C1, FMIX_C2
-from atlas_fast.quant import is_quantized
+from atlas_fast.bank.quant import is_quantized
+from atlas_fast.ops.hashing import FMIX_C1, FMIX_C2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _C1 = tl.constexpr(FMIX_C1)

@@ -2,7 +2,7 @@
 y[m] = x[m] (W0 + Σ_t c[g(m), t] τ_t)ᵀ + (b0 + Σ_t c'[g(m), t] τ'_t), without any merged weight.
 
 The plain-PyTorch reference of the same op is `atlas_fast.backends.grouped.TorchGrouped` (and, per group, the
-float64 oracle `atlas_fast.reference.linear_ref`). As multi-adapter serving kernels take an adapter id per
+float64 oracle `atlas_fast.ops.reference.linear_ref`). As multi-adapter serving kernels take an adapter id per
 request, these take a group id per row: the launcher sorts the rows into one-group segments (a permutation,
 rows are gathered and scattered through it, never copied) and cuts each segment into BLOCK_M tiles, so every
 forward/dx program builds the merged tile of exactly one group. This file reads top to bottom: the segment
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atlas_fast.bank.quant import is_quantized
 from atlas_fast.kernels.atlas_linear import (
     INTERPRET,
     QUANT_INT4,
@@ -34,7 +35,6 @@ from atlas_fast.kernels.atlas_linear import (
     _tau_tile,
     _upcast,
 )
-from atlas_fast.quant import is_quantized
 
 
 class Segments:

@@ -69,8 +69,8 @@ def block_coefficients(coef, b, granularity="block", partitions=1):
 def merged_reference(model, bank, coef, granularity="block", partitions=1, seed=0):
     """{name: θ0 + Σ_t c τ_t} in float64 for every composed parameter of `model` (a plain, uncomposed model),
     built block by block from reference.merge_ref with block b's key block_key(seed, b)."""
-    from atlas_fast.hashing import block_key
-    from atlas_fast.reference import merge_ref
+    from atlas_fast.ops.hashing import block_key
+    from atlas_fast.ops.reference import merge_ref
     params = dict(model.named_parameters())
     return {n: merge_ref(params[n].detach(), bank[n], block_coefficients(coef, b, granularity, partitions),
                          block_key(seed, b))

@@ -28,7 +28,7 @@ def _naive_gradient(world, shots, seed):
     from atlas_fast.adapt.data import dataset_targets, few_shot_indices
     from atlas_fast.adapt.heads import read_templates, zero_shot_head
     from atlas_fast.adapt.models import load_clip
-    from atlas_fast.baselines.naive import NaiveAtlas
+    from atlas_fast.bench.naive import NaiveAtlas
     clip, preprocess, tok = load_clip(world["config"], world["theta0"])
     head = zero_shot_head(clip, tok, adapt_world.CLASSNAMES, read_templates(world["templates"]), progress=False)
     spec = load_data(world["upright"])

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast.hashing import block_key
-from atlas_fast.reference import conv2d_ref
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import conv2d_ref
 from conftest import DEVICE
 from helpers import TOL, assert_rel, random_bank, random_coef
 

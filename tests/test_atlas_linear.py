@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast.hashing import block_key
-from atlas_fast.reference import linear_ref
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import linear_ref
 from conftest import DEVICE
 from helpers import TOL, assert_rel, random_bank, random_coef
 
@@ -78,7 +78,7 @@ def test_low_precision_activations(backend, act_dtype):
     for the output and for both gradients."""
     if DEVICE == "cpu" and act_dtype == torch.float16:
         pytest.skip("float16 matmul on CPU is not what this path is for")
-    from atlas_fast.reference import merge_ref
+    from atlas_fast.ops.reference import merge_ref
     x, w, b, tw, tb, cw, cb = _case(64, 96, 80, 3, 1, True, torch.bfloat16)
     xl = x.detach().to(act_dtype).requires_grad_()
     y = atlas_fast.atlas_linear(xl, w, b, tw, tb, cw, cb, 0, 0, backend=backend)

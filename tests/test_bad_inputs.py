@@ -17,7 +17,7 @@ import torch
 from atlas_fast import TaskVectors, compose, synthetic_task_vectors
 from atlas_fast.cli import main
 from atlas_fast.errors import FileChangedError
-from atlas_fast.task_vectors import atomic_write
+from atlas_fast.io.atomic import atomic_write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
@@ -115,7 +115,7 @@ def test_adapt_out_is_a_file(world, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
 def test_bench_cuda_backend_on_a_cpu(world, tmp_path, capsys, monkeypatch):
-    from atlas_fast import bench
+    from atlas_fast.bench import step as bench
     monkeypatch.setattr(bench, "_run_job", lambda *a, **k: pytest.fail("a child ran before the backends were checked"))
     assert _error_line(capsys, ["bench", "--model", world["config"], "--device", "cpu", "--backends", "naive,cuda",
                                 "--out", str(tmp_path / "bench")]) == (
@@ -192,7 +192,7 @@ def test_eval_json_in_a_missing_folder(world, tmp_path, capsys):
 
 _WRITER = textwrap.dedent(r"""
     import os, sys, threading, time
-    from atlas_fast.task_vectors import atomic_write
+    from atlas_fast.io.atomic import atomic_write
     def write(tmp):
         with open(tmp, "w") as f:
             f.write("half")

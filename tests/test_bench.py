@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from atlas_fast import bench, cli
+from atlas_fast import cli
+from atlas_fast.bench import step as bench
 
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1}}
@@ -69,7 +70,7 @@ def test_bench_end_to_end(tmp_path, tiny_model):
 def test_bench_quantised_bank(tmp_path, tiny_model, bank_dtype):
     """--bank-dtype int8 | int4: the torch backend on the quantised bank agrees with naive on its dequantised
     copy, the floor reads the quantised bytes, and the cuda backend is reported as not dequantising it."""
-    from atlas_fast import quant
+    from atlas_fast.bank import quant
     out = tmp_path / "out"
     _bench("--model", tiny_model, "--tasks", "2", "--batch", "2", "--steps", "1", "--warmup", "0", "--bank-dtype",
            bank_dtype, "--backends", "naive,finetune,torch", "--device", "cpu", "--out", str(out))

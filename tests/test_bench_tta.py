@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from atlas_fast import bench_tta
+from atlas_fast.bench import tta as bench_tta
 from helpers import assert_rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

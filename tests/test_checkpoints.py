@@ -12,7 +12,7 @@ import torch.nn as nn
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import atlas_fast
-from atlas_fast.checkpoints import read_state_dict
+from atlas_fast.io.checkpoints import read_state_dict
 
 
 def tiny_clip(seed):

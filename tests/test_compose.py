@@ -8,7 +8,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 
 import atlas_fast
-from atlas_fast.baselines.naive import NaiveAtlas
+from atlas_fast.bench.naive import NaiveAtlas
 from helpers import assert_rel
 
 T = 3

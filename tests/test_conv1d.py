@@ -13,11 +13,11 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import atlas_fast
-from atlas_fast.hashing import block_key
-from atlas_fast.lowrank import LowRankBlock
-from atlas_fast.modules import AtlasConv1D
-from atlas_fast.quant import QuantizedBlock
-from atlas_fast.reference import merge_ref
+from atlas_fast.bank.lowrank import LowRankBlock
+from atlas_fast.bank.quant import QuantizedBlock
+from atlas_fast.composer.modules import AtlasConv1D
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import merge_ref
 from helpers import TOL, assert_coef_grad, assert_rel
 
 transformers = pytest.importorskip("transformers")

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from atlas_fast import quant
 from atlas_fast.backends import cpu_native
-from atlas_fast.hashing import partition_index
+from atlas_fast.bank import quant
+from atlas_fast.ops.hashing import partition_index
 from helpers import assert_rel
 
 needs_native = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native.unavailable_reason()}")

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast import quant
 from atlas_fast.backends import BackendUnavailable, cuda_backend, get_backend, plan
 from atlas_fast.backends import grouped as grouped_impl
-from atlas_fast.hashing import block_key
-from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped
-from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+from atlas_fast.bank import quant
+from atlas_fast.ops.grouped import atlas_conv2d_grouped, atlas_linear_grouped
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
 from helpers import TOL, assert_coef_grad, assert_rel, random_bank, random_coef, reference_outputs_and_grad, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent

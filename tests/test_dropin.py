@@ -1,6 +1,6 @@
 """A composed model behaves like the module it replaced: state dicts, deepcopy, undo, dtype and device moves,
 coefficient files that do not fit, errors at the call that caused them, and the edge cases plain torch
-handles. Outputs are checked against the float64 reference of the merged weights (atlas_fast.reference)."""
+handles. Outputs are checked against the float64 reference of the merged weights (atlas_fast.ops.reference)."""
 import copy
 import json
 
@@ -12,8 +12,8 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch.func import functional_call
 
 import atlas_fast
-from atlas_fast.baselines.naive import NaiveAtlas
-from atlas_fast.reference import merge_ref
+from atlas_fast.bench.naive import NaiveAtlas
+from atlas_fast.ops.reference import merge_ref
 from helpers import assert_rel
 
 T = 3

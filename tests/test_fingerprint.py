@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-from atlas_fast import fingerprint, lowrank, quant
-from atlas_fast.hashing import block_key, fmix32
+from atlas_fast.bank import fingerprint, lowrank, quant
+from atlas_fast.ops.hashing import block_key, fmix32
 
 T = 3
 

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-from atlas_fast import lowrank, quant
 from atlas_fast.backends import grouped as grouped_impl
-from atlas_fast.hashing import block_key
-from atlas_fast.ops_grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
-from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+from atlas_fast.bank import lowrank, quant
+from atlas_fast.ops.grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
 from conftest import DEVICE
 from helpers import TOL, assert_rel, compile_for_sm90, merged_reference, random_bank, reference_call, tiny_vit
 
@@ -499,7 +499,7 @@ def test_groups_context_checks(vit, bank):
 
 @pytest.mark.parametrize("bank_dtype,rank", [("fp32", None), ("int8", None), ("fp32", 2)])
 def test_bench_grouped_measures_every_variant(vit, bank_dtype, rank):
-    from atlas_fast import bench_grouped
+    from atlas_fast.bench import grouped as bench_grouped
     s = bench_grouped.GroupSettings(model="tiny", tasks=2, batch=4, groups=2, backend="torch", steps=1, warmup=0,
                                     bank_dtype=bank_dtype, rank=rank)
     results = {v: bench_grouped.measure(v, s, copy.deepcopy(vit)) for v in bench_grouped.VARIANTS}
@@ -543,7 +543,8 @@ def test_token_model_groups():
 
 
 def test_cli_bench_groups(monkeypatch):
-    from atlas_fast import bench_grouped, cli
+    from atlas_fast import cli
+    from atlas_fast.bench import grouped as bench_grouped
     seen = []
     monkeypatch.setattr(bench_grouped, "run", lambda s: seen.append(s) or 0)
     assert cli.main(["bench", "--groups", "3", "--batch", "6", "--tasks", "2", "--device", "cpu",

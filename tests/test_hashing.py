@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_fast import hashing
 from atlas_fast.kernels import atlas_linear as kernels
-from atlas_fast.reference import merge_ref
+from atlas_fast.ops import hashing
+from atlas_fast.ops.reference import merge_ref
 from conftest import DEVICE
 
 _kernel_partition = kernels._partition

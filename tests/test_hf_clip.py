@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast import convert
+from atlas_fast.io import hf_clip as convert
 from helpers import assert_rel, merged_reference, reference_call
 
 transformers = pytest.importorskip("transformers")

@@ -150,7 +150,7 @@ def test_merged_tower_back_into_its_class(tmp_path, cls):
     class's from_pretrained loads it, its image features are the open_clip tower's (computed by transformers),
     and a CLIPModel keeps its text side bit for bit. A second write replaces the folder."""
     from atlas_fast.adapt import load_model
-    from atlas_fast.convert import save_hf_clip_vision
+    from atlas_fast.io.hf_clip import save_hf_clip_vision
     torch.manual_seed(1)
     vision = transformers.CLIPVisionConfig(**CONFIG)
     if cls == "CLIPModel":

@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import atlas_fast
-from atlas_fast.lora import lora_task_vectors, read_lora
+from atlas_fast.io.lora import lora_task_vectors, read_lora
 from helpers import assert_coef_grad, assert_rel, merged_reference, reference_call
 
 P = "base_model.model."

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atlas_fast.lora import lora_task_vectors, read_lora
+from atlas_fast.io.lora import lora_task_vectors, read_lora
 
 peft = pytest.importorskip("peft")
 

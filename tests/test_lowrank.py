@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast import TaskVectors, compose, lowrank, synthetic_task_vectors
-from atlas_fast.hashing import block_key
-from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+from atlas_fast import TaskVectors, compose, synthetic_task_vectors
+from atlas_fast.bank import lowrank
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
 from helpers import TOL, assert_rel, random_coef
 from test_quant_ops import Mixed, composed_against_reference
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atlas_fast.mapped import is_mapped, map_safetensors, release
+from atlas_fast.bank.mapped import is_mapped, map_safetensors, release
 from helpers import resident_mb
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast.hashing import block_key
-from atlas_fast.reference import merge_ref
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import merge_ref
 from conftest import DEVICE
 from helpers import TOL, assert_rel, random_bank
 
@@ -56,7 +56,7 @@ def test_opcheck():
 
 def test_partition_hash_is_stable():
     """The partition of an element must never change: saved coefficients depend on it."""
-    from atlas_fast.hashing import fmix32, partition_index
+    from atlas_fast.ops.hashing import fmix32, partition_index
     assert block_key(0, 0) == fmix32(fmix32(1))
     idx = partition_index(10, block_key(3, 2), 4)
     assert idx.tolist() == [fmix32(i ^ block_key(3, 2)) % 4 for i in range(10)]
@@ -94,7 +94,7 @@ def test_torch_chunked_merge_and_reduce(monkeypatch, K, bank_dtype):
 
 def test_partition_cache():
     """Cached indices equal the hash bit for bit, in the smallest dtype; the budget bounds the cache."""
-    from atlas_fast import hashing
+    from atlas_fast.ops import hashing
     limit_mb = hashing.partition_cache_info()["limit_bytes"] / 2 ** 20
     hashing.clear_partition_cache()
     try:

@@ -11,9 +11,9 @@ import torch
 
 import atlas_fast
 from atlas_fast.backends import get_backend, plan, triton_backend
-from atlas_fast.hashing import block_key
 from atlas_fast.kernels import atlas_linear as kernels
-from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
 from conftest import DEVICE
 from helpers import TOL, assert_rel, random_bank, random_coef, rel_err
 

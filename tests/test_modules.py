@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-from atlas_fast.modules import AtlasConv2d, AtlasLinear, AtlasMultiheadAttention
+from atlas_fast.composer.modules import AtlasConv2d, AtlasLinear, AtlasMultiheadAttention
 from helpers import (
     TOL,
     assert_coef_grad,

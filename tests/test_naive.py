@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-from atlas_fast.baselines.naive import NaiveAtlas
+from atlas_fast.bench.naive import NaiveAtlas
 from helpers import TOL, assert_coef_grad, assert_rel, composed_block_names, reference_outputs_and_grad
 
 

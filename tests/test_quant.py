@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atlas_fast import TaskVectors, quant, synthetic_task_vectors
+from atlas_fast import TaskVectors, synthetic_task_vectors
+from atlas_fast.bank import quant
 
 FORMATS = [("int8", None), ("int4", 16)]   # group 16: several groups per row and a short last one at K = 70
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-from atlas_fast import TaskVectors, compose, quant, synthetic_task_vectors
-from atlas_fast.hashing import block_key
-from atlas_fast.reference import conv2d_ref, linear_ref, merge_ref
+from atlas_fast import TaskVectors, compose, synthetic_task_vectors
+from atlas_fast.bank import quant
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
 from conftest import DEVICE
 from helpers import TOL, assert_coef_grad, assert_rel, compile_for_sm90, random_coef, reference_outputs_and_grad
 

@@ -102,7 +102,7 @@ READER = '''
 import importlib.util, json, os, sys
 import torch
 assert importlib.util.find_spec("src") is None, "src must not be importable here"
-from atlas_fast.checkpoints import read_state_dict
+from atlas_fast.io.checkpoints import read_state_dict
 from atlas_fast.cli import main
 
 w, root = json.loads(sys.argv[1]), sys.argv[2]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import atlas_fast
-from atlas_fast.hashing import block_key
-from atlas_fast.reference import merge_ref
+from atlas_fast.ops.hashing import block_key
+from atlas_fast.ops.reference import merge_ref
 from helpers import TOL, assert_coef_grad, assert_rel
 
 T, VOCAB, DIM, SEED = 3, 37, 12, 5

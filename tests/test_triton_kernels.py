@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import atlas_fast
 from atlas_fast.backends import get_backend, triton_backend
-from atlas_fast.hashing import block_key, partition_index
 from atlas_fast.kernels import atlas_linear as kernels
-from atlas_fast.reference import linear_ref, merge_ref
+from atlas_fast.ops.hashing import block_key, partition_index
+from atlas_fast.ops.reference import linear_ref, merge_ref
 from conftest import DEVICE
 from helpers import TOL, assert_rel, compile_for_sm90, random_bank, random_coef, rel_err
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch.utils.data import ConcatDataset
 
-from .. import quant
 from ..backends import BACKENDS, get_backend
-from ..compose import compose
+from ..bank import quant
+from ..bank.task_vectors import DTYPES, TaskVectors, read_state_dict
+from ..composer.compose import compose
 from ..errors import FileChangedError, OptionError, WriteError
-from ..task_vectors import DTYPES, TaskVectors, atomic_write, check_output_file, read_state_dict
+from ..io.atomic import atomic_write, check_output_file
 from . import distributed
 from .checkpoint import torch_save
 from .data import (
@@ -523,7 +524,7 @@ def merge(model, bank, coefficients, out, pretrained=None, backend="auto", devic
     plain = atlas.merge()
     tower = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     if loaded.hf_pretrained is not None:
-        from ..convert import save_hf_clip_vision
+        from ..io.hf_clip import save_hf_clip_vision
         return save_hf_clip_vision(out, tower, loaded.hf_pretrained)
     prefix = "visual." if loaded.encoder is not loaded.module else ""
     state = {**rest, **{prefix + k: v for k, v in tower.items()}}
@@ -561,7 +562,7 @@ def _bank_reader(prefix, allow_pickle):
     """A checkpoint reader for build_bank: Hugging Face CLIP towers are converted where the bank is of
     open_clip's image tower; any other prefix takes the names as the file has them."""
     if prefix == "visual.":
-        from ..convert import read_checkpoint
+        from ..io.hf_clip import read_checkpoint
         return lambda path: read_checkpoint(path, allow_pickle).state_dict
     return lambda path: read_state_dict(path, allow_pickle)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
-from .. import fingerprint
-from ..task_vectors import atomic_write
+from ..bank import fingerprint
+from ..io.atomic import atomic_write
 from .data import ImageFolderData, dataset_targets
 
 FORMAT = "atlas_fast.adapt_checkpoint/1"

@@ -103,7 +103,7 @@ def head_record(head):
 def read_heads(path, allow_pickle=False):
     """The heads of one file: a run's heads.pt (a list of head records, one per data set), or one pickled
     Linear-like module (the release's head_<Dataset>.pt; allow_pickle=True)."""
-    from ..checkpoints import is_module_like, read_object
+    from ..io.checkpoints import is_module_like, read_object
     path = os.fspath(path)
     obj = read_object(path, allow_pickle, what="heads")
     if is_module_like(obj):
@@ -120,7 +120,7 @@ def read_heads(path, allow_pickle=False):
 
 
 def _module_head(obj, path):
-    from ..checkpoints import module_state_dict
+    from ..io.checkpoints import module_state_dict
     sd = module_state_dict(obj)
     w, b = sd.get("weight"), sd.get("bias")
     if set(sd) != {"weight", "bias"} or w.ndim != 2 or b.shape != (w.shape[0],):

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..compose import COEF_KEY
+from ..composer.compose import COEF_KEY
 from ..errors import OptionError
-from ..task_vectors import atomic_write
+from ..io.atomic import write_text
 from . import checkpoint as ckpt
 from . import distributed
 from .data import ViewData, eval_loader, mix_seed, stream_batch_size, stream_loader
@@ -313,13 +313,6 @@ def _reduce_step(ranks, coef, loss, stats):
 def _save(path, state, coef, opt, sched):
     ckpt.save(path, {**state, "coefficients": coef.detach().cpu().clone(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict()})
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def _write_log(out, history):

@@ -54,7 +54,7 @@ def open_clip_from_checkpoint(model, ckpt=None):
 
 def read_pretrained(pretrained, allow_pickle=False):
     """convert.read_checkpoint, its errors as ModelSpecError."""
-    from ..convert import read_checkpoint
+    from ..io.hf_clip import read_checkpoint
     pretrained = os.fspath(pretrained)
     if not os.path.exists(pretrained):
         raise ModelSpecError(f"{pretrained}: no such checkpoint file")
@@ -105,7 +105,7 @@ _ACTIVATIONS = ("QuickGELU", "GELU")
 def _check_activation(clip, ckpt, model):
     """A pickled CLIP records its activation's class: QuickGELU (OpenAI's weights, the aTLAS release) and GELU
     weigh the same tensors, so an architecture of the other activation would load them and compute wrongly."""
-    from ..checkpoints import module_class_names
+    from ..io.checkpoints import module_class_names
     theirs = [a for a in _ACTIVATIONS if a in ckpt.classes]
     ours = [a for a in _ACTIVATIONS if a in module_class_names(clip.visual)]
     if len(theirs) == 1 and len(ours) == 1 and theirs != ours:
@@ -141,7 +141,7 @@ def load_hf_encoder(ckpt, model=None):
     image tower of the same entries and shapes (the checkpoint's config decides activation and eps)."""
     import open_clip
 
-    from ..convert import hf_clip_vision_config, hf_clip_vision_model, hf_folder
+    from ..io.hf_clip import hf_clip_vision_config, hf_clip_vision_model, hf_folder
     try:
         config = hf_clip_vision_config(hf_folder(ckpt.path))
         encoder = hf_clip_vision_model({k[len("visual."):]: v for k, v in ckpt.state_dict.items()}, config)

@@ -2,7 +2,7 @@
 import os
 import re
 
-from ..task_vectors import atomic_write
+from ..io.atomic import atomic_write
 
 _LAYER = re.compile(r"(?:^|\.)(resblocks|layers|blocks|layer|stages|h)\.(\d+)\.")
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..task_vectors import TaskVectors, atomic_write
+from ..bank.task_vectors import TaskVectors
+from ..io.atomic import atomic_write
 from .api import (
     _as_list,
     _compose,

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from ..task_vectors import atomic_write
+from ..io.atomic import atomic_write, write_text
 from .api import prepare_job
 from .data import DataError, StreamBatches, ViewData, mix_seed, stream_batch_size
-from .loop import Task, TrainConfig, autocast_for, evaluate_tasks, make_classify, schedule, write_text
+from .loop import Task, TrainConfig, autocast_for, evaluate_tasks, make_classify, schedule
 from .objectives import entropy, get_objective
 from .online import OnlineTTA, StreamCoefficients, grouped_logits
 from .plots import coefficient_summary, plot_coefficients, plot_curves, plot_running_accuracy

@@ -4,7 +4,7 @@
 asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks by the tensors'
 device: on a GPU triton, else cuda; on a CPU torch.
 
-Every backend takes quantised banks (int8, int4: atlas_fast.quant), dequantised inside its merges and
+Every backend takes quantised banks (int8, int4: atlas_fast.bank.quant), dequantised inside its merges and
 coefficient-gradient reductions.
 """
 import importlib

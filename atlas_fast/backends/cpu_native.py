@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant import is_quantized
+from ..bank.quant import is_quantized
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _QUANT = {"int8": 3, "int4": 4}

@@ -14,7 +14,7 @@ backend='torch'). Grouped compositions (G coefficient sets, a group per sample) 
 rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward; the Python side is
 grouped.CudaGrouped).
 
-int8 and int4 banks (atlas_fast.quant): the fused kernels read the quantised tiles and their scales and dequantise
+int8 and int4 banks (atlas_fast.bank.quant): the fused kernels read the quantised tiles and their scales and dequantise
 in registers (TauView in csrc/atlas_linear.cu). Their merge-once weight and their small blocks go through the torch
 backend's walk, which dequantises a chunk of rows at a time into a reused buffer (no dequantised copy of a block's
 bank either way).
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..quant import is_quantized, unpack
+from ..bank.quant import is_quantized, unpack
 from . import plan, torch_backend
 from .base import Backend
 from .im2col import Im2colConv

@@ -38,9 +38,9 @@ the bank.
 import torch
 import torch.nn.functional as F
 
-from .. import lowrank
-from ..hashing import cached_partition_index
-from ..quant import is_quantized, unpack
+from ..bank import lowrank
+from ..bank.quant import is_quantized, unpack
+from ..ops.hashing import cached_partition_index
 from . import plan, resolve
 from .im2col import out_size, patches, rows, unpatch
 from .torch_backend import merge_and_reduce, merge_block, reduce_block

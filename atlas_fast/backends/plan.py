@@ -257,7 +257,7 @@ def for_linear(M, weight, tau_w, coef_w, act_dtype, block_m):
     torch allows it for matmuls."""
     import torch
 
-    from ..quant import is_quantized
+    from ..bank.quant import is_quantized
     N, K = weight.shape
     T, P = coef_w.shape
     bank = tau_w.element_bytes if is_quantized(tau_w) else tau_w.dtype   # bytes per value, scales included
@@ -278,7 +278,7 @@ class KeptWeights:
 
     @staticmethod
     def key(weight, tau_w, coef_w, key_w, dtype):
-        from ..quant import is_quantized
+        from ..bank.quant import is_quantized
         tensors = (weight, tau_w.data, tau_w.scale, coef_w) if is_quantized(tau_w) else (weight, tau_w, coef_w)
         return _TensorsKey(tensors, (key_w, dtype, weight.device))
 

@@ -23,9 +23,9 @@ upcast, so the merge and the reduction read the int8/int4 bank and never a dequa
 import torch
 import torch.nn.functional as F
 
-from .. import lowrank
-from ..hashing import cached_partition_index
-from ..quant import is_quantized
+from ..bank import lowrank
+from ..bank.quant import is_quantized
+from ..ops.hashing import cached_partition_index
 from . import cpu_native
 from .base import Backend
 

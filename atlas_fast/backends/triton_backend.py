@@ -6,7 +6,7 @@ kernel writes W(c) into a transient buffer in the activation dtype and torch.mat
 backward merges again for dx, or takes the forward's buffer when plan.set_keep_budget allows); dc stays the
 fused reduction at any M. A conv2d with groups=1 runs the same kernels on its im2col view
 (im2col.Im2colConv). Grouped convs and merge_blocks are the torch backend's; float64 (gradcheck) is refused.
-Quantised weight banks (int8, int4: atlas_fast.quant) take the same kernels, which load their tiles and scales
+Quantised weight banks (int8, int4: atlas_fast.bank.quant) take the same kernels, which load their tiles and scales
 and dequantise in registers; the cost model counts their bytes.
 
 Coefficient gradients are deterministic by default; `set_deterministic(False)` switches to atomics.

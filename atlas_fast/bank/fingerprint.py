@@ -23,8 +23,8 @@ import math
 
 import torch
 
+from ..ops.hashing import block_key, partition_index
 from . import lowrank, mapped, quant
-from .hashing import block_key, partition_index
 
 SAMPLES = 16
 RTOL = 1e-2

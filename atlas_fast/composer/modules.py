@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lowrank, quant
-from .hashing import block_key
-from .ops import atlas_conv2d, atlas_linear, merge_blocks
-from .ops_grouped import call_conv2d_grouped, call_linear_grouped
+from ..bank import lowrank, quant
+from ..ops.dense import atlas_conv2d, atlas_linear, merge_blocks
+from ..ops.grouped import call_conv2d_grouped, call_linear_grouped
+from ..ops.hashing import block_key
 
 GRANULARITIES = ("block", "task")
 

@@ -25,11 +25,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import lowrank, quant
-from .backends.grouped import TORCH, implementation
-from .backends.grouped import merge_blocks_grouped as _merge_grouped_impl
-from .backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
-from .ops import (
+from ..backends.grouped import TORCH, implementation
+from ..backends.grouped import merge_blocks_grouped as _merge_grouped_impl
+from ..backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
+from ..bank import lowrank, quant
+from .dense import (
     _autocast,
     _check_bias,
     _check_block,

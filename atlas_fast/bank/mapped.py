@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FileChangedError
+from ..errors import FileChangedError
 
 # safetensors dtype name -> (torch dtype, numpy dtype of the same width to view the bytes through)
 _DTYPES = {"F64": (torch.float64, np.float64), "F32": (torch.float32, np.float32),
@@ -157,13 +157,13 @@ def _fault_library():
 
 def _build_fault_library():
     """csrc/mapped_fault.c compiled (once per source and compiler), loaded and installed; None where it cannot be."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent   # atlas_fast/
     source = next((p for p in (package / "csrc" / "mapped_fault.c", package.parent / "csrc" / "mapped_fault.c")
                    if p.is_file()), None)
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if source is None or cc is None or os.name != "posix":
         return None
-    from .task_vectors import atomic_write
+    from ..io.atomic import atomic_write
     key = hashlib.sha256(source.read_bytes() + cc.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("ATLAS_FAST_CACHE", Path.home() / ".cache" / "atlas_fast"))
     built = cache / f"mapped_fault-{key}.so"

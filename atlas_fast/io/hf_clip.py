@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bank.task_vectors import TaskVectors, read_state_dict
 from .checkpoints import read_module_checkpoint
-from .task_vectors import TaskVectors, read_state_dict
 
 PATCH = "embeddings.patch_embedding.weight"
 PROJECTION = "visual_projection.weight"

@@ -1,4 +1,4 @@
-"""The low-rank atlas ops: task vectors kept as factors τ_t = B_t A_t (atlas_fast.lowrank).
+"""The low-rank atlas ops: task vectors kept as factors τ_t = B_t A_t (atlas_fast.bank.lowrank).
 
     atlas_fast::atlas_linear_lowrank / ..._backward   y = x (W0 + Σ_t c_t B_t A_t)ᵀ + bias
     atlas_fast::merge_lowrank / ..._backward          θ0 + Σ_t c_t B_t A_t for one block
@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import lowrank
+from ..bank import lowrank
 
 _EMPTY = (0,)
 

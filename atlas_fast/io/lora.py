@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import lowrank
-from .task_vectors import TaskVectors, read_state_dict
+from ..bank import lowrank
+from ..bank.task_vectors import TaskVectors, read_state_dict
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")

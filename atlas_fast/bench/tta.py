@@ -54,7 +54,7 @@ class TTASettings:
 
 
 def _visual(s):
-    from .bench import load_visual
+    from .step import load_visual
     vit, size, _ = load_visual(s.model, s.seed)
     return vit.requires_grad_(False).to(s.device), size
 
@@ -68,7 +68,7 @@ class Runner:
     """One variant built in this process; step() makes one update of every stream."""
 
     def __init__(self, variant, s: TTASettings):
-        from .task_vectors import synthetic_task_vectors
+        from ..bank.task_vectors import synthetic_task_vectors
         self.variant, self.s = variant, s
         vit, size = _visual(s)
         bank = synthetic_task_vectors(vit, s.tasks, dtype=DTYPES[s.bank_dtype], seed=s.seed)
@@ -82,7 +82,7 @@ class Runner:
         self.ids = torch.arange(s.streams).repeat_interleave(s.batch)
         self.calls = 0
         if variant in ("grouped", "separate"):
-            from .compose import compose
+            from ..composer.compose import compose
             self.atlas = compose(vit, bank, backend=s.backend, seed=s.seed)
             shape = self.atlas.coefficients.shape
         else:
@@ -92,7 +92,7 @@ class Runner:
             self.tau = {k: bank[k] for k in names}
             shape = (s.tasks, len(names))
         if variant == "grouped":
-            from .adapt.online import OnlineTTA
+            from ..adapt.online import OnlineTTA
             self.tta = OnlineTTA(self.atlas, self.head, streams=s.streams, lr=s.lr, amp="bf16" if s.amp else "off")
         else:
             self.rows = [nn.Parameter(torch.zeros(shape, device=s.device)) for _ in range(s.streams)]
@@ -199,11 +199,11 @@ def format_table(rows, s: TTASettings):
 
 def run(s: TTASettings, variants=VARIANTS):
     """Every variant in its own process; prints the table and writes results_tta_S<streams>.json to s.out."""
-    from .bench import machine_info, run_children, versions
-    results = run_children("atlas_fast.bench_tta", asdict(s), variants)
+    from .step import machine_info, run_children, versions
+    results = run_children("atlas_fast.bench.tta", asdict(s), variants)
     rows = summarise(results, s)
     print(format_table(rows, s))
-    from .task_vectors import atomic_write
+    from ..io.atomic import atomic_write
     os.makedirs(s.out, exist_ok=True)
     text = json.dumps({"machine": machine_info(s.device), "versions": versions(), "settings": asdict(s),
                        "results": results, "summary": rows}, indent=1)

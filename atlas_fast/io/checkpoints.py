@@ -97,7 +97,7 @@ class _StandInPickle:
     """The pickle_module handed to torch.load: its Unpickler imports nothing."""
     Unpickler = StandInUnpickler
     load = staticmethod(lambda f, **kw: StandInUnpickler(f, **kw).load())
-    __name__ = "atlas_fast.checkpoints"
+    __name__ = "atlas_fast.io.checkpoints"
 
 
 def is_module_like(obj):

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import fingerprint, lowrank, quant
-from .backends import BACKENDS, resolve
-from .backends.torch_backend import merge_block
+from ..backends import BACKENDS, resolve
+from ..backends.torch_backend import merge_block
+from ..bank import fingerprint, lowrank, quant
+from ..bank.task_vectors import LOWRANK
+from ..io.atomic import atomic_write
+from ..ops.dense import merge_blocks
+from ..ops.grouped import merge_blocks_grouped
 from .modules import AtlasCoefficients, _AtlasBlocks, swap_table
-from .ops import merge_blocks
-from .ops_grouped import merge_blocks_grouped
-from .task_vectors import LOWRANK, atomic_write
 
 COEF_FORMAT = "atlas_fast.coefficients/3"
 # /1 files carry no bank fingerprint, /2 files one [norm, sum] per task vector (metadata "fingerprint"), /3 files

@@ -12,11 +12,11 @@ no variant inherits another's allocator state:
     <backend> atlas_fast.compose(..., backend=<backend>)
 
 --bank-dtype int8 | int4 stores the bank quantised (int8 with a scale per row, int4 with a scale per 128
-columns; atlas_fast.quant): the backends run on it as it is, the paper-style naive baseline (which has no
+columns; atlas_fast.bank.quant): the backends run on it as it is, the paper-style naive baseline (which has no
 quantised storage) on its dequantised float32 copy, so the check compares the same task vectors; backends
 that do not dequantise (cuda) are reported unavailable. --rank r makes a low-rank bank instead: random rank-r
 factors τ_t = B_t A_t (float32, LoRA-like) for every block of two or more dimensions, which the backends compose
-without forming τ (atlas_fast.lowrank); the naive baseline runs on the factors multiplied out.
+without forming τ (atlas_fast.bank.lowrank); the naive baseline runs on the factors multiplied out.
 
 A step is forward + backward of a scalar loss on a fixed random batch ("step" mode), or forward +
 backward + AdamW on the coefficients over a stream of batches ("tta" mode). Step time is the median
@@ -24,7 +24,7 @@ over the timed steps after a warm-up (CUDA events on a GPU). Extra peak memory i
 on top of the built model and bank: on a GPU from the caching allocator's peak; on a CPU from the
 process's resident high-water mark, in a process of its own whose glibc returns large freed blocks.
 
-Workers run as `python -m atlas_fast.bench JOB.json RESULT.json`; they print one "tick" line per step
+Workers run as `python -m atlas_fast.bench.step JOB.json RESULT.json`; they print one "tick" line per step
 for the progress bar and write their result as JSON.
 """
 import dataclasses
@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from . import quant
-from .backends import BACKENDS as BACKEND_NAMES
+from ..backends import BACKENDS as BACKEND_NAMES
+from ..bank import quant
 
 BASELINES = ("naive", "finetune")
 VARIANTS = BASELINES + BACKEND_NAMES
@@ -154,7 +154,7 @@ def _check_backends_run(backends, device):
     """Off a GPU every backend's reason not to run is known at once: refuse it here, not in a child process. (On a
     CPU Triton runs in its interpreter, which the children switch on; on a GPU the CUDA backend's check builds its
     extension, which the children do.)"""
-    from .backends import get_backend
+    from ..backends import get_backend
     if device.type == "cuda":
         return
     for name in backends:
@@ -210,7 +210,7 @@ def _torch_dtype(name):
 def _bank(model, s: Settings):
     """The synthetic bank in --bank-dtype; a quantised one is quantised from float32 task vectors; with --rank a
     low-rank bank of random factors."""
-    from .task_vectors import synthetic_task_vectors
+    from ..bank.task_vectors import synthetic_task_vectors
     if s.rank is not None:
         return synthetic_task_vectors(model, s.tasks, seed=s.seed, rank=s.rank)
     if s.bank_dtype in QUANTIZED_BANKS:
@@ -221,7 +221,7 @@ def _bank(model, s: Settings):
 def _bank_bytes_per_task(model, bank_dtype, rank=None):
     """Bytes of one task vector over the model's floating parameters in this storage dtype (scales included), or
     as rank-`rank` float32 factors."""
-    from . import lowrank, quant
+    from ..bank import lowrank, quant
     params = [p for p in model.parameters() if p.is_floating_point()]
     if rank is not None:
         return sum(4 * (rank * (p.shape[0] + p.numel() // p.shape[0]) if lowrank.factorable(p.shape) else p.numel())
@@ -290,12 +290,12 @@ class Runner:
         else:
             model.requires_grad_(False)
             if variant == "naive":
-                from .baselines.naive import NaiveAtlas
+                from .naive import NaiveAtlas
                 dense = s.bank_dtype in QUANTIZED_BANKS or s.rank is not None
                 plain = bank.to(dtype=_torch_dtype("fp32")) if dense else bank
                 self.net = NaiveAtlas(model, plain, granularity=s.granularity, partitions=s.partitions, seed=s.seed)
             else:
-                from . import compose
+                from ..composer.compose import compose
                 self.net = compose(model, bank, granularity=s.granularity, partitions=s.partitions,
                                    backend=variant, seed=s.seed)
             coef = self.net.coefficients
@@ -357,7 +357,7 @@ def _rel_err(a, b):
 
 def unavailable_reason(name, device):
     """None when backend `name` runs on `device`, else why not."""
-    from .backends import get_backend
+    from ..backends import get_backend
     try:
         return get_backend(name).unavailable_reason(device)
     except Exception as e:  # a backend that cannot even be imported is unavailable, with the reason
@@ -522,7 +522,7 @@ def _run_job(job, bar, env=None):
         if job["settings"]["device"] == "cpu":
             child_env["TRITON_INTERPRET"] = "1"  # Triton runs on CPU tensors only under its interpreter
         with open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "atlas_fast.bench", job_path, result_path],
+            proc = subprocess.Popen([sys.executable, "-m", "atlas_fast.bench.step", job_path, result_path],
                                     stdout=subprocess.PIPE, stderr=err, text=True, env=child_env)
             try:
                 for line in proc.stdout:

@@ -7,8 +7,8 @@ model-sized weight gradient. Same coefficient layout and partition hash as compo
 import torch.nn as nn
 from torch.func import functional_call
 
-from ..hashing import partition_index
-from ..modules import AtlasCoefficients
+from ..composer.modules import AtlasCoefficients
+from ..ops.hashing import partition_index
 
 
 class NaiveAtlas(nn.Module):

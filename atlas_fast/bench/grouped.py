@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .bench import Settings, _bank, _proc_status_kb, run_children
+from .step import Settings, _bank, _proc_status_kb, run_children
 
 VARIANTS = ("grouped", "separate", "merged")
 
@@ -171,7 +171,7 @@ def format_table(results, s: GroupSettings):
 def run(s: GroupSettings, variants=VARIANTS):
     """Every variant in its own process; prints the table and writes results_groups.json to s.out."""
     env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if s.device == "cpu" else {}))
-    results = run_children("atlas_fast.bench_grouped", asdict(s), variants, env)
+    results = run_children("atlas_fast.bench.grouped", asdict(s), variants, env)
     print(format_table(results, s))
     os.makedirs(s.out, exist_ok=True)
     with open(os.path.join(s.out, "results_groups.json"), "w") as f:

@@ -10,7 +10,7 @@ Backward math, for one block with weight gradient G (never needed as a whole by 
 θ0 and τ are frozen: the ops give gradients for the input and the coefficients only.
 The `backend` argument ("torch", "triton", "cuda", "auto") picks the implementation at run time.
 
-Quantised weights (atlas_fast.quant): the functional entry points take a QuantizedBlock wherever a weight's
+Quantised weights (atlas_fast.bank.quant): the functional entry points take a QuantizedBlock wherever a weight's
 task vectors go; the ops receive its data as tau_w with scale_w and group_w (int4's columns per scale), and
 hand the backend the QuantizedBlock again. Bias task vectors are 1-D and always float. Lists of blocks with
 quantised ones go through atlas_fast::merge_blocks_quant (a list of optional scales has no default in a schema).
@@ -20,9 +20,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import lowrank, quant
-from .backends import resolve
-from .ops_lowrank import _linear_lowrank  # noqa: F401  (registers the low-rank ops)
+from ..backends import resolve
+from ..bank import lowrank, quant
 
 _EMPTY = (0,)
 

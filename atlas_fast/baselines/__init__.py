@@ -1,1 +1,0 @@
-"""Baselines kept for tests and benchmarks only."""
