@@ -311,7 +311,7 @@ def _run_adapt(args):
 
 
 def _run_adapt_streams(args):
-    from .adapt import streams
+    from .adapt import distributed, streams
     if args.episodic and not args.online:
         args.parser.error("--episodic: only with --online")
     if args.online and args.per_stream:
@@ -337,6 +337,10 @@ def _run_adapt_streams(args):
                                       flip=not args.no_flip, progress=not args.no_progress, **options, **common)
     except _user_errors() as e:
         _fail(args, e)
+    finally:
+        distributed.finish()
+    if not distributed.is_main():
+        return 0
     print(f"{len(s['streams'])} streams ({s['mode']}, {s['objective']}); accuracy per stream:")
     for r in s["streams"]:
         before = f"{100 * r['initial_accuracy']:.2f}% -> " if "initial_accuracy" in r else ""
