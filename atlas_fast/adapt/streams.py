@@ -16,6 +16,11 @@ also log.jsonl and curves.png), and <out>/summary.json over the streams; online 
 (stream, sample, prediction, confidence, label) and <out>/running_accuracy.png. Stream folders are named by
 position and data set name (00_fog, 01_snow, ...), so a run of one stream writes where stream 0 of a run of
 several does.
+
+Under torchrun (distributed.py) each process owns a contiguous share of the streams, runs their grouped steps
+alone and sends its results to rank 0, which writes the files above as one process writes them; more processes
+than streams are refused. Online predictions are held in memory (a line of JSON per image) until the end, when
+rank 0 writes predictions.jsonl in one process's order: step by step, streams in order within a step.
 """
 import json
 import math
