@@ -245,10 +245,10 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
                         img_s=f"{seen / max(time.time() - started, 1e-9):.1f}")
     bar.close()
     seconds = time.time() - started
-    last = [coef.rows[s].detach() for s in range(S)]
     results = [{"history": history[s],
                 "selected_epoch": best[s]["epoch"] if select == "best" else history[s][-1]["epoch"],
-                "coefficients": (best[s]["coefficients"] if select == "best" else last[s]).cpu()} for s in range(S)]
+                "coefficients": (best[s]["coefficients"] if select == "best" else coef.rows[s].detach()).cpu()}
+               for s in range(S)]
     return _finish_streams(atlas, job, cfg, out, ranks.all_gather(results), select,
                            max(ranks.all_gather([seconds])), ranks)
 
