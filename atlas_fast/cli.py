@@ -256,7 +256,8 @@ def _add_adapt(sub):
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--offload", choices=("pinned", "pageable"),
                    help="keep the bank in host memory (page-locked, or mapped from its file) and stream it to the "
-                        "GPU one module ahead: a bank larger than the GPU trains")
+                        "GPU one module ahead: a bank larger than the GPU trains (also with --per-stream and "
+                        "--online)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt (written for the same "
                                                          "bank, θ0, data and settings)")
     _bank_mismatch_option(p, "--resume")
@@ -265,13 +266,15 @@ def _add_adapt(sub):
     p.add_argument("--per-stream", action="store_true",
                    help="one coefficient set per --data folder (a stream each: entropy, ufm, or ce with --shots), "
                         "all learned together, one grouped step over a batch mixing the streams; each equals a "
-                        "separate run on its folder. Writes --out/<NN_name>/ per stream and --out/summary.json")
+                        "separate run on its folder. Writes --out/<NN_name>/ per stream and --out/summary.json. "
+                        "Under torchrun each process owns a contiguous share of the streams (at most one process "
+                        "per stream) and rank 0 writes every stream's files")
     p.add_argument("--online", action="store_true",
                    help="online test-time adaptation of every --data folder (a stream each, entropy or ufm's "
                         "confident pseudo-labels): one pass in folder order, --batch-size images of each stream per "
                         "step, predicted with the current coefficients then used for one update (the accuracy is "
                         "of those predictions); writes predictions.jsonl, running_accuracy.png and per-stream "
-                        "coefficients")
+                        "coefficients. Under torchrun the streams are shared out as for --per-stream")
     p.add_argument("--episodic", action="store_true", help="--online: reset every stream to the start after each "
                                                            "of its batches")
     p.add_argument("--online-split", default="all", choices=("all", "train", "val"),
@@ -311,7 +314,7 @@ def _run_adapt(args):
 
 
 def _run_adapt_streams(args):
-    from .adapt import streams
+    from .adapt import distributed, streams
     if args.episodic and not args.online:
         args.parser.error("--episodic: only with --online")
     if args.online and args.per_stream:
@@ -337,6 +340,10 @@ def _run_adapt_streams(args):
                                       flip=not args.no_flip, progress=not args.no_progress, **options, **common)
     except _user_errors() as e:
         _fail(args, e)
+    finally:
+        distributed.finish()
+    if not distributed.is_main():
+        return 0
     print(f"{len(s['streams'])} streams ({s['mode']}, {s['objective']}); accuracy per stream:")
     for r in s["streams"]:
         before = f"{100 * r['initial_accuracy']:.2f}% -> " if "initial_accuracy" in r else ""

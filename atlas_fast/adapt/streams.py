@@ -16,6 +16,11 @@ also log.jsonl and curves.png), and <out>/summary.json over the streams; online 
 (stream, sample, prediction, confidence, label) and <out>/running_accuracy.png. Stream folders are named by
 position and data set name (00_fog, 01_snow, ...), so a run of one stream writes where stream 0 of a run of
 several does.
+
+Under torchrun (distributed.py) each process owns a contiguous share of the streams, runs their grouped steps
+alone and sends its results to rank 0, which writes the files above as one process writes them; more processes
+than streams are refused. Online predictions are held in memory (a line of JSON per image) until the end, when
+rank 0 writes predictions.jsonl in one process's order: step by step, streams in order within a step.
 """
 import json
 import math
@@ -28,8 +33,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from ..io.atomic import atomic_write, write_text
-from .api import prepare_job
+from ..io.atomic import write_text
+from . import distributed
+from .api import _as_list, prepare_job
 from .data import DataError, StreamBatches, ViewData, mix_seed, stream_batch_size
 from .loop import Task, TrainConfig, autocast_for, evaluate_tasks, make_classify, schedule
 from .objectives import entropy, get_objective
@@ -162,7 +168,9 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
                   offload=False, allow_pickle=False, **options):
     """One coefficient set per data set of `data` (a list of S folders / data sets), learned together with
     `objective` (entropy, ufm, or ce with `shots` per class of each), each exactly as adapt() would learn it on that
-    data set alone with the same options (TrainConfig fields). Returns the summary dict (also <out>/summary.json)."""
+    data set alone with the same options (TrainConfig fields). Returns the summary dict (also <out>/summary.json).
+    Under torchrun every process calls it with the same arguments and learns its share of the streams
+    (distributed.py); every process returns the whole summary."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -172,6 +180,7 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
                          f"{', '.join(OBJECTIVES)}")
     cfg = TrainConfig(objective=objective, **options)
     cfg.validate()
+    distributed.check_streams(_count(data), "per-stream")
     job = prepare_job(model, bank, data, out, pretrained=pretrained, classnames=classnames, templates=templates,
                       head=head, labelled=objective == "ce", shots=shots, seed=cfg.seed, granularity=granularity,
                       partitions=partitions, backend=backend, device=device, val_fraction=val_fraction,
@@ -180,9 +189,13 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
     atlas, pre = job.atlas, job.loaded.preprocess
     obj = get_objective(objective)
     select = cfg.select or obj.select
-    tasks = [Task(sp.name, sp.data, sp.names, h, tr, sp.val) for sp, h, tr in zip(job.specs, job.heads, job.train)]
-    S = len(tasks)
     device = atlas.coefficients.device
+    ranks = distributed.ranks(device, distributed.STREAMS_TIMEOUT)
+    # this process's streams; s below counts them, a stream's batches and seeds do not depend on its position
+    own = ranks.share(list(range(len(job.specs))))
+    tasks = [Task(job.specs[g].name, job.specs[g].data, job.specs[g].names, job.heads[g], job.train[g],
+                  job.specs[g].val) for g in own]
+    S = len(tasks)
     with torch.no_grad():
         atlas.coefficients.fill_(cfg.init)
     atlas.eval()
@@ -206,7 +219,8 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
     epoch_loss = [[0.0, 0] for _ in range(S)]
     ctx = autocast_for(device, cfg.amp)
     from tqdm.auto import tqdm
-    bar = tqdm(total=max(totals), desc=f"adapt {S} streams ({objective})", disable=not cfg.progress)
+    bar = tqdm(total=max(totals), desc=f"adapt {_streams_label(own, len(job.specs))} ({objective})",
+               disable=not (cfg.progress and ranks.main))
     started, seen = time.time(), 0
     loader = mixed_loader(views, samplers, max(totals), cfg.workers, device.type == "cuda")
     for step, batches in enumerate(loader):
@@ -231,7 +245,22 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
         bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", streams=len(active),
                         img_s=f"{seen / max(time.time() - started, 1e-9):.1f}")
     bar.close()
-    return _finish_streams(atlas, tasks, job, cfg, out, coef, history, best, select, time.time() - started)
+    seconds = time.time() - started
+    results = [{"history": history[s],
+                "selected_epoch": best[s]["epoch"] if select == "best" else history[s][-1]["epoch"],
+                "coefficients": (best[s]["coefficients"] if select == "best" else coef.rows[s].detach()).cpu()}
+               for s in range(S)]
+    return _finish_streams(atlas, job, cfg, out, ranks.all_gather(results), select,
+                           max(ranks.all_gather([seconds])), ranks)
+
+
+def _count(data):
+    """The number of data sets (streams) in `data`, as prepare_job reads it."""
+    return 1 if isinstance(data, (str, os.PathLike)) else len(_as_list(data))
+
+
+def _streams_label(own, total):
+    return f"{total} streams" if len(own) == total else f"streams {own[0]}-{own[-1]} of {total}"
 
 
 def _end_epoch(s, step, epoch, tasks, classify, pre, cfg, obj, coef, atlas, history, best, epoch_loss):
@@ -247,25 +276,30 @@ def _end_epoch(s, step, epoch, tasks, classify, pre, cfg, obj, coef, atlas, hist
         best[s] = {"epoch": epoch, "score": score, "coefficients": coef.rows[s].detach().clone()}
 
 
-def _finish_streams(atlas, tasks, job, cfg, out, coef, history, best, select, seconds):
-    os.makedirs(out, exist_ok=True)
-    start = atlas.coefficients.detach().clone()
+def _finish_streams(atlas, job, cfg, out, results, select, seconds, ranks):
+    """The summary of every stream from `results` (one {history, selected_epoch, coefficients} per stream of the
+    run, in order); rank 0 writes the files."""
     rows = []
-    for s, (t, folder) in enumerate(zip(tasks, stream_dirs(job.specs))):
-        h = history[s]
-        chosen = best[s]["epoch"] if select == "best" else h[-1]["epoch"]
-        c = best[s]["coefficients"] if select == "best" else coef.rows[s].detach()
-        summary = {"objective": cfg.objective, "select": select, "selected_epoch": chosen, "tasks": [t.name],
-                   "initial": h[0]["eval"], "selected": h[chosen]["eval"], "last": h[-1]["eval"],
-                   "coefficients": coefficient_summary(c), "sources": list(atlas.sources), "config": asdict(cfg)}
-        _save_stream(atlas, c, os.path.join(out, folder), summary, h, [t.name])
-        rows.append({"stream": t.name, "folder": folder, "steps": h[-1]["step"], "selected_epoch": chosen,
+    for sp, r, folder in zip(job.specs, results, stream_dirs(job.specs)):
+        h, chosen = r["history"], r["selected_epoch"]
+        rows.append({"stream": sp.name, "folder": folder, "steps": h[-1]["step"], "selected_epoch": chosen,
                      "initial_accuracy": h[0]["eval"][0]["accuracy"], "accuracy": h[chosen]["eval"][0]["accuracy"],
                      "n": h[chosen]["eval"][0]["n"]})
+    summary = {"mode": "streams", "objective": cfg.objective, "select": select, "streams": rows,
+               "config": asdict(cfg), "processes": ranks.world, "train_seconds": seconds}
+    if not ranks.main:
+        return summary
+    os.makedirs(out, exist_ok=True)
+    start = atlas.coefficients.detach().clone()
+    for sp, r, folder in zip(job.specs, results, stream_dirs(job.specs)):
+        h, chosen, c = r["history"], r["selected_epoch"], r["coefficients"]
+        stream_summary = {"objective": cfg.objective, "select": select, "selected_epoch": chosen, "tasks": [sp.name],
+                          "initial": h[0]["eval"], "selected": h[chosen]["eval"], "last": h[-1]["eval"],
+                          "coefficients": coefficient_summary(c), "sources": list(atlas.sources),
+                          "config": asdict(cfg)}
+        _save_stream(atlas, c, os.path.join(out, folder), stream_summary, h, [sp.name])
     with torch.no_grad():
         atlas.coefficients.copy_(start)
-    summary = {"mode": "streams", "objective": cfg.objective, "select": select, "streams": rows,
-               "config": asdict(cfg), "train_seconds": seconds}
     write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
@@ -281,64 +315,83 @@ def adapt_online(model, bank, data, objective="entropy", out="atlas_out", batch_
     "train" or "val") in data-set order, `batch_size` of every stream per step, predicted then used for one
     update with `objective` ("entropy", or "pseudo" (alias "ufm"): UFM's confident pseudo-labels at `threshold`,
     with no strong view and no trusted set, which need the whole data set first). The labels are
-    read only to count the accuracy. Returns the summary dict (also <out>/summary.json)."""
+    read only to count the accuracy. Returns the summary dict (also <out>/summary.json). Under torchrun every
+    process calls it with the same arguments and adapts its share of the streams (distributed.py)."""
     if objective not in ONLINE_OBJECTIVES:
         raise ValueError(f"objective={objective!r}: online adaptation learns with {', '.join(ONLINE_OBJECTIVES)}")
     if split not in ("all", "train", "val"):
         raise ValueError(f"split={split!r}: expected all, train or val")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive batch size")
+    distributed.check_streams(_count(data), "online")
     job = prepare_job(model, bank, data, out, pretrained=pretrained, classnames=classnames, templates=templates,
                       head=head, granularity=granularity, partitions=partitions, backend=backend, device=device,
                       val_fraction=val_fraction, split_seed=split_seed, preprocess=preprocess, cache_dir=cache_dir,
                       heads=heads, offload=offload, progress=progress, allow_pickle=allow_pickle)
-    atlas, specs = job.atlas, job.specs
+    atlas = job.atlas
+    ranks = distributed.ranks(atlas.coefficients.device, distributed.STREAMS_TIMEOUT)
+    own = ranks.share(list(range(len(job.specs))))      # this process's streams; s below counts them
+    specs = [job.specs[g] for g in own]
     order = {"all": lambda sp: list(range(len(sp.data))), "train": lambda sp: sp.train, "val": lambda sp: sp.val}
-    views = {(s, 0): ViewData(sp.data, order[split](sp), job.loaded.preprocess) for s, sp in enumerate(specs)}
-    if any(len(v) == 0 for v in views.values()):
+    if any(len(order[split](sp)) == 0 for sp in job.specs):
         raise DataError(f"split={split!r}: a data set has no images there")
+    views = {(s, 0): ViewData(sp.data, order[split](sp), job.loaded.preprocess) for s, sp in enumerate(specs)}
     samplers = {key: InOrder(len(v), batch_size) for key, v in views.items()}
     steps = max(len(s) for s in samplers.values())
-    tta = OnlineTTA(atlas, job.heads, objective, len(specs), lr, weight_decay, grad_clip, episodic, amp, threshold)
-    os.makedirs(out, exist_ok=True)
+    tta = OnlineTTA(atlas, [job.heads[g] for g in own], objective, len(specs), lr, weight_decay, grad_clip, episodic,
+                    amp, threshold)
     correct, seen, curves = [0] * len(specs), [0] * len(specs), [[] for _ in specs]
+    lines = [[] for _ in specs]          # per stream, per step of it: its predictions.jsonl lines of that batch
     paths = [_sample_paths(sp.data) for sp in specs]
-
-    def run(tmp):
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=f"online {len(specs)} streams ({objective})", disable=not progress)
-        started, images_done = time.time(), 0
-        with open(tmp, "w", encoding="utf-8") as f:
-            for batches in mixed_loader(views, samplers, steps, workers, atlas.coefficients.device.type == "cuda"):
-                keys = sorted(batches)
-                images = torch.cat([batches[k][0] for k in keys])
-                ids = torch.cat([torch.full((len(batches[k][0]),), k[0], dtype=torch.int64) for k in keys])
-                result = tta.step(images, ids)
-                labels = torch.cat([batches[k][1] for k in keys])
-                samples = torch.cat([batches[k][2] for k in keys])
-                for n, (s, y, i) in enumerate(zip(ids.tolist(), labels.tolist(), samples.tolist())):
-                    pred = int(result.labels[n])
-                    correct[s] += pred == y
-                    seen[s] += 1
-                    row = {"stream": specs[s].name, "sample": i, "prediction": pred,
-                           "class": specs[s].names[pred] if pred < len(specs[s].names) else None,
-                           "confidence": float(result.confidence[n]), "label": y}
-                    if paths[s] is not None:
-                        row["path"] = paths[s][i]
-                    f.write(json.dumps(row) + "\n")
-                for s in set(ids.tolist()):
-                    curves[s].append((seen[s], correct[s] / seen[s]))
-                images_done += len(ids)
-                bar.update(1)
-                bar.set_postfix(acc=f"{sum(correct) / max(sum(seen), 1):.3f}",
-                                img_s=f"{images_done / max(time.time() - started, 1e-9):.1f}")
-        bar.close()
-        return time.time() - started
-    seconds = []
-    atomic_write(os.path.join(out, "predictions.jsonl"), lambda tmp: seconds.append(run(tmp)))
-    return _finish_online(tta, job, out, objective, correct, seen, curves, seconds[0],
+    from tqdm.auto import tqdm
+    bar = tqdm(total=steps, desc=f"online {_streams_label(own, len(job.specs))} ({objective})",
+               disable=not (progress and ranks.main))
+    started, images_done = time.time(), 0
+    for batches in mixed_loader(views, samplers, steps, workers, atlas.coefficients.device.type == "cuda"):
+        keys = sorted(batches)
+        images = torch.cat([batches[k][0] for k in keys])
+        ids = torch.cat([torch.full((len(batches[k][0]),), k[0], dtype=torch.int64) for k in keys])
+        result = tta.step(images, ids)
+        labels = torch.cat([batches[k][1] for k in keys])
+        samples = torch.cat([batches[k][2] for k in keys])
+        batch_lines = {}
+        for n, (s, y, i) in enumerate(zip(ids.tolist(), labels.tolist(), samples.tolist())):
+            pred = int(result.labels[n])
+            correct[s] += pred == y
+            seen[s] += 1
+            row = {"stream": specs[s].name, "sample": i, "prediction": pred,
+                   "class": specs[s].names[pred] if pred < len(specs[s].names) else None,
+                   "confidence": float(result.confidence[n]), "label": y}
+            if paths[s] is not None:
+                row["path"] = paths[s][i]
+            batch_lines.setdefault(s, []).append(json.dumps(row) + "\n")
+        for s, text in batch_lines.items():
+            lines[s].append("".join(text))
+            curves[s].append((seen[s], correct[s] / seen[s]))
+        images_done += len(ids)
+        bar.update(1)
+        bar.set_postfix(acc=f"{sum(correct) / max(sum(seen), 1):.3f}",
+                        img_s=f"{images_done / max(time.time() - started, 1e-9):.1f}")
+    bar.close()
+    seconds = max(ranks.all_gather([time.time() - started]))
+    results = ranks.all_gather([{"n": seen[s], "correct": correct[s], "updates": tta.steps[s], "curve": curves[s],
+                                 "coefficients": tta.coefficients(s).cpu()} for s in range(len(specs))])
+    lines = ranks.gather(lines)
+    if ranks.main:
+        os.makedirs(out, exist_ok=True)
+        write_text(os.path.join(out, "predictions.jsonl"), "".join(_step_major(lines)))
+    return _finish_online(atlas, job, out, objective, results, seconds, ranks,
                           {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "grad_clip": grad_clip,
                            "episodic": episodic, "threshold": threshold, "amp": amp, "split": split})
+
+
+def _step_major(per_stream):
+    """The batches of every stream in the order one process runs them: step by step, streams in order within a
+    step (per_stream: per stream, its batches' text in order)."""
+    for t in range(max(len(b) for b in per_stream)):
+        for batches in per_stream:
+            if t < len(batches):
+                yield batches[t]
 
 
 def _sample_paths(data):
@@ -350,25 +403,27 @@ def _sample_paths(data):
     return None if samples is None else [p for p, _ in samples]
 
 
-def _finish_online(tta, job, out, objective, correct, seen, curves, seconds, config):
-    atlas = tta.atlas
+def _finish_online(atlas, job, out, objective, results, seconds, ranks, config):
+    """The summary of every stream from `results` (one {n, correct, updates, curve, coefficients} per stream of the
+    run, in order); rank 0 writes the files."""
+    rows = [{"stream": sp.name, "folder": folder, "n": r["n"], "accuracy": r["correct"] / max(r["n"], 1),
+             "updates": r["updates"]} for sp, r, folder in zip(job.specs, results, stream_dirs(job.specs))]
+    total = sum(r["n"] for r in results)
+    summary = {"mode": "online", "objective": objective, "streams": rows,
+               "accuracy": sum(r["correct"] for r in results) / max(total, 1), "n": total, "processes": ranks.world,
+               "seconds": seconds, "images_per_second": total / max(seconds, 1e-9), "config": config}
+    if not ranks.main:
+        return summary
     start = atlas.coefficients.detach().clone()
-    rows = []
-    for s, (sp, folder) in enumerate(zip(job.specs, stream_dirs(job.specs))):
-        row = {"stream": sp.name, "folder": folder, "n": seen[s], "accuracy": correct[s] / max(seen[s], 1),
-               "updates": tta.steps[s]}
-        c = tta.coefficients(s)
-        _save_stream(atlas, c, os.path.join(out, folder),
+    for row, r in zip(rows, results):
+        c = r["coefficients"]
+        _save_stream(atlas, c, os.path.join(out, row["folder"]),
                      {**row, "objective": objective, "coefficients": coefficient_summary(c),
                       "sources": list(atlas.sources), "config": config})
-        rows.append(row)
     with torch.no_grad():
         atlas.coefficients.copy_(start)
-    plot_running_accuracy({sp.name: curves[s] for s, sp in enumerate(job.specs)},
+    plot_running_accuracy({sp.name: r["curve"] for sp, r in zip(job.specs, results)},
                           os.path.join(out, "running_accuracy.png"))
-    total = sum(seen)
-    summary = {"mode": "online", "objective": objective, "streams": rows, "accuracy": sum(correct) / max(total, 1),
-               "n": total, "seconds": seconds, "images_per_second": total / max(seconds, 1e-9), "config": config}
     write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
