@@ -13,24 +13,34 @@ float32, bfloat16 or float16. Merging and every reduction accumulate in float32;
 
 Weight banks may also be quantised (atlas_fast.bank.quant.QuantizedBlock; the constexpr QUANT says which): int8
 (T, N, K) with float32 scales (T, N), or int4 packed two a byte (T, N, ⌈K/2⌉) with float32 scales
-(T, N, ⌈K/GROUP⌉). The kernels load the int8/int4 tile and its scales and dequantise in registers (_tau_tile);
+(T, N, ⌈K/GROUP⌉). The kernels load the int8/int4 tile and its scales and dequantise in registers (tau_tile);
 no dequantised τ exists in memory. Bias banks are always float.
 
 Under TRITON_INTERPRET=1 (CPU tests) every kernel runs one fixed tile configuration and upcasts both
 tl.dot operands to float32, because the interpreter's tl.dot on bfloat16 operands is wrong.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from atlas_fast.bank.quant import is_quantized
-from atlas_fast.ops.hashing import FMIX_C1, FMIX_C2
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_C1 = tl.constexpr(FMIX_C1)
-_C2 = tl.constexpr(FMIX_C2)
+from atlas_fast.kernels.common import (
+    INTERPRET,
+    QUANT_INT4,
+    bank_args,
+    check_bank,
+    check_out,
+    dot,
+    dot_precision,
+    key32,
+    max_shared_memory,
+    merged_quant_tile,
+    merged_tile,
+    partition,
+    task_strides,
+    tau_tile,
+    upcast,
+)
 
 # Backward, for one linear block with W(c) = W0 + Σ_t c[t, k(i)] τ_t[i] and G = dyᵀx (N, K):
 #
@@ -43,102 +53,6 @@ _C2 = tl.constexpr(FMIX_C2)
 # and emits T·P partial sums. Because dc is linear in G, the partial sums of all programs add up to dc;
 # G itself is never written. Deterministic mode stores the partials in a per-program buffer and sums it in
 # a fixed order; atomic mode adds them into dc with tl.atomic_add (order, hence rounding, varies per run).
-
-
-def _dot_precision():
-    """tl.dot precision for float32 operands: TF32 only when torch allows it for matmuls."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _key32(key):
-    """A uint32 block key as the int32 with the same bits, so the kernel argument always has one type."""
-    key &= 0xFFFFFFFF
-    return key - (1 << 32) if key >= 1 << 31 else key
-
-
-@triton.jit
-def _partition(flat, key, P: tl.constexpr):
-    """Partition of the elements with flat indices `flat`: fmix32(flat ^ key) % P on uint32 (hashing.py)."""
-    h = flat.to(tl.uint32) ^ key.to(tl.uint32, bitcast=True)
-    h ^= h >> 16
-    h *= _C1
-    h ^= h >> 13
-    h *= _C2
-    h ^= h >> 16
-    return (h % P).to(tl.int32)
-
-
-# Quantised weight banks (QUANT): none (a float bank), int8 with per-row scales, int4 with per-group scales.
-QUANT_NONE, QUANT_INT8, QUANT_INT4 = 0, 1, 2
-
-
-@triton.jit
-def _tau_tile(tau_ptr, scale_ptr, flat, row, col, mask, K, QUANT: tl.constexpr, GROUP: tl.constexpr):
-    """One task vector's tile in float32 at flat indices `flat` = row·K + col (row and col broadcast to its
-    shape). tau_ptr, scale_ptr: that task vector's data and scales (module docstring); masked-off elements
-    are 0. int4: the byte of column c is c // 2 of its row, its low nibble the even column; values are
-    stored as q + 8."""
-    if QUANT == 0:
-        return tl.load(tau_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    elif QUANT == 1:
-        q = tl.load(tau_ptr + flat, mask=mask, other=0).to(tl.float32)
-        return q * tl.load(scale_ptr + row, mask=mask, other=0.0)
-    else:
-        byte = tl.load(tau_ptr + row * ((K + 1) // 2) + col // 2, mask=mask, other=0).to(tl.int32)
-        q = ((byte >> ((col % 2) * 4)) & 15) - 8
-        return q.to(tl.float32) * tl.load(scale_ptr + row * tl.cdiv(K, GROUP) + col // GROUP, mask=mask, other=0.0)
-
-
-@triton.jit
-def _task_strides(rows, K, QUANT: tl.constexpr, GROUP: tl.constexpr):
-    """(data, scale) elements of one task vector of a (rows, K) block: where the next one starts."""
-    if QUANT == 2:
-        return rows * ((K + 1) // 2), rows * tl.cdiv(K, GROUP)
-    return rows * K, rows
-
-
-@triton.jit
-def _merged_tile(theta_ptr, tau_ptr, coef_ptr, flat, mask, key, numel, T: tl.constexpr, P: tl.constexpr):
-    """_merged_quant_tile of a float bank, for a tile of flat indices of a block of `numel` elements (the
-    grouped kernels of atlas_linear_grouped.py merge with it)."""
-    return _merged_quant_tile(theta_ptr, tau_ptr, tau_ptr, coef_ptr, flat, flat, 0, mask, key, numel, 1, T, P, 0, 1)
-
-
-@triton.jit
-def _merged_quant_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, row, col, mask, key, rows, K,
-                       T: tl.constexpr, P: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
-    """θ0[flat] + Σ_t c[t, k(flat)] τ_t[flat] in float32, for a tile of flat indices flat = row·K + col of a
-    (rows, K) block, any tile shape, any bank (float, int8, int4).
-
-    theta_ptr: θ0 of the block, contiguous · tau_ptr: τ (T, rows, K), or its int8/int4 data, contiguous ·
-    scale_ptr: the scales of a quantised τ (unused when QUANT = 0) · coef_ptr: c (T, P) float32, contiguous.
-    Masked-off elements come out as 0. The loop over the task vectors is unrolled (T is a compile-time
-    constant), so the software pipeline of the caller's loop prefetches all T tiles of the next step.
-    """
-    acc = tl.load(theta_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    if P > 1:
-        part = _partition(flat, key, P)
-    tau_stride, scale_stride = _task_strides(rows, K, QUANT, GROUP)
-    for t in tl.static_range(T):
-        tau = _tau_tile(tau_ptr, scale_ptr, flat, row, col, mask, K, QUANT, GROUP)
-        if P == 1:
-            c = tl.load(coef_ptr + t)
-        else:
-            c = tl.load(coef_ptr + t * P + part, mask=mask, other=0.0)
-        acc += c * tau
-        # Advancing the pointers keeps the t-offset in 64-bit pointer arithmetic.
-        tau_ptr += tau_stride
-        scale_ptr += scale_stride
-    return acc
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a·b; b is float32 and goes down to a's dtype (bf16/fp16 tensor cores) unless UPCAST.
-    PRECISION ("ieee" or "tf32") applies to float32 operands only."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b, acc, input_precision=PRECISION)
-    return tl.dot(a, b.to(a.dtype), acc)
 
 
 @triton.jit(do_not_specialize=["key_w", "key_b"])
@@ -175,11 +89,11 @@ def atlas_linear_fwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # The merged tile is loaded transposed, (BLOCK_K, BLOCK_N), indexed by the flat n·K + k.
         flat = offs_n[None, :] * K + offs_k[:, None]
-        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[None, :], offs_k[:, None],
+        w = merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[None, :], offs_k[:, None],
                                mask_k[:, None] & mask_n[None, :], key_w, N, K, T, P, QUANT, GROUP)
-        acc = _dot(x, w, acc, UPCAST, PRECISION)
+        acc = dot(x, w, acc, UPCAST, PRECISION)
     if HAS_BIAS:
-        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, N, T_B, P)
+        bias = merged_tile(b_ptr, tau_b_ptr, coef_b_ptr, offs_n, mask_n, key_b, N, T_B, P)
         acc += bias[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -214,9 +128,9 @@ def atlas_linear_dx_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         flat = offs_n[:, None] * K + offs_k[None, :]
-        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[:, None], offs_k[None, :],
+        w = merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w_ptr, flat, offs_n[:, None], offs_k[None, :],
                                mask_n[:, None] & mask_k[None, :], key_w, N, K, T, P, QUANT, GROUP)
-        acc = _dot(dy, w, acc, UPCAST, PRECISION)
+        acc = dot(dy, w, acc, UPCAST, PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -262,15 +176,15 @@ def atlas_linear_dc_kernel(
     flat = offs_n[:, None] * K + offs_k[None, :]
     mask = mask_n[:, None] & mask_k[None, :]
     if P > 1:
-        part = _partition(flat, key_w, P)
+        part = partition(flat, key_w, P)
     if DETERMINISTIC:
         out_ptr = dc_ptr + (pid_split * tl.num_programs(0) + pid_tile).to(tl.int64) * T * P
     else:
         out_ptr = dc_ptr
     tau_ptr, scale_ptr = tau_w_ptr, scale_w_ptr
-    tau_stride, scale_stride = _task_strides(N, K, QUANT, GROUP)
+    tau_stride, scale_stride = task_strides(N, K, QUANT, GROUP)
     for t in range(T):
-        prod = _tau_tile(tau_ptr, scale_ptr, flat, offs_n[:, None], offs_k[None, :], mask, K, QUANT, GROUP) * g
+        prod = tau_tile(tau_ptr, scale_ptr, flat, offs_n[:, None], offs_k[None, :], mask, K, QUANT, GROUP) * g
         for p in tl.static_range(P):
             if P == 1:
                 s = tl.sum(prod)
@@ -302,7 +216,7 @@ def atlas_linear_merge_kernel(
 ):
     flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = flat < numel
-    merged = _merged_quant_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, flat // K, flat % K, mask, key,
+    merged = merged_quant_tile(theta_ptr, tau_ptr, scale_ptr, coef_ptr, flat, flat // K, flat % K, mask, key,
                                 numel // K, K, T, P, QUANT, GROUP)
     tl.store(out_ptr + flat, merged.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -334,10 +248,6 @@ def _dc_configs(tiles):
             for bm, bn, bk, sm, w, s in tiles]
 
 
-def _max_shared_memory(device):
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
-
-
 def _fits_shared_memory(configs, named_args, **kwargs):
     """The forward/dx configurations whose pipeline fits in the device's shared memory, so the autotuner
     does not compile the others. Each of the num_stages buffers holds one activation tile (BLOCK_M × the
@@ -348,7 +258,7 @@ def _fits_shared_memory(configs, named_args, **kwargs):
     act = named_args["x_ptr"] if forward else named_args["dy_ptr"]
     w, tau = named_args["w_ptr"], named_args["tau_w_ptr"]
     tau_bytes = tau.element_size() / (2 if kwargs.get("QUANT") == QUANT_INT4 else 1)   # int4: two values a byte
-    limit = _max_shared_memory(tau.device)
+    limit = max_shared_memory(tau.device)
     kept = []
     for config in configs:
         c = config.kwargs
@@ -388,47 +298,12 @@ _dc = triton.autotune(_DC_CONFIGS, key=["M", "N", "K", "T", "P", "DETERMINISTIC"
 
 # ---------------------------------------------------------------- launchers
 
-def _check_bank(what, theta0, tau, coef):
-    if tau.dim() != theta0.dim() + 1 or tau.shape[1:] != theta0.shape:
-        raise ValueError(f"{what}: task vectors of shape {tuple(tau.shape)} do not stack (T, *{tuple(theta0.shape)})")
-    if theta0.numel() >= 1 << 31:
-        raise ValueError(f"{what}: {theta0.numel()} elements; the kernels index a block with int32")
-    if coef.dim() != 2 or coef.shape[0] != tau.shape[0] or coef.dtype != torch.float32:
-        raise ValueError(f"{what}: coefficients must be float32 (T={tau.shape[0]}, P), got "
-                         f"{coef.dtype} {tuple(coef.shape)}")
-    if not is_quantized(tau) and tau.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{what}: task vectors must be float32, bfloat16 or float16 (or a QuantizedBlock), "
-                         f"got {tau.dtype}")
-
-
-def _bank_args(tau):
-    """(data, scales, QUANT, GROUP) for a kernel: a float bank's scales argument is the bank itself, unused.
-    Scales go to the kernels as float32 (a .double() model's are float64)."""
-    if not is_quantized(tau):
-        tau = tau.contiguous()
-        return tau, tau, QUANT_NONE, 1
-    quant = QUANT_INT8 if tau.format == "int8" else QUANT_INT4
-    return tau.data.contiguous(), tau.scale.to(torch.float32).contiguous(), quant, max(1, tau.group)
-
-
-def _check_out(out, shape, dtype, device):
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {dtype} {tuple(shape)} on {device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}")
-    return out
-
-
-def _upcast(x):
-    return INTERPRET or x.dtype == torch.float32
-
 
 def forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, out=None):
     """y (M, N) = x (W0 + Σ c τ)ᵀ + (b0 + Σ c' τ') for x (M, K); `out` an optional preallocated y."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected (M, K) and (N, K)")
-    _check_bank("weight", weight, tau_w, coef_w)
+    check_bank("weight", weight, tau_w, coef_w)
     M, K = x.shape
     N = weight.shape[0]
     T, P = coef_w.shape
@@ -436,22 +311,22 @@ def forward(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, key_b=0, out
     if tau_b is not None:
         if bias is None or coef_b is None:
             raise ValueError("bias: tau_b needs both bias and coef_b")
-        _check_bank("bias", bias, tau_b, coef_b)
+        check_bank("bias", bias, tau_b, coef_b)
         if coef_b.shape != coef_w.shape:
             raise ValueError(f"bias: coef_b {tuple(coef_b.shape)} differs from coef_w {tuple(coef_w.shape)}")
         T_B = T
-    y = _check_out(out, (M, N), x.dtype, x.device)
+    y = check_out(out, (M, N), x.dtype, x.device)
     if y.numel() == 0:
         return y
     weight, coef_w = weight.contiguous(), coef_w.contiguous()
-    tau_w, scale_w, quant, group = _bank_args(tau_w)
+    tau_w, scale_w, quant, group = bank_args(tau_w)
     b = bias.contiguous() if bias is not None else weight
     tb = tau_b.contiguous() if tau_b is not None else weight
     cb = coef_b.contiguous() if coef_b is not None else coef_w
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _fwd[grid](x, weight, tau_w, scale_w, coef_w, b, tb, cb, y, M, N, K, x.stride(0), x.stride(1), y.stride(0),
-               _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P, HAS_BIAS=bias is not None, QUANT=quant, GROUP=group,
-               UPCAST=_upcast(x), PRECISION=_dot_precision())
+               key32(key_w), key32(key_b), T=T, T_B=T_B, P=P, HAS_BIAS=bias is not None, QUANT=quant, GROUP=group,
+               UPCAST=upcast(x), PRECISION=dot_precision())
     return y
 
 
@@ -459,19 +334,19 @@ def grad_input(grad_out, weight, tau_w, coef_w, key_w=0, out=None):
     """dx (M, K) = dy (W0 + Σ c τ) for dy (M, N); `out` an optional preallocated dx."""
     if grad_out.dim() != 2 or weight.dim() != 2 or grad_out.shape[1] != weight.shape[0]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and weight {tuple(weight.shape)}: expected (M, N), (N, K)")
-    _check_bank("weight", weight, tau_w, coef_w)
+    check_bank("weight", weight, tau_w, coef_w)
     M, N = grad_out.shape
     K = weight.shape[1]
     T, P = coef_w.shape
-    dx = _check_out(out, (M, K), grad_out.dtype, grad_out.device)
+    dx = check_out(out, (M, K), grad_out.dtype, grad_out.device)
     if dx.numel() == 0:
         return dx
     weight, coef_w = weight.contiguous(), coef_w.contiguous()
-    tau_w, scale_w, quant, group = _bank_args(tau_w)
+    tau_w, scale_w, quant, group = bank_args(tau_w)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
     _dx[grid](grad_out, weight, tau_w, scale_w, coef_w, dx, M, N, K, grad_out.stride(0), grad_out.stride(1),
-              dx.stride(0), _key32(key_w), T=T, P=P, QUANT=quant, GROUP=group, UPCAST=_upcast(grad_out),
-              PRECISION=_dot_precision())
+              dx.stride(0), key32(key_w), T=T, P=P, QUANT=quant, GROUP=group, UPCAST=upcast(grad_out),
+              PRECISION=dot_precision())
     return dx
 
 
@@ -497,8 +372,8 @@ def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=N
                                                                                         torch.float16)):
         raise ValueError(f"task vectors {tau_w.dtype} {tuple(tau_w.shape)}: expected float32/bfloat16/float16 "
                          f"(or a QuantizedBlock) (T, {N}, {K})")
-    dc = _check_out(out, (T, partitions), torch.float32, x.device)
-    tau_w, scale_w, quant, group = _bank_args(tau_w)
+    dc = check_out(out, (T, partitions), torch.float32, x.device)
+    tau_w, scale_w, quant, group = bank_args(tau_w)
     if deterministic:
         # The autotuner picks the tile configuration only at launch, so the buffer has a row for every
         # program of the largest grid any configuration launches; rows no program writes stay zero.
@@ -508,8 +383,8 @@ def grad_coef(grad_out, x, tau_w, partitions, key_w=0, deterministic=True, out=N
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),  # noqa: E731
                          meta["SPLIT_M"])
     _dc[grid](grad_out, x, tau_w, scale_w, target, M, N, K, T, grad_out.stride(0), grad_out.stride(1), x.stride(0),
-              x.stride(1), _key32(key_w), P=partitions, DETERMINISTIC=deterministic, QUANT=quant, GROUP=group,
-              UPCAST=_upcast(x), PRECISION=_dot_precision())
+              x.stride(1), key32(key_w), P=partitions, DETERMINISTIC=deterministic, QUANT=quant, GROUP=group,
+              UPCAST=upcast(x), PRECISION=dot_precision())
     if deterministic:
         torch.sum(target, dim=0, out=dc)
     return dc
@@ -519,18 +394,18 @@ def merge(theta0, tau, coef, key=0, dtype=None, out=None):
     """W(c) = θ0 + Σ_t c[t, k(i)] τ_t[i] for a block of any shape (τ float, or a QuantizedBlock of a block with
     two or more dimensions), merged in float32 and stored in `dtype`
     (default θ0's); `out` an optional preallocated result. The merge-once strategy's transient weight."""
-    _check_bank("merge", theta0, tau, coef)
+    check_bank("merge", theta0, tau, coef)
     dtype = theta0.dtype if dtype is None else dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"merge: the merged block must be float32, bfloat16 or float16, got {dtype}")
-    merged = _check_out(out, theta0.shape, dtype, theta0.device)
+    merged = check_out(out, theta0.shape, dtype, theta0.device)
     numel = theta0.numel()
     if numel == 0:
         return merged
     T, P = coef.shape
     cols = tau.cols if is_quantized(tau) else 1
-    tau, scale, quant, group = _bank_args(tau)
+    tau, scale, quant, group = bank_args(tau)
     atlas_linear_merge_kernel[(triton.cdiv(numel, MERGE_BLOCK),)](
-        theta0.contiguous(), tau, scale, coef.contiguous(), merged, numel, cols, _key32(key), T=T, P=P, QUANT=quant,
+        theta0.contiguous(), tau, scale, coef.contiguous(), merged, numel, cols, key32(key), T=T, P=P, QUANT=quant,
         GROUP=group, BLOCK=MERGE_BLOCK, num_warps=MERGE_WARPS)
     return merged

@@ -18,22 +18,22 @@ import triton
 import triton.language as tl
 
 from atlas_fast.bank.quant import is_quantized
-from atlas_fast.kernels.atlas_linear import (
+from atlas_fast.kernels.common import (
     INTERPRET,
     QUANT_INT4,
-    _bank_args,
-    _check_bank,
-    _check_out,
-    _dot,
-    _dot_precision,
-    _key32,
-    _max_shared_memory,
-    _merged_quant_tile,
-    _merged_tile,
-    _partition,
-    _task_strides,
-    _tau_tile,
-    _upcast,
+    bank_args,
+    check_bank,
+    check_out,
+    dot,
+    dot_precision,
+    key32,
+    max_shared_memory,
+    merged_quant_tile,
+    merged_tile,
+    partition,
+    task_strides,
+    tau_tile,
+    upcast,
 )
 
 
@@ -119,11 +119,11 @@ def atlas_linear_grouped_fwd_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         flat = offs_n[None, :] * K + offs_k[:, None]
-        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w, flat, offs_n[None, :], offs_k[:, None],
+        w = merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w, flat, offs_n[None, :], offs_k[:, None],
                                mask_k[:, None] & mask_n[None, :], key_w, N, K, T, P, QUANT, GROUP)
-        acc = _dot(x, w, acc, UPCAST, PRECISION)
+        acc = dot(x, w, acc, UPCAST, PRECISION)
     if HAS_BIAS:
-        bias = _merged_tile(b_ptr, tau_b_ptr, coef_b_ptr + g * (T_B * P), offs_n, mask_n, key_b, N, T_B, P)
+        bias = merged_tile(b_ptr, tau_b_ptr, coef_b_ptr + g * (T_B * P), offs_n, mask_n, key_b, N, T_B, P)
         acc += bias[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -163,9 +163,9 @@ def atlas_linear_grouped_dx_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         flat = offs_n[:, None] * K + offs_k[None, :]
-        w = _merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w, flat, offs_n[:, None], offs_k[None, :],
+        w = merged_quant_tile(w_ptr, tau_w_ptr, scale_w_ptr, coef_w, flat, offs_n[:, None], offs_k[None, :],
                                mask_n[:, None] & mask_k[None, :], key_w, N, K, T, P, QUANT, GROUP)
-        acc = _dot(dy, w, acc, UPCAST, PRECISION)
+        acc = dot(dy, w, acc, UPCAST, PRECISION)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -211,12 +211,12 @@ def atlas_linear_grouped_dc_kernel(
     flat = offs_n[:, None] * K + offs_k[None, :]
     mask = mask_n[:, None] & mask_k[None, :]
     if P > 1:
-        part = _partition(flat, key_w, P)
+        part = partition(flat, key_w, P)
     out_ptr = partial_ptr + (g * tl.num_programs(0) + pid_tile).to(tl.int64) * T * P
     tau_ptr, scale_ptr = tau_w_ptr, scale_w_ptr
-    tau_stride, scale_stride = _task_strides(N, K, QUANT, GROUP)
+    tau_stride, scale_stride = task_strides(N, K, QUANT, GROUP)
     for t in range(T):
-        prod = _tau_tile(tau_ptr, scale_ptr, flat, offs_n[:, None], offs_k[None, :], mask, K, QUANT, GROUP) * acc
+        prod = tau_tile(tau_ptr, scale_ptr, flat, offs_n[:, None], offs_k[None, :], mask, K, QUANT, GROUP) * acc
         for p in tl.static_range(P):
             if P == 1:
                 s = tl.sum(prod)
@@ -248,7 +248,7 @@ def _stages(act, w, tau, T, quant):
         return 1
     tau_bytes = tau.element_size() / (2 if quant == QUANT_INT4 else 1)
     stage = BLOCK_M * BLOCK_K * act.element_size() + BLOCK_N * BLOCK_K * (w.element_size() + T * tau_bytes)
-    return 2 if 2 * stage <= _max_shared_memory(tau.device) else 1
+    return 2 if 2 * stage <= max_shared_memory(tau.device) else 1
 
 
 # ---------------------------------------------------------------- launchers
@@ -267,7 +267,7 @@ def forward(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, k
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected (M, K) and (N, K)")
     _check_groups("forward", row_group, x.shape[0], coef_w, tau_w)
-    _check_bank("weight", weight, tau_w, coef_w[0])
+    check_bank("weight", weight, tau_w, coef_w[0])
     M, K = x.shape
     N = weight.shape[0]
     G, T, P = coef_w.shape
@@ -275,24 +275,24 @@ def forward(x, row_group, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w=0, k
     if tau_b is not None:
         if bias is None or coef_b is None or coef_b.shape != coef_w.shape:
             raise ValueError("bias: tau_b needs bias and coef_b shaped like coef_w")
-        _check_bank("bias", bias, tau_b, coef_b[0])
+        check_bank("bias", bias, tau_b, coef_b[0])
         T_B = T
-    y = _check_out(out, (M, N), x.dtype, x.device)
+    y = check_out(out, (M, N), x.dtype, x.device)
     if y.numel() == 0:
         return y
     seg = Segments(row_group, G) if segments is None else segments
     if seg.tile_group.numel() == 0:
         return y
     weight, coef_w = weight.contiguous(), coef_w.contiguous()
-    tau_w, scale_w, quant, group = _bank_args(tau_w)
+    tau_w, scale_w, quant, group = bank_args(tau_w)
     b = bias.contiguous() if bias is not None else weight
     tb = tau_b.contiguous() if tau_b is not None else weight
     cb = coef_b.contiguous() if coef_b is not None else coef_w
     grid = (seg.tile_group.numel(), triton.cdiv(N, BLOCK_N))
     atlas_linear_grouped_fwd_kernel[grid](
         x, seg.rows, seg.seg_start, seg.tile_group, seg.tile_start, weight, tau_w, scale_w, coef_w, b, tb, cb, y,
-        N, K, x.stride(0), x.stride(1), y.stride(0), _key32(key_w), _key32(key_b), T=T, T_B=T_B, P=P,
-        HAS_BIAS=bias is not None, QUANT=quant, GROUP=group, UPCAST=_upcast(x), PRECISION=_dot_precision(),
+        N, K, x.stride(0), x.stride(1), y.stride(0), key32(key_w), key32(key_b), T=T, T_B=T_B, P=P,
+        HAS_BIAS=bias is not None, QUANT=quant, GROUP=group, UPCAST=upcast(x), PRECISION=dot_precision(),
         BLOCK_M=seg.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS,
         num_stages=_stages(x, weight, tau_w, T, quant))
     return y
@@ -304,23 +304,23 @@ def grad_input(grad_out, row_group, weight, tau_w, coef_w, key_w=0, segments=Non
     if grad_out.dim() != 2 or weight.dim() != 2 or grad_out.shape[1] != weight.shape[0]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and weight {tuple(weight.shape)}: expected (M, N), (N, K)")
     _check_groups("grad_input", row_group, grad_out.shape[0], coef_w, tau_w)
-    _check_bank("weight", weight, tau_w, coef_w[0])
+    check_bank("weight", weight, tau_w, coef_w[0])
     M, N = grad_out.shape
     K = weight.shape[1]
     G, T, P = coef_w.shape
-    dx = _check_out(out, (M, K), grad_out.dtype, grad_out.device)
+    dx = check_out(out, (M, K), grad_out.dtype, grad_out.device)
     if dx.numel() == 0:
         return dx
     seg = Segments(row_group, G) if segments is None else segments
     if seg.tile_group.numel() == 0:
         return dx
     weight, coef_w = weight.contiguous(), coef_w.contiguous()
-    tau_w, scale_w, quant, group = _bank_args(tau_w)
+    tau_w, scale_w, quant, group = bank_args(tau_w)
     grid = (seg.tile_group.numel(), triton.cdiv(K, BLOCK_K))
     atlas_linear_grouped_dx_kernel[grid](
         grad_out, seg.rows, seg.seg_start, seg.tile_group, seg.tile_start, weight, tau_w, scale_w, coef_w, dx, N,
-        K, grad_out.stride(0), grad_out.stride(1), dx.stride(0), _key32(key_w), T=T, P=P, QUANT=quant, GROUP=group,
-        UPCAST=_upcast(grad_out), PRECISION=_dot_precision(), BLOCK_M=seg.block_m, BLOCK_N=BLOCK_N,
+        K, grad_out.stride(0), grad_out.stride(1), dx.stride(0), key32(key_w), T=T, P=P, QUANT=quant, GROUP=group,
+        UPCAST=upcast(grad_out), PRECISION=dot_precision(), BLOCK_M=seg.block_m, BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K, num_warps=WARPS, num_stages=_stages(grad_out, weight, tau_w, T, quant))
     return dx
 
@@ -345,10 +345,10 @@ def grad_coef(grad_out, x, row_group, tau_w, groups, partitions, key_w=0, segmen
     partials = torch.empty(groups, tiles, T, partitions, dtype=torch.float32, device=x.device)
     if M == 0:
         return partials.new_zeros(groups, T, partitions)
-    tau_w, scale_w, quant, group = _bank_args(tau_w)
+    tau_w, scale_w, quant, group = bank_args(tau_w)
     atlas_linear_grouped_dc_kernel[(tiles, groups)](
         grad_out, x, seg.rows, seg.seg_start, tau_w, scale_w, partials, N, K, T, grad_out.stride(0),
-        grad_out.stride(1), x.stride(0), x.stride(1), _key32(key_w), P=partitions, QUANT=quant, GROUP=group,
-        UPCAST=_upcast(x), PRECISION=_dot_precision(), BLOCK_M=DC_BLOCK_M, BLOCK_N=DC_BLOCK_N, BLOCK_K=DC_BLOCK_K,
+        grad_out.stride(1), x.stride(0), x.stride(1), key32(key_w), P=partitions, QUANT=quant, GROUP=group,
+        UPCAST=upcast(x), PRECISION=dot_precision(), BLOCK_M=DC_BLOCK_M, BLOCK_N=DC_BLOCK_N, BLOCK_K=DC_BLOCK_K,
         num_warps=WARPS)
     return partials.sum(1)

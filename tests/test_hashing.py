@@ -20,7 +20,7 @@ from atlas_fast.ops import hashing
 from atlas_fast.ops.reference import merge_ref
 from conftest import DEVICE
 
-_kernel_partition = kernels._partition
+_kernel_partition = kernels.partition
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MASK32 = 0xFFFFFFFF
 
@@ -106,7 +106,7 @@ def test_triton_in_kernel_hash():
     def run(flat, key, P):
         out = torch.full((len(flat),), -1, dtype=torch.int32, device=DEVICE)
         flat = torch.tensor(flat, dtype=torch.int64, device=DEVICE)
-        _probe_partition[(1,)](flat, out, kernels._key32(key), len(flat), P=P, BLOCK=64)
+        _probe_partition[(1,)](flat, out, kernels.key32(key), len(flat), P=P, BLOCK=64)
         return out.tolist()
 
     # keys from the specification, not from hashing.py: this checks the in-kernel hash alone

@@ -38,14 +38,14 @@ def _plan_defaults(monkeypatch):
 @pytest.fixture
 def _poison_launcher_outputs(monkeypatch):
     """Every output a Triton launcher allocates starts as NaN (out= buffers are the tests' own)."""
-    check_out = kernels._check_out
+    check_out = kernels.check_out
 
     def poisoned(out, shape, dtype, device):
         if out is None:
             out = torch.full(shape, float("nan"), dtype=dtype, device=device)
         return check_out(out, shape, dtype, device)
 
-    monkeypatch.setattr(kernels, "_check_out", poisoned)
+    monkeypatch.setattr(kernels, "check_out", poisoned)
 
 
 def _case(M, K, N, T, P, bias, bank, act=torch.float32, device=DEVICE):

@@ -178,7 +178,7 @@ def test_bf16_activations_in_interpreter():
 @pytest.mark.parametrize("T,bank_dtype,kept", [(1, torch.bfloat16, 6), (3, torch.bfloat16, 5), (21, torch.float32, 2)])
 def test_hopper_configs_pruned_to_shared_memory(monkeypatch, T, bank_dtype, kept):
     """Large banks leave only the configurations that buffer no task-vector tile, which fit any T."""
-    monkeypatch.setattr(kernels, "_max_shared_memory", lambda device: 232448)  # H100/H200 per block
+    monkeypatch.setattr(kernels, "max_shared_memory", lambda device: 232448)  # H100/H200 per block
     configs = kernels._gemm_configs(kernels.HOPPER_GEMM_TILES)
     x, w = torch.empty(1, 1, dtype=torch.bfloat16), torch.empty(1, 1)
     tau = torch.empty(T, 1, 1, dtype=bank_dtype)
