@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast.backends import BackendUnavailable, cuda_backend, get_backend, plan
-from atlas_fast.backends import grouped as grouped_impl
+from atlas_fast.backends import BackendUnavailable, Block, cuda_backend, get_backend, plan, resolve
 from atlas_fast.bank import quant
+from atlas_fast.ops import grouped as grouped_ops
 from atlas_fast.ops.grouped import atlas_conv2d_grouped, atlas_linear_grouped
 from atlas_fast.ops.hashing import block_key
 from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
@@ -71,7 +71,7 @@ def test_float64_is_refused_with_the_way_out():
     d = dict(dtype=torch.float64)
     x, w, tw, cw = torch.randn(3, 4, **d), torch.randn(5, 4, **d), torch.randn(2, 5, 4, **d), torch.randn(2, 1, **d)
     with pytest.raises(ValueError, match="backend='torch' for float64"):
-        get_backend("cuda").atlas_linear(x, w, None, tw, None, cw, None, 0, 0)
+        get_backend("cuda").atlas_linear(x, Block(w, None, tw, None, cw, None, 0, 0))
     with pytest.raises(ValueError, match="backend='torch' for float64"):
         get_backend("cuda").merge_blocks_backward([torch.randn(4, **d)], [torch.randn(2, 4, **d)], [0], 1)
 
@@ -120,12 +120,17 @@ def _grouped_cpu_args(dtype=torch.float32):
 
 
 def test_grouped_dispatch_takes_the_cuda_kernels(monkeypatch):
-    """A grouped call that resolves to the cuda backend runs CudaGrouped (the segmented CUDA kernels), not the
-    torch implementation."""
-    for name, impl in (("cuda", grouped_impl.CUDA), ("triton", grouped_impl.TRITON), ("torch", grouped_impl.TORCH)):
-        monkeypatch.setattr(grouped_impl, "resolve", lambda backend, device, dtype, n=name: get_backend(n))
-        assert grouped_impl.implementation("auto", torch.device("cpu"), torch.float32) is impl
-    assert grouped_impl.CUDA.name == "cuda" and grouped_impl.CUDA._block_m() == cuda_backend.BLOCK_M
+    """A grouped call that resolves to the cuda backend runs that backend's grouped method (the segmented CUDA
+    kernels), not the torch backend's; likewise for triton and torch."""
+    x, index, w, b, tw, tb, cw = _grouped_cpu_args()
+    for name in ("cuda", "triton", "torch"):
+        calls = []
+        monkeypatch.setattr(grouped_ops, "resolve", lambda backend, device, dtype, n=name: get_backend(n))
+        monkeypatch.setattr(get_backend(name), "atlas_linear_grouped",
+                            lambda x, index, block, n=name: calls.append(n) or x.new_zeros(3, 2, 4))
+        atlas_linear_grouped(x, index, w, b, tw, tb, cw, backend="auto")
+        assert calls == [name]
+    assert get_backend("cuda").grouped_block_m() == cuda_backend.BLOCK_M
 
 
 def test_grouped_on_cpu_tensors_raises_backend_unavailable():
@@ -140,16 +145,16 @@ def test_grouped_without_the_extension_names_the_reason(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda_backend, "_load_result", ["compiling the CUDA extension in /x failed: nvcc error"])
     with pytest.raises(BackendUnavailable, match="backend='cuda' cannot run on cuda: compiling .* nvcc error"):
-        grouped_impl.implementation("cuda", torch.device("cuda"), torch.float32)
+        resolve("cuda", torch.device("cuda"), torch.float32)
 
 
 def test_grouped_float64_is_refused_with_the_way_out():
     x, index, w, b, tw, tb, cw = _grouped_cpu_args(torch.float64)
     with pytest.raises(ValueError, match="backend='torch' for float64"):
-        grouped_impl.CUDA.atlas_linear(x, index, w, b, tw, tb, cw, None, 0, 0)
+        get_backend("cuda").atlas_linear_grouped(x, index, Block(w, b, tw, tb, cw, None, 0, 0))
     with pytest.raises(ValueError, match="backend='torch' for float64"):
-        grouped_impl.CUDA.atlas_linear_backward(torch.randn(3, 2, 4, dtype=torch.float64), x, index, w, tw, tb, cw,
-                                                0, 0, True)
+        get_backend("cuda").atlas_linear_grouped_backward(torch.randn(3, 2, 4, dtype=torch.float64), x, index,
+                                                          Block(w, None, tw, tb, cw, None, 0, 0), True)
 
 
 # ---------------------------------------------------------------- GPU: helpers

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import atlas_fast
-from atlas_fast.backends import grouped as grouped_impl
+from atlas_fast.backends import torch_grouped
 from atlas_fast.bank import lowrank, quant
 from atlas_fast.ops.grouped import atlas_conv2d_grouped, atlas_linear_grouped, merge_blocks_grouped
 from atlas_fast.ops.hashing import block_key
@@ -43,7 +43,7 @@ def _to(device, *tensors):
 @pytest.fixture
 def strategy(request, monkeypatch):
     """Forces the torch implementation's linear strategy ("rowscale" or "merge") through its threshold."""
-    monkeypatch.setattr(grouped_impl, "ROWS_PER_MERGE", 10 ** 9 if request.param == "rowscale" else 0)
+    monkeypatch.setattr(torch_grouped, "ROWS_PER_MERGE", 10 ** 9 if request.param == "rowscale" else 0)
     return request.param
 
 

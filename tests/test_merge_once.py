@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import atlas_fast
-from atlas_fast.backends import get_backend, plan, triton_backend
+from atlas_fast.backends import Block, get_backend, plan, triton_backend
 from atlas_fast.kernels import atlas_linear as kernels
 from atlas_fast.ops.hashing import block_key
 from atlas_fast.ops.reference import conv2d_ref, linear_ref, merge_ref
@@ -72,8 +72,8 @@ def _reference(case, dy):
 
 def _backend_run(backend, case, dy):
     x, w, b, tw, tb, cw, cb = case
-    y = backend.atlas_linear(x, w, b, tw, tb, cw, cb, *KEYS)
-    dx, dcw, dcb = backend.atlas_linear_backward(dy, x, w, tw, tb, cw, *KEYS, True)
+    y = backend.atlas_linear(x, Block(w, b, tw, tb, cw, cb, *KEYS))
+    dx, dcw, dcb = backend.atlas_linear_backward(dy, x, Block(w, None, tw, tb, cw, None, *KEYS), True)
     return y, dx, dcw, dcb
 
 
@@ -301,8 +301,8 @@ def test_cuda_keeps_the_merged_weight_for_dx():
     case = _case(517, 70, 45, 3, 3, True, torch.bfloat16, device="cuda")
     dy = torch.randn(517, 45, device="cuda")
     x, w, b, tw, tb, cw, cb = case
-    backend.atlas_linear(x, w, b, tw, tb, cw, cb, *KEYS)
+    backend.atlas_linear(x, Block(w, b, tw, tb, cw, cb, *KEYS))
     assert backend.kept.nbytes() == 45 * 70 * 4
-    dx, dcw, dcb = backend.atlas_linear_backward(dy, x, w, tw, tb, cw, *KEYS, True)
+    dx, dcw, dcb = backend.atlas_linear_backward(dy, x, Block(w, None, tw, tb, cw, None, *KEYS), True)
     assert backend.kept.nbytes() == 0
-    _check((backend.atlas_linear(x, w, b, tw, tb, cw, cb, *KEYS), dx, dcw, dcb), _reference(case, dy))
+    _check((backend.atlas_linear(x, Block(w, b, tw, tb, cw, cb, *KEYS)), dx, dcw, dcb), _reference(case, dy))

@@ -1,4 +1,14 @@
-"""Backend registry. Every backend implements the op contract of `base.Backend`.
+"""Backend registry. Every backend implements the op contract of `base.Backend`, grouped calls included, and
+takes a block's arguments as one `base.Block`.
+
+    base.py            the contract, Block, the torch fallback of every method
+    torch_backend.py   "torch": stock torch ops, the chunked walk of a bank (cpu_native.py: the walk compiled)
+    torch_grouped.py   the torch backend's grouped strategies and the generic blocks' grouped merge
+    fused.py           what triton and cuda share: convs on the im2col view (im2col.py), grouped calls on
+                       segmented kernels
+    triton_backend.py  "triton": the Triton kernels of kernels/
+    cuda_backend.py    "cuda": the CUDA C++ kernels of csrc/
+    plan.py            the cost model: fuse the merge into the GEMM or merge once
 
 "torch" is the reference path and runs everywhere; "triton" and "cuda" are imported only when first
 asked for, so importing atlas_fast never touches CUDA or compiles anything; "auto" picks by the tensors'
@@ -9,7 +19,7 @@ coefficient-gradient reductions.
 """
 import importlib
 
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, Block
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {"torch": ".torch_backend", "triton": ".triton_backend", "cuda": ".cuda_backend"}
@@ -51,4 +61,4 @@ def torch_device(device):
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "get_backend", "resolve"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Block", "get_backend", "resolve"]

@@ -1,6 +1,6 @@
 """The torch backend's pass over a bank on a CPU, compiled: csrc/cpu_walk.c through ctypes.
 
-The stock-op walk (torch_backend._walk) upcasts every chunk of a half-precision bank into a float32 buffer before
+The stock-op walk of torch_backend.py upcasts every chunk of a half-precision bank into a float32 buffer before
 its BLAS calls, and with partitions (K > 1) builds a (K, chunk) matrix per chunk for the merge and another for
 the reduction: several passes over each chunk. The C walk reads each element once, widens it in registers and
 merges and reduces it against the K partitions' coefficients in the same pass.

@@ -6,13 +6,12 @@ before it is written; neither the merged weight nor the weight gradient exists i
 cost model of plan.py picks merge-once instead: atlas_linear_cuda_merge writes W(c) into a transient buffer
 in the activation dtype (the one-block kernel of csrc/merge_blocks.cu) and F.linear runs the product on
 cuBLAS; the backward merges again for dx (or takes the forward's buffer when plan.set_keep_budget allows)
-and keeps the fused dc kernel. A conv2d with
-groups=1 runs the same kernels on its im2col view (im2col.Im2colConv, as the triton backend does).
-Lists of small blocks are merged, and their coefficient gradients reduced, in one launch per dtype pair
-(csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused (gradcheck runs on
-backend='torch'). Grouped compositions (G coefficient sets, a group per sample) run the same fused kernels on
-rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward; the Python side is
-grouped.CudaGrouped).
+and keeps the fused dc kernel. A conv2d with groups=1 runs the same kernels on its im2col view (fused.FusedBackend,
+shared with the triton backend). Lists of small blocks are merged, and their coefficient gradients reduced, in one
+launch per dtype pair (csrc/merge_blocks.cu). Grouped convs fall back to the torch backend; float64 is refused
+(gradcheck runs on backend='torch'). Grouped compositions (G coefficient sets, a group per sample) run the same fused
+kernels on rows sorted into one-group segments (atlas_linear_grouped_cuda_forward / _backward, behind
+segmented_forward / segmented_backward; the rest of the grouped calls is fused.FusedBackend's).
 
 int8 and int4 banks (atlas_fast.bank.quant): the fused kernels read the quantised tiles and their scales and dequantise
 in registers (TauView in csrc/atlas_linear.cu). Their merge-once weight and their small blocks go through the torch
@@ -35,10 +34,8 @@ import torch.nn.functional as F
 
 from ..bank.quant import is_quantized, unpack
 from . import plan, torch_backend
-from .base import Backend
-from .im2col import Im2colConv
+from .fused import FusedBackend, check_dtypes
 
-_ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
 _EXTENSION = "atlas_fast_cuda"
 _load_result = []  # [None] once loaded, [reason] once loading failed: one attempt per process
 # The tile height of the fused forward and dx kernels (BM in csrc/atlas_linear.cu), for the cost model.
@@ -169,14 +166,6 @@ def load_extension():
     return _load_result[0]
 
 
-def _check_dtypes(coef, *tensors):
-    """Float32 coefficients (or none) and float32/bfloat16/float16 activations, θ0, task vectors, gradients."""
-    if (coef is not None and coef.dtype != torch.float32) or any(t.dtype not in _ACTIVATIONS for t in tensors):
-        got = ", ".join(str(t.dtype) for t in ((coef,) if coef is not None else ()) + tensors)
-        raise ValueError(f"backend='cuda' takes float32 coefficients and float32/bfloat16/float16 tensors, got "
-                         f"{got}; use backend='torch' for float64 (gradcheck)")
-
-
 def _dtype_groups(values, tau):
     """Indices of the blocks grouped by (value dtype, task-vector dtype), in first-seen order: one kernel launch
     per group; a group of quantised task vectors (int8 or uint8 data) takes the torch backend's walk."""
@@ -190,18 +179,12 @@ def _or_none(t, present):
     return t if present else None
 
 
-def _merge(theta0, tau, coef, key, dtype):
-    if is_quantized(tau):
-        return torch_backend.merge_block(theta0, tau, coef, key).to(dtype)
-    return torch.ops.atlas_fast.atlas_linear_cuda_merge(theta0, tau, coef, key, dtype)
-
-
 def _dense(tau):
-    """The tensors among these task vectors whose dtype _check_dtypes checks (a quantised block's are its own)."""
+    """The tensors among these task vectors whose dtype check_dtypes checks (a quantised block's are its own)."""
     return tuple(t for t in tau if not is_quantized(t))
 
 
-class CudaBackend(Im2colConv, Backend):
+class CudaBackend(FusedBackend):
     name = "cuda"
 
     def __init__(self):
@@ -216,38 +199,45 @@ class CudaBackend(Im2colConv, Backend):
             return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable CUDA device"
         return load_extension()
 
-    def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
-        _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
+    def merge_one(self, theta0, tau, coef, key, dtype):
+        if is_quantized(tau):
+            return torch_backend.merge(theta0, tau, coef, key, dtype)
+        return torch.ops.atlas_fast.atlas_linear_cuda_merge(theta0, tau, coef, key, dtype)
+
+    def check_dtypes(self, x, block):
+        check_dtypes(self.name, block.coef_w, x, block.weight, *_dense([block.tau_w]))
+
+    def atlas_linear(self, x, block):
+        self.check_dtypes(x, block)
+        weight, tau_w, coef_w, key_w = block.weight, block.tau_w, block.coef_w, block.key_w
         choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
         if choice.forward == "fused":
             data, scale, group = unpack(tau_w)
-            return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, bias, data, tau_b, coef_w, coef_b,
-                                                                  key_w, key_b, scale, group)
-        w = _merge(weight, tau_w, coef_w, key_w, x.dtype)
-        b = None
-        if bias is not None:
-            b = _merge(bias, tau_b, coef_b, key_b, x.dtype) if tau_b is not None else bias.to(x.dtype)
-        y = F.linear(x, w, b)
+            return torch.ops.atlas_fast.atlas_linear_cuda_forward(x, weight, block.bias, data, block.tau_b, coef_w,
+                                                                  block.coef_b, key_w, block.key_b, scale, group)
+        w = block.merged_weight(self.merge_one, x.dtype)
+        y = F.linear(x, w, block.merged_bias(self.merge_one, x.dtype))
         if choice.dx == "keep":
             self.kept.put(self.kept.key(weight, tau_w, coef_w, key_w, x.dtype), w)
         return y
 
-    def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
-        _check_dtypes(coef_w, x, weight, *_dense([tau_w]))
+    def atlas_linear_backward(self, grad_out, x, block, needs_input_grad):
+        self.check_dtypes(x, block)
+        weight, tau_w, coef_w, key_w = block.weight, block.tau_w, block.coef_w, block.key_w
         choice = plan.for_linear(x.numel() // max(x.shape[-1], 1), weight, tau_w, coef_w, x.dtype, BLOCK_M)
         fused_dx = needs_input_grad and choice.dx == "fused"
         data, scale, group = unpack(tau_w)
-        dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, data, tau_b, coef_w,
-                                                                       key_w, key_b, fused_dx, scale, group)
+        dx, dcw, dcb = torch.ops.atlas_fast.atlas_linear_cuda_backward(grad_out, x, weight, data, block.tau_b, coef_w,
+                                                                       key_w, block.key_b, fused_dx, scale, group)
         if needs_input_grad and not fused_dx:
             # The dx of the fused kernel has x's dtype and shape; so has this one.
             kept = self.kept.take(self.kept.key(weight, tau_w, coef_w, key_w, x.dtype))
-            w = kept if kept is not None else _merge(weight, tau_w, coef_w, key_w, x.dtype)
+            w = kept if kept is not None else block.merged_weight(self.merge_one, x.dtype)
             dx = torch.matmul(grad_out.to(x.dtype), w)
-        return _or_none(dx, needs_input_grad), dcw, _or_none(dcb, tau_b is not None)
+        return _or_none(dx, needs_input_grad), dcw, _or_none(dcb, block.tau_b is not None)
 
     def merge_blocks(self, theta0, tau, coef, keys):
-        _check_dtypes(coef, *theta0, *_dense(tau))
+        check_dtypes(self.name, coef, *theta0, *_dense(tau))
         groups = _dtype_groups(theta0, tau)
         if len(groups) == 1 and not is_quantized(tau[0]):
             return torch.ops.atlas_fast.merge_blocks_cuda(list(theta0), list(tau), coef, list(keys))
@@ -261,7 +251,7 @@ class CudaBackend(Im2colConv, Backend):
         return out
 
     def merge_blocks_backward(self, grads, tau, keys, partitions):
-        _check_dtypes(None, *grads, *_dense(tau))
+        check_dtypes(self.name, None, *grads, *_dense(tau))
         groups = _dtype_groups(grads, tau)
         if len(groups) == 1 and not is_quantized(tau[0]):
             return torch.ops.atlas_fast.merge_blocks_cuda_backward(list(grads), list(tau), list(keys), partitions)
@@ -271,6 +261,27 @@ class CudaBackend(Im2colConv, Backend):
             dc[:, idx] = (torch_backend.BACKEND.merge_blocks_backward(*args) if is_quantized(tau[idx[0]])
                           else torch.ops.atlas_fast.merge_blocks_cuda_backward(*args))
         return dc
+
+    # ---------------------------------------------------------------- grouped: the same fused kernels, segmented
+
+    def grouped_block_m(self):
+        return BLOCK_M
+
+    def segmented_forward(self, x2, row_group, block, skip):
+        """atlas_linear_grouped_cuda_forward: the op sorts the rows into one-group segments itself."""
+        data, scale, group = unpack(block.tau_w)
+        return torch.ops.atlas_fast.atlas_linear_grouped_cuda_forward(
+            x2, row_group, block.weight, block.bias, data, block.tau_b, block.coef_w, block.coef_b, block.key_w,
+            block.key_b, skip, scale, group)
+
+    def segmented_backward(self, gy, x2, row_group, block, needs_input_grad, skip):
+        """atlas_linear_grouped_cuda_backward; dc_b is per-group row sums of dy reduced by the merge_blocks backward
+        kernel."""
+        data, scale, group = unpack(block.tau_w)
+        grad_x, grad_cw, grad_cb = torch.ops.atlas_fast.atlas_linear_grouped_cuda_backward(
+            gy, x2, row_group, block.weight, data, block.tau_b, block.coef_w, block.key_w, block.key_b,
+            needs_input_grad, skip, scale, group)
+        return _or_none(grad_x, needs_input_grad), grad_cw, _or_none(grad_cb, block.tau_b is not None)
 
 
 BACKEND = CudaBackend()

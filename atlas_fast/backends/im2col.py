@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 
 def out_size(conv, weight, x):
+    """(Ho, Wo) of a conv of x (B, C, H, W) with weight (N, C/groups, kh, kw); the formula of torch.nn.Conv2d."""
     stride, padding, dilation, _ = conv
     return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
                  for i in (0, 1))
@@ -50,27 +51,3 @@ def rows(t):
     """(B, N, Ho, Wo) → (B·Ho·Wo, N): the conv output laid out as the GEMM's rows."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
-
-class Im2colConv:
-    """atlas_conv2d for a backend with fused linear kernels: a conv with groups=1 runs its own atlas_linear
-    and atlas_linear_backward on the im2col view; grouped convs go to the next class (the torch fallback)."""
-
-    def atlas_conv2d(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
-        if conv[3] != 1:
-            return super().atlas_conv2d(x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv)
-        N = weight.shape[0]
-        Ho, Wo = out_size(conv, weight, x)
-        y = self.atlas_linear(patches(x, weight, conv), weight.reshape(N, -1), bias,
-                              tau_w.reshape(*tau_w.shape[:2], -1), tau_b, coef_w, coef_b, key_w, key_b)
-        return y.view(x.shape[0], Ho, Wo, N).permute(0, 3, 1, 2).contiguous()
-
-    def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
-        if conv[3] != 1:
-            return super().atlas_conv2d_backward(grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv,
-                                                 needs_input_grad)
-        N = weight.shape[0]
-        dcols, grad_cw, grad_cb = self.atlas_linear_backward(
-            rows(grad_out), patches(x, weight, conv), weight.reshape(N, -1), tau_w.reshape(*tau_w.shape[:2], -1),
-            tau_b, coef_w, key_w, key_b, needs_input_grad)
-        grad_x = unpatch(dcols, x, weight, conv) if needs_input_grad else None
-        return grad_x, grad_cw, grad_cb

@@ -19,6 +19,10 @@ walk below is the fallback and the path on other devices and for float64.
 Quantised banks (quant.QuantizedBlock, int8 or int4) go through the same walk: each chunk, a whole number of
 rows, is dequantised into the reused buffer (QuantizedBlock.dequantize_rows) where a half-precision chunk is
 upcast, so the merge and the reduction read the int8/int4 bank and never a dequantised copy of a layer.
+
+Grouped calls (a coefficient set per group of samples) are methods of the same TorchBackend: a group's samples run
+as an ungrouped call on its coefficients ("merge"), or all rows at once by a per-row strategy of torch_grouped.py,
+which also holds the strategy rule and the generic blocks' grouped merge.
 """
 import torch
 import torch.nn.functional as F
@@ -26,8 +30,9 @@ import torch.nn.functional as F
 from ..bank import lowrank
 from ..bank.quant import is_quantized
 from ..ops.hashing import cached_partition_index
-from . import cpu_native
+from . import cpu_native, torch_grouped
 from .base import Backend
+from .im2col import out_size
 
 # Bytes of one chunk of the bank in the compute dtype. Large enough that a chunk costs a handful of BLAS calls
 # (each call is an OpenMP region, which stalls when the cores are shared), small enough to stay in the last
@@ -145,62 +150,67 @@ def merge_and_reduce(theta0, tau, coef, key, g):
     return merged.view(theta0.shape), dc
 
 
-def _merged_bias(bias, tau_b, coef_b, key_b, dtype):
-    if bias is None:
-        return None
-    merged = merge_block(bias, tau_b, coef_b, key_b) if tau_b is not None else bias
-    return merged.to(dtype)
+def merge(theta0, tau, coef, key, dtype):
+    """merge_block in dtype: the one-block merge of base.Block.merged_weight and merged_bias."""
+    return merge_block(theta0, tau, coef, key).to(dtype)
+
+
+def _aten_conv_args(conv):
+    """stride, padding, dilation, transposed, output_padding, groups as aten.convolution_backward takes them."""
+    stride, padding, dilation, groups = conv
+    return (list(stride), list(padding), list(dilation), False, [0, 0], groups)
+
+
+def _conv_grad_weight(grad_out, x, weight, conv):
+    """The weight gradient of a conv. It does not depend on the weight's values: θ0 stands in for the merged
+    weight, which is built afterwards in the same pass over the bank that reduces it."""
+    return torch.ops.aten.convolution_backward(grad_out, x, weight.to(grad_out.dtype), None, *_aten_conv_args(conv),
+                                               [False, True, False])[1]
+
+
+def _conv_grad_input(grad_out, x, w, conv):
+    return torch.ops.aten.convolution_backward(grad_out, x, w.to(grad_out.dtype), None, *_aten_conv_args(conv),
+                                               [True, False, False])[0]
+
+
+def _grads(block, g_weight, g_bias, needs_input_grad):
+    """(merged weight or None, dc_w, dc_b or None) of one block from its weight gradient and its bias gradient
+    Σ_n dy_n: one pass over the weight's bank, which also merges the weight when dx needs it."""
+    K = block.coef_w.shape[1]
+    acc = block.coef_w.dtype
+    w = None
+    if needs_input_grad:
+        w, grad_cw = merge_and_reduce(block.weight, block.tau_w, block.coef_w, block.key_w, g_weight)
+    else:
+        grad_cw = reduce_block(block.tau_w, g_weight, block.key_w, K, acc)
+    grad_cb = reduce_block(block.tau_b, g_bias, block.key_b, K, acc) if block.tau_b is not None else None
+    return w, grad_cw, grad_cb
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def atlas_linear(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b):
-        w = merge_block(weight, tau_w, coef_w, key_w).to(x.dtype)
-        return F.linear(x, w, _merged_bias(bias, tau_b, coef_b, key_b, x.dtype))
+    def atlas_linear(self, x, block):
+        return F.linear(x, block.merged_weight(merge, x.dtype), block.merged_bias(merge, x.dtype))
 
-    def atlas_linear_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad):
-        K = coef_w.shape[1]
+    def atlas_linear_backward(self, grad_out, x, block, needs_input_grad):
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         g_weight = gy.t() @ x.reshape(-1, x.shape[-1])
-        grad_x = None
-        if needs_input_grad:
-            w, grad_cw = merge_and_reduce(weight, tau_w, coef_w, key_w, g_weight)
-            del g_weight
-            grad_x = (gy @ w.to(grad_out.dtype)).view(x.shape)
-            del w
-        else:
-            grad_cw = reduce_block(tau_w, g_weight, key_w, K, coef_w.dtype)
-            del g_weight
-        grad_cb = reduce_block(tau_b, gy.sum(0, dtype=coef_w.dtype), key_b, K, coef_w.dtype) if tau_b is not None else None
+        w, grad_cw, grad_cb = _grads(block, g_weight, _bias_sum(block, gy, 0), needs_input_grad)
+        del g_weight
+        grad_x = (gy @ w.to(grad_out.dtype)).view(x.shape) if needs_input_grad else None
         return grad_x, grad_cw, grad_cb
 
-    def atlas_conv2d(self, x, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, conv):
+    def atlas_conv2d(self, x, block, conv):
         stride, padding, dilation, groups = conv
-        w = merge_block(weight, tau_w, coef_w, key_w).to(x.dtype)
-        return F.conv2d(x, w, _merged_bias(bias, tau_b, coef_b, key_b, x.dtype), stride, padding, dilation, groups)
+        return F.conv2d(x, block.merged_weight(merge, x.dtype), block.merged_bias(merge, x.dtype), stride, padding,
+                        dilation, groups)
 
-    def atlas_conv2d_backward(self, grad_out, x, weight, tau_w, tau_b, coef_w, key_w, key_b, conv, needs_input_grad):
-        stride, padding, dilation, groups = conv
-        K = coef_w.shape[1]
-        args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
-        # The weight gradient does not depend on the weight's values: θ0 stands in for the merged weight, which
-        # is built afterwards in the same pass over the bank that reduces G.
-        _, g_weight, _ = torch.ops.aten.convolution_backward(grad_out, x, weight.to(grad_out.dtype), None, *args,
-                                                             [False, True, False])
-        grad_x = None
-        if needs_input_grad:
-            w, grad_cw = merge_and_reduce(weight, tau_w, coef_w, key_w, g_weight)
-            del g_weight
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, w.to(grad_out.dtype), None, *args,
-                                                         [True, False, False])[0]
-            del w
-        else:
-            grad_cw = reduce_block(tau_w, g_weight, key_w, K, coef_w.dtype)
-            del g_weight
-        grad_cb = None
-        if tau_b is not None:
-            grad_cb = reduce_block(tau_b, grad_out.sum((0, 2, 3), dtype=coef_w.dtype), key_b, K, coef_w.dtype)
+    def atlas_conv2d_backward(self, grad_out, x, block, conv, needs_input_grad):
+        g_weight = _conv_grad_weight(grad_out, x, block.weight, conv)
+        w, grad_cw, grad_cb = _grads(block, g_weight, _bias_sum(block, grad_out, (0, 2, 3)), needs_input_grad)
+        del g_weight
+        grad_x = _conv_grad_input(grad_out, x, w, conv) if needs_input_grad else None
         return grad_x, grad_cw, grad_cb
 
     def merge_blocks(self, theta0, tau, coef, keys):
@@ -209,6 +219,79 @@ class TorchBackend(Backend):
 
     def merge_blocks_backward(self, grads, tau, keys, partitions):
         return torch.stack([reduce_block(tv, g, key, partitions) for tv, g, key in zip(tau, grads, keys)], dim=1)
+
+    # Grouped calls: the strategy and the per-row paths are torch_grouped's; "merge" runs each present group's
+    # samples as an ungrouped call of this backend on that group's coefficients.
+
+    def atlas_linear_grouped(self, x, index, block):
+        x2 = x.reshape(-1, x.shape[-1])
+        present = torch_grouped.groups_of(index, block.coef_w.shape[0])
+        strategy = torch_grouped.linear_strategy(x2.shape[0], len(present), block.coef_w.shape[2], block.tau_w)
+        if strategy != "merge":
+            row_group = torch_grouped.row_groups(index, torch_grouped.rows_per_sample(x, x2.shape[0]))
+            y = torch_grouped.linear_rows(strategy, x2, row_group, block)
+            return y.view(*x.shape[:-1], block.weight.shape[0])
+        y = x.new_empty((*x.shape[:-1], block.weight.shape[0]))
+        for g, samples in present:
+            torch_grouped.put(y, samples, self.atlas_linear(torch_grouped.take(x, samples), block.group(g)))
+        return y
+
+    def atlas_linear_grouped_backward(self, grad_out, x, index, block, needs_input_grad):
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        present = torch_grouped.groups_of(index, block.coef_w.shape[0])
+        strategy = torch_grouped.linear_strategy(x2.shape[0], len(present), block.coef_w.shape[2], block.tau_w)
+        if strategy != "merge":
+            row_group = torch_grouped.row_groups(index, torch_grouped.rows_per_sample(x, x2.shape[0]))
+            grad_x, grad_cw, grad_cb = torch_grouped.linear_rows_backward(strategy, gy, x2, row_group, block,
+                                                                          needs_input_grad)
+            return (grad_x.view(x.shape) if needs_input_grad else None), grad_cw, grad_cb
+        return self._per_group_backward(self.atlas_linear_backward, grad_out, x, present, block, needs_input_grad)
+
+    def atlas_conv2d_grouped(self, x, index, block, conv):
+        y = None
+        for g, samples in torch_grouped.groups_of(index, block.coef_w.shape[0]):
+            y_g = self.atlas_conv2d(torch_grouped.take(x, samples), block.group(g), conv)
+            if y is None:
+                y = y_g.new_empty((x.shape[0], *y_g.shape[1:]))
+            torch_grouped.put(y, samples, y_g)
+        if y is None:
+            y = x.new_empty((0, block.weight.shape[0], *out_size(conv, block.weight, x)))
+        return y
+
+    def atlas_conv2d_grouped_backward(self, grad_out, x, index, block, conv, needs_input_grad):
+        present = torch_grouped.groups_of(index, block.coef_w.shape[0])
+        return self._per_group_backward(lambda gy, x_g, b, need: self.atlas_conv2d_backward(gy, x_g, b, conv, need),
+                                        grad_out, x, present, block, needs_input_grad)
+
+    @staticmethod
+    def _per_group_backward(backward, grad_out, x, present, block, needs_input_grad):
+        """The grouped backward as one ungrouped `backward(grad_out, x, block, needs_input_grad)` per present
+        group; the groups without samples keep dc = 0."""
+        G, T, P = block.coef_w.shape
+        acc = block.coef_w.dtype
+        grad_x = torch.empty_like(x) if needs_input_grad else None
+        grad_cw = torch.zeros(G, T, P, dtype=acc, device=x.device)
+        grad_cb = torch.zeros(G, T, P, dtype=acc, device=x.device) if block.tau_b is not None else None
+        for g, samples in present:
+            dx, grad_cw[g], dcb = backward(torch_grouped.take(grad_out, samples), torch_grouped.take(x, samples),
+                                           block.group(g), needs_input_grad)
+            if needs_input_grad:
+                torch_grouped.put(grad_x, samples, dx)
+            if dcb is not None:
+                grad_cb[g] = dcb
+        return grad_x, grad_cw, grad_cb
+
+    def merge_blocks_grouped(self, theta0, tau, coef, keys):
+        return torch_grouped.merge_blocks_grouped(theta0, tau, coef, keys)
+
+    def merge_blocks_grouped_backward(self, grads, tau, keys, partitions):
+        return torch_grouped.merge_blocks_grouped_backward(grads, tau, keys, partitions)
+
+
+def _bias_sum(block, grad_out, dims):
+    """Σ_n dy_n over `dims` in the accumulation dtype: what a bias's dc reduces (None without bias task vectors)."""
+    return grad_out.sum(dims, dtype=block.coef_w.dtype) if block.tau_b is not None else None
 
 
 BACKEND = TorchBackend()

@@ -8,57 +8,61 @@ x has its samples on dim 0 and index (S,) int64 names each sample's group in [0,
 leading group axis, (G, T, P) per block ((G, T, B, P) for merge_blocks_grouped). Backward math, per block:
     dx[s]       = dy[s] · W(c[index[s]])
     dc[g, t, k] = Σ_{i : k(i) = k} τ_t[i] G_g[i],   G_g the weight gradient of group g's samples alone
-Shapes and the torch implementation's strategy: backends/grouped.py; Triton kernels:
-kernels/atlas_linear_grouped.py; CUDA kernels: csrc/atlas_linear.cu (torch.ops.atlas_fast.atlas_linear_grouped_cuda_*).
+The ops dispatch through backends.resolve to the grouped methods of the backend (contract: backends/base.py; the
+torch backend's strategies: backends/torch_grouped.py; the segmented kernels: backends/fused.py, with the Triton
+kernels in kernels/atlas_linear_grouped.py and the CUDA ones in csrc/atlas_linear.cu). merge_blocks_grouped has no
+backend argument and runs the torch backend's on whatever device the tensors are. The checks of the functional
+entry points and the quantised task vectors' rebuilding are shared with the dense ops (ops/common.py).
 
 Under torch.func.vmap (AtlasModel runs a grouped forward as a vmap over samples) the linear and conv ops
 accept a batched activation with an unbatched index of the vmap's batch size: index[n] is the group of the
 n-th vmapped sample, and every row of that sample belongs to it.
 
-Quantised weights (quant.QuantizedBlock) travel as in ops.py: data as tau_w with scale_w and group_w; lists of
+Quantised weights (quant.QuantizedBlock) travel as in dense.py: data as tau_w with scale_w and group_w; lists of
 blocks with quantised ones go through atlas_fast::merge_blocks_grouped_quant. Low-rank weights
-(lowrank.LowRankBlock) travel as their factors, a as tau_w and bt as bt_w, and run the torch implementation on
-every device (stock GEMMs); a list's low-rank blocks go through atlas_fast::merge_lowrank_grouped (ops_lowrank).
+(lowrank.LowRankBlock) travel as their factors, a as tau_w and bt as bt_w, and run the torch backend on every
+device (stock GEMMs); a list's low-rank blocks go through atlas_fast::merge_lowrank_grouped (ops/lowrank.py).
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..backends.grouped import TORCH, implementation
-from ..backends.grouped import merge_blocks_grouped as _merge_grouped_impl
-from ..backends.grouped import merge_blocks_grouped_backward as _merge_grouped_backward_impl
+from ..backends import Block, get_backend, resolve
+from ..backends.im2col import out_size
 from ..bank import lowrank, quant
-from .dense import (
-    _autocast,
-    _check_bias,
-    _check_block,
-    _check_lowrank,
-    _merge_factored_apart,
-    _save_taus,
-    _saved_taus,
-    _tau,
-    _taus,
+from .common import (
+    autocast,
+    backward_fakes,
+    check_bias,
+    check_block,
+    check_lowrank,
+    conv_args,
+    merge_factored_apart,
+    or_empty,
+    save_taus,
+    saved_taus,
+    task_vector_list,
+    task_vectors,
 )
 
-_EMPTY = (0,)
 
-
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(_EMPTY) if t is None else t
-
-
-def _grouped_tau(tau_w, scale_w, group_w, bt_w, weight):
-    """The weight's task vectors as the implementations take them: a LowRankBlock when bt_w is given."""
+def _as_block(weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, scale_w, group_w, bt_w):
+    """The Block a backend receives; its weight's task vectors a LowRankBlock when bt_w is given."""
     if bt_w is not None:
-        return lowrank.LowRankBlock(tau_w, bt_w, (tau_w.shape[0], *weight.shape))
-    return _tau(tau_w, scale_w, group_w, weight)
+        tau = lowrank.LowRankBlock(tau_w, bt_w, (tau_w.shape[0], *weight.shape))
+    else:
+        tau = task_vectors(tau_w, scale_w, group_w, weight)
+    return Block(weight, bias, tau, tau_b, coef_w, coef_b, key_w, key_b)
 
 
-def _implementation(backend, x, coef_w, bt_w):
-    # An empty batch has an empty result and zero coefficient gradients: the torch implementation gives them
-    # without launching kernels over no rows.
-    return TORCH if bt_w is not None or x.numel() == 0 else implementation(backend, x.device, coef_w.dtype)
+def _backend(backend, x, coef_w, bt_w):
+    # Low-rank task vectors run stock GEMMs on the factors, which is the torch backend on every device. An empty
+    # batch has an empty result and zero coefficient gradients: the torch backend gives them without launching
+    # kernels over no rows.
+    if bt_w is not None or x.numel() == 0:
+        return get_backend("torch")
+    return resolve(backend, x.device, coef_w.dtype)
 
 
 def _check_groups(what, coef):
@@ -74,9 +78,8 @@ def _linear_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Ten
                     tau_b: Optional[Tensor], coef_w: Tensor, coef_b: Optional[Tensor], key_w: int, key_b: int,
                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0,
                     bt_w: Optional[Tensor] = None) -> Tensor:
-    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
-    return _implementation(backend, x, coef_w, bt_w).atlas_linear(x, index, weight, bias, tau, tau_b, coef_w, coef_b,
-                                                                  key_w, key_b)
+    block = _as_block(weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, scale_w, group_w, bt_w)
+    return _backend(backend, x, coef_w, bt_w).atlas_linear_grouped(x, index, block)
 
 
 @_linear_grouped.register_fake
@@ -90,18 +93,16 @@ def _linear_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight:
                              tau_b: Optional[Tensor], coef_w: Tensor, key_w: int, key_b: int,
                              needs_input_grad: bool, backend: str, scale_w: Optional[Tensor] = None,
                              group_w: int = 0, bt_w: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
-    dx, dcw, dcb = _implementation(backend, x, coef_w, bt_w).atlas_linear_backward(
-        grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, needs_input_grad)
-    return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
+    block = _as_block(weight, None, tau_w, tau_b, coef_w, None, key_w, key_b, scale_w, group_w, bt_w)
+    dx, dcw, dcb = _backend(backend, x, coef_w, bt_w).atlas_linear_grouped_backward(grad_out, x, index, block,
+                                                                                    needs_input_grad)
+    return or_empty(dx, x), dcw, or_empty(dcb, coef_w)
 
 
 @_linear_grouped_backward.register_fake
 def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, needs_input_grad, backend, scale_w=None,
       group_w=0, bt_w=None):
-    dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
-    dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
-    return dx, torch.empty_like(coef_w), dcb
+    return backward_fakes(x, coef_w, tau_b, needs_input_grad)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -132,21 +133,16 @@ def _conv2d_grouped(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Ten
                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
                     backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0,
                     bt_w: Optional[Tensor] = None) -> Tensor:
-    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
-    return _implementation(backend, x, coef_w, bt_w).atlas_conv2d(x, index, weight, bias, tau, tau_b, coef_w, coef_b,
-                                                                  key_w, key_b, conv)
-
-
-def _conv_out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+    block = _as_block(weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, scale_w, group_w, bt_w)
+    return _backend(backend, x, coef_w, bt_w).atlas_conv2d_grouped(x, index, block,
+                                                                   conv_args(stride, padding, dilation, groups))
 
 
 @_conv2d_grouped.register_fake
 def _(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, key_w, key_b, stride, padding, dilation, groups,
       backend, scale_w=None, group_w=0, bt_w=None):
-    h, w = (_conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in (0, 1))
-    return x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return x.new_empty((x.shape[0], weight.shape[0],
+                        *out_size(conv_args(stride, padding, dilation, groups), weight, x)))
 
 
 @torch.library.custom_op("atlas_fast::atlas_conv2d_grouped_backward", mutates_args=())
@@ -155,19 +151,16 @@ def _conv2d_grouped_backward(grad_out: Tensor, x: Tensor, index: Tensor, weight:
                              padding: List[int], dilation: List[int], groups: int, needs_input_grad: bool,
                              backend: str, scale_w: Optional[Tensor] = None, group_w: int = 0,
                              bt_w: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    tau = _grouped_tau(tau_w, scale_w, group_w, bt_w, weight)
-    dx, dcw, dcb = _implementation(backend, x, coef_w, bt_w).atlas_conv2d_backward(
-        grad_out, x, index, weight, tau, tau_b, coef_w, key_w, key_b, conv, needs_input_grad)
-    return _or_empty(dx, x), dcw, _or_empty(dcb, coef_w)
+    block = _as_block(weight, None, tau_w, tau_b, coef_w, None, key_w, key_b, scale_w, group_w, bt_w)
+    dx, dcw, dcb = _backend(backend, x, coef_w, bt_w).atlas_conv2d_grouped_backward(
+        grad_out, x, index, block, conv_args(stride, padding, dilation, groups), needs_input_grad)
+    return or_empty(dx, x), dcw, or_empty(dcb, coef_w)
 
 
 @_conv2d_grouped_backward.register_fake
 def _(grad_out, x, index, weight, tau_w, tau_b, coef_w, key_w, key_b, stride, padding, dilation, groups,
       needs_input_grad, backend, scale_w=None, group_w=0, bt_w=None):
-    dx = torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)
-    dcb = torch.empty_like(coef_w) if tau_b is not None else coef_w.new_empty(_EMPTY)
-    return dx, torch.empty_like(coef_w), dcb
+    return backward_fakes(x, coef_w, tau_b, needs_input_grad)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -226,7 +219,7 @@ torch.library.register_vmap("atlas_fast::atlas_conv2d_grouped", _vmap_rule("atla
 
 @torch.library.custom_op("atlas_fast::merge_blocks_grouped", mutates_args=())
 def _merge_grouped(theta0: List[Tensor], tau: List[Tensor], coef: Tensor, keys: List[int]) -> List[Tensor]:
-    return _merge_grouped_impl(theta0, tau, coef, keys)
+    return get_backend("torch").merge_blocks_grouped(theta0, tau, coef, keys)
 
 
 @_merge_grouped.register_fake
@@ -236,7 +229,7 @@ def _(theta0, tau, coef, keys):
 
 @torch.library.custom_op("atlas_fast::merge_blocks_grouped_backward", mutates_args=())
 def _merge_grouped_backward(grads: List[Tensor], tau: List[Tensor], keys: List[int], partitions: int) -> Tensor:
-    return _merge_grouped_backward_impl(grads, tau, keys, partitions)
+    return get_backend("torch").merge_blocks_grouped_backward(grads, tau, keys, partitions)
 
 
 @_merge_grouped_backward.register_fake
@@ -264,7 +257,8 @@ _merge_grouped.register_autograd(_merge_grad, setup_context=_merge_setup)
 @torch.library.custom_op("atlas_fast::merge_blocks_grouped_quant", mutates_args=())
 def _merge_grouped_quant(theta0: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]], groups: List[int],
                          coef: Tensor, keys: List[int]) -> List[Tensor]:
-    return _merge_grouped_impl(theta0, _taus(theta0, tau, scales, groups), coef, keys)
+    return get_backend("torch").merge_blocks_grouped(theta0, task_vector_list(theta0, tau, scales, groups), coef,
+                                                     keys)
 
 
 @_merge_grouped_quant.register_fake
@@ -276,7 +270,8 @@ def _(theta0, tau, scales, groups, coef, keys):
 def _merge_grouped_quant_backward(grads: List[Tensor], tau: List[Tensor], scales: List[Optional[Tensor]],
                                   groups: List[int], keys: List[int], partitions: int) -> Tensor:
     # each gradient is (G, *θ0.shape): its first entry has θ0's shape
-    return _merge_grouped_backward_impl(grads, _taus([g[0] for g in grads], tau, scales, groups), keys, partitions)
+    taus = task_vector_list([g[0] for g in grads], tau, scales, groups)
+    return get_backend("torch").merge_blocks_grouped_backward(grads, taus, keys, partitions)
 
 
 @_merge_grouped_quant_backward.register_fake
@@ -287,13 +282,13 @@ def _(grads, tau, scales, groups, keys, partitions):
 
 def _merge_quant_setup(ctx, inputs, output):
     _, tau, scales, groups, coef, keys = inputs
-    _save_taus(ctx, tau, scales)
+    save_taus(ctx, tau, scales)
     ctx.extra = (groups, keys, coef.shape[3], coef.dtype)
 
 
 def _merge_quant_grad(ctx, grads):
     groups, keys, partitions, dtype = ctx.extra
-    tau, scales, no_scales = _saved_taus(ctx)
+    tau, scales, no_scales = saved_taus(ctx)
     dc = torch.ops.atlas_fast.merge_blocks_grouped_quant_backward(list(grads), tau, scales, groups, keys, partitions)
     return [None] * len(tau), [None] * len(tau), no_scales, None, dc.to(dtype), None
 
@@ -307,7 +302,7 @@ def _check_grouped(what, theta0, tau, coef, G=None):
     if coef.dim() != 3:
         raise ValueError(f"{what}: grouped coefficients must be (G, T, P), got {tuple(coef.shape)}")
     _check_groups(what, coef)
-    _check_block(what, theta0, tau, coef[0])
+    check_block(what, theta0, tau, coef[0])
     if G is not None and coef.shape[0] != G:
         raise ValueError(f"{what}: coefficients for {coef.shape[0]} groups, expected {G}")
 
@@ -328,7 +323,7 @@ def atlas_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
 
     x (S, ..., in): samples on dim 0 · index (S,) int64 · coef_w, coef_b (G, T, K)."""
     _check_grouped("weight", weight, tau_w, coef_w)
-    _check_bias(bias, tau_b, coef_b, coef_w, _check_grouped)
+    check_bias(bias, tau_b, coef_b, coef_w, _check_grouped)
     if weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} (samples first) does not match weight {tuple(weight.shape)}")
     _check_index(index, x.shape[0], coef_w.shape[0], x.device)
@@ -339,7 +334,7 @@ def atlas_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b=No
                          stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, backend="auto"):
     """F.conv2d of sample s on the weight and bias merged with coefficients coef[index[s]]; x (S, C, H, W)."""
     _check_grouped("weight", weight, tau_w, coef_w)
-    _check_bias(bias, tau_b, coef_b, coef_w, _check_grouped)
+    check_bias(bias, tau_b, coef_b, coef_w, _check_grouped)
     if weight.dim() != 4 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match conv weight {tuple(weight.shape)}, "
                          f"groups={groups}")
@@ -352,7 +347,7 @@ def _unpack(tau_w, coef_w):
     """(data, scale, group, bt) of a weight's task vectors as the grouped ops take them; a low-rank τ takes one
     coefficient per task vector."""
     if lowrank.is_lowrank(tau_w):
-        _check_lowrank("weight", coef_w[0])
+        check_lowrank("weight", coef_w[0])
         return tau_w.a, None, 0, tau_w.bt
     return (*quant.unpack(tau_w), None)
 
@@ -361,7 +356,7 @@ def call_linear_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, ke
     """The grouped linear op on float, quantised or low-rank task vectors, without atlas_linear_grouped's checks
     of x against the index: the modules call it under vmap, where x is one sample."""
     data, scale, group, bt = _unpack(tau_w, coef_w)
-    return torch.ops.atlas_fast.atlas_linear_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
+    return torch.ops.atlas_fast.atlas_linear_grouped(autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
                                                      key_w, key_b, backend, scale, group, bt)
 
 
@@ -369,7 +364,7 @@ def call_conv2d_grouped(x, index, weight, bias, tau_w, tau_b, coef_w, coef_b, ke
                         dilation, groups, backend):
     """The grouped conv op as call_linear_grouped is the linear one."""
     data, scale, group, bt = _unpack(tau_w, coef_w)
-    return torch.ops.atlas_fast.atlas_conv2d_grouped(_autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
+    return torch.ops.atlas_fast.atlas_conv2d_grouped(autocast(x), index, weight, bias, data, tau_b, coef_w, coef_b,
                                                      key_w, key_b, list(stride), list(padding), list(dilation),
                                                      groups, backend, scale, group, bt)
 
@@ -381,12 +376,12 @@ def merge_blocks_grouped(theta0, tau, coef, keys):
                          f"keys, coefficients of shape {tuple(coef.shape)} (expected (G, T, B, K))")
     _check_groups("merge_blocks_grouped", coef)
     for b, (t0, tv) in enumerate(zip(theta0, tau)):
-        _check_block(f"block {b}", t0, tv, coef[0, :, b])
+        check_block(f"block {b}", t0, tv, coef[0, :, b])
     factored = [b for b, t in enumerate(tau) if lowrank.is_lowrank(t)]
     if factored:
         for b in factored:
-            _check_lowrank(f"block {b}", coef[0, :, b])
-        return _merge_factored_apart(
+            check_lowrank(f"block {b}", coef[0, :, b])
+        return merge_factored_apart(
             tau, factored,
             lambda b: torch.ops.atlas_fast.merge_lowrank_grouped(theta0[b], tau[b].a, tau[b].bt, coef[:, :, b]),
             lambda rest: merge_blocks_grouped([theta0[b] for b in rest], [tau[b] for b in rest], coef[:, :, rest],

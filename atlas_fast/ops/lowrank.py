@@ -6,9 +6,9 @@
 
 The factors travel as a (T, r, cols) and bt (T, r, rows); the coefficients are (T, 1). The bias reaching
 atlas_linear_lowrank is merged already (by merge_blocks, whose backward reduces its gradient), and a conv weight
-is merged by merge_lowrank before F.conv2d: the functional entry points in ops.py put these together. Every
+is merged by merge_lowrank before F.conv2d: the functional entry points in dense.py put these together. Every
 device runs the same stock GEMMs of inner size T·r; no backend has kernels of its own for them. Grouped linear and
-conv calls on low-rank weights are the grouped ops of ops_grouped.py, given the factors.
+conv calls on low-rank weights are the grouped ops of grouped.py, given the factors.
 """
 from typing import Optional, Tuple
 
@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from ..bank import lowrank
-
-_EMPTY = (0,)
+from .common import EMPTY, or_empty
 
 
 def _block(a: Tensor, bt: Tensor, theta0_shape) -> lowrank.LowRankBlock:
@@ -41,12 +40,12 @@ def _(x, weight, bias, a, bt, coef):
 def _linear_lowrank_backward(grad_out: Tensor, x: Tensor, weight: Tensor, a: Tensor, bt: Tensor, coef: Tensor,
                              needs_input_grad: bool) -> Tuple[Tensor, Tensor]:
     dx, dc = lowrank.linear_backward(grad_out, x, weight, _block(a, bt, weight.shape), coef, needs_input_grad)
-    return (x.new_empty(_EMPTY) if dx is None else dx), dc
+    return or_empty(dx, x), dc
 
 
 @_linear_lowrank_backward.register_fake
 def _(grad_out, x, weight, a, bt, coef, needs_input_grad):
-    return (torch.empty_like(x) if needs_input_grad else x.new_empty(_EMPTY)), torch.empty_like(coef)
+    return (torch.empty_like(x) if needs_input_grad else x.new_empty(EMPTY)), torch.empty_like(coef)
 
 
 def _linear_setup(ctx, inputs, output):
