@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank.task_vectors import TaskVectors
-from ..io.atomic import atomic_write
+from ..io.atomic import write_text
 from .data import DataError, dataset_targets, few_shot_indices, mix_seed, stream_loader
 from .inputs import (
     as_list,
@@ -190,12 +190,7 @@ def save_selection(selection, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     selection.bank.save(out)
     path = selection_path(out)
-    text = json.dumps(selection.record, indent=1)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
+    write_text(path, json.dumps(selection.record, indent=1))
     return out, path
 
 
