@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+from .bench import common as bench_common
 from .bench import step as bench
 
 
@@ -14,12 +15,14 @@ def _add_bench(sub):
                        description="Checks every backend against naive merging, then measures naive merging, "
                                    "plain fine-tuning and every backend, each in a fresh process. Default: open_clip "
                                    "ViT-B-32 visual tower with random weights, T=8 synthetic task vectors, batch 8; "
-                                   "fp32 on a CPU, bf16 bank and bf16 autocast on a GPU.")
+                                   "float32 on a CPU, bfloat16 bank and bf16 autocast on a GPU.")
     p.add_argument("--model", help="open_clip architecture name (default ViT-B-32), or a model config .json")
     p.add_argument("--tasks", type=int, help="number of task vectors T (default 8)")
     p.add_argument("--batch", type=int, help="images per step (default 8)")
-    p.add_argument("--bank-dtype", choices=bench.BANK_DTYPES,
-                   help="storage dtype of the task vectors (default fp32 on a CPU, bf16 on a GPU)")
+    p.add_argument("--bank-dtype", type=bench_common.bank_dtype_name,
+                   help="storage of the task vectors: float32, bfloat16, float16, int8 or int4, as `atlas-fast bank "
+                        "--dtype` names them (fp32, bf16, fp16 also accepted; results record these short names); "
+                        "default float32 on a CPU, bfloat16 on a GPU")
     p.add_argument("--rank", type=int, help="a low-rank bank: random rank-r factors τ = B·A per 2-D+ block "
                                             "(float32; composed without forming τ)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -47,7 +50,7 @@ def _add_bench(sub):
     p.add_argument("--streams", type=int,
                    help="with --mode tta: S streams of --batch images each adapting at once, one grouped step "
                         "against S separate composed runs in turn, S naive merges in turn and the per-sample merge "
-                        "loop (bench_tta.py)")
+                        "loop (bench/tta.py)")
     p.set_defaults(run=_run_bench, parser=p)
 
 
@@ -92,8 +95,10 @@ def _run_bench_streams(args, s):
     from .bench import tta as bench_tta
     if s.mode != "tta" or args.streams < 1:
         args.parser.error(f"--streams {args.streams}: needs --mode tta and S >= 1")
-    if s.bank_dtype not in bench_tta.DTYPES or s.rank is not None or s.granularity != "block" or s.partitions != 1:
-        args.parser.error("--streams: measured with an fp32/bf16/fp16 bank, --granularity block, one partition")
+    if s.bank_dtype not in bench_common.FLOAT_BANK_DTYPES or s.rank is not None or s.granularity != "block" \
+            or s.partitions != 1:
+        args.parser.error("--streams: measured with a float32/bfloat16/float16 bank, --granularity block, one "
+                          "partition")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
     t = bench_tta.TTASettings(model=s.model, tasks=s.tasks, batch=s.batch, streams=args.streams, device=s.device,
                               backend=backend, bank_dtype=s.bank_dtype, amp=s.amp, steps=s.steps, warmup=s.warmup,

@@ -15,7 +15,7 @@ import time
 import torch
 
 import atlas_fast
-from atlas_fast.bench.step import load_visual
+from atlas_fast.bench.common import load_visual
 
 
 def _sync(device):

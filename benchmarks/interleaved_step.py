@@ -18,13 +18,15 @@ import time
 import torch
 
 from atlas_fast.bench import step as bench
+from atlas_fast.bench.common import BANK_DTYPES, bank_dtype_name
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--bank-dtype", choices=bench.BANK_DTYPES, default="fp32")
+    p.add_argument("--bank-dtype", type=bank_dtype_name, choices=BANK_DTYPES, default="fp32",
+                   help="float32, bfloat16, float16 (or fp32, bf16, fp16), int8 or int4")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--partitions", type=int, default=1, help="also time the torch backend with this many partitions")
     p.add_argument("--rounds", type=int, default=3)

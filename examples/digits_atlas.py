@@ -33,9 +33,9 @@ import atlas_fast
 from atlas_fast.adapt import adapt, build_bank, evaluate
 from atlas_fast.adapt.api import load_data, load_model
 from atlas_fast.adapt.data import ViewData
+from atlas_fast.adapt.evaluation import classification_metrics
 from atlas_fast.adapt.heads import zero_shot_head
 from atlas_fast.adapt.loop import TrainConfig
-from atlas_fast.adapt.loop import evaluate as evaluate_view
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the number {}.", "a drawing of the digit {}."]
@@ -239,7 +239,7 @@ class FixedScale:
         with torch.no_grad():
             self.atlas.coefficients.fill_(lam)
         view = ViewData(spec.data, idx, self.loaded.preprocess)
-        return evaluate_view(lambda x: self.head(self.atlas(x)), view, self.cfg)["accuracy"]
+        return classification_metrics(lambda x: self.head(self.atlas(x)), view, self.cfg)["accuracy"]
 
 
 def test_accuracy(w, folder, coefficients=None):

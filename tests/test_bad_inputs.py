@@ -133,6 +133,25 @@ def test_merge_out_under_a_file(world, coefficients, tmp_path, capsys):
         f"atlas-fast merge: error: --out {out}: cannot write: {blocker} is a file, not a folder")
 
 
+@pytest.mark.parametrize("case", ["missing", "a_bank", "truncated"])
+def test_merge_with_a_bad_coefficient_file(world, coefficients, tmp_path, capsys, case):
+    """One reader for every coefficient file: merge (its layout) and load_coefficients name the file and what is
+    wrong with it, and nothing is written."""
+    path = tmp_path / "coefficients.safetensors"
+    if case == "a_bank":
+        shutil.copy(world["bank"], path)
+    elif case == "truncated":
+        with open(coefficients, "rb") as f:
+            data = f.read()
+        path.write_bytes(data[:len(data) // 2])
+    out = tmp_path / "merged.pt"
+    line = _error_line(capsys, _merge(world, str(path), out))
+    assert line.startswith(f"atlas-fast merge: error: {path}: " + {
+        "missing": "no such coefficient file", "a_bank": "not an atlas_fast coefficient file",
+        "truncated": "unreadable or truncated coefficient file ("}[case]), line
+    assert not out.exists()
+
+
 def test_merge_out_onto_a_folder(world, coefficients, tmp_path, capsys):
     (tmp_path / "kept.txt").write_text("x")
     assert _error_line(capsys, _merge(world, coefficients, tmp_path)) == (

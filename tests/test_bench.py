@@ -144,6 +144,17 @@ def test_bad_option_names_it(args, option, capsys, tmp_path, monkeypatch):
     assert option in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spelling, name", [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"),
+                                            ("fp32", "fp32"), ("bf16", "bf16"), ("int4", "int4")])
+def test_bank_dtype_takes_the_bank_commands_names(spelling, name, monkeypatch, tmp_path):
+    """--bank-dtype float32 | bfloat16 | float16 as `atlas-fast bank --dtype` spells them; the short names still
+    work, and the settings (results.json) record the short ones."""
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda s: seen.append(s) or 0)
+    assert cli.main(["bench", "--bank-dtype", spelling, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert seen[0].bank_dtype == name
+
+
 @pytest.mark.parametrize("where", ["under_a_file", "a_file"])
 def test_unwritable_out_is_one_line_error(tmp_path, tiny_model, where):
     blocker = tmp_path / "results"

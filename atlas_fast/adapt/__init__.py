@@ -12,19 +12,10 @@ minimisation, unsupervised FixMatch (UFM) and task negation, with zero-shot or l
 """
 import sys
 
-from .api import (
-    AdaptResult,
-    BankMismatchError,
-    adapt,
-    build_bank,
-    compose_from_file,
-    evaluate,
-    load_data,
-    load_model,
-    merge,
-)
+from .api import AdaptResult, adapt, build_bank, compose_from_file, evaluate, merge
 from .data import DataError
 from .heads import Classifier, LinearHead, ZeroShotHead, fit_linear_probe, zero_shot_head
+from .inputs import BankMismatchError, load_data, load_model
 from .loop import Task, TrainConfig, train
 from .models import ModelSpecError
 from .online import OnlineStep, OnlineTTA

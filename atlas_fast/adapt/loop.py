@@ -25,7 +25,8 @@ from ..errors import OptionError
 from ..io.atomic import write_text
 from . import checkpoint as ckpt
 from . import distributed
-from .data import ViewData, eval_loader, mix_seed, stream_batch_size, stream_loader
+from .data import ViewData, mix_seed, stream_batch_size, stream_loader
+from .evaluation import classification_metrics
 from .objectives import get_objective
 from .plots import coefficient_summary, plot_coefficients, plot_curves
 
@@ -107,32 +108,6 @@ def schedule(total, warmup_steps):
     return factor
 
 
-@torch.no_grad()
-def predict(fn, data, cfg):
-    """Softmax probabilities of fn(images) over a ViewData with one view, in data order (CPU)."""
-    out = []
-    for x, *_ in eval_loader(data, cfg.eval_batch_size, cfg.workers):
-        out.append(torch.softmax(fn(x).float(), -1).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def evaluate(fn, data, cfg, ranks=None):
-    """{"accuracy", "loss", "n"} of fn on a labelled ViewData; with `ranks` (a data-parallel run), `data` is
-    this process's share and the counts are summed over the processes."""
-    correct, loss, n = 0, 0.0, 0
-    for x, y, _ in eval_loader(data, cfg.eval_batch_size, cfg.workers):
-        logits = fn(x).float()
-        y = y.to(logits.device)
-        correct += (logits.argmax(-1) == y).sum().item()
-        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        n += len(y)
-    if ranks is not None and ranks.world > 1:
-        totals = ranks.sum_(torch.tensor([correct, loss, n], dtype=torch.float64, device=ranks.device))
-        correct, loss, n = int(totals[0].item()), totals[1].item(), int(totals[2].item())
-    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
-
-
 def make_classify(encoder, tasks, device, amp):
     heads = [t.head.to(device) for t in tasks]
     ctx = autocast_for(device, amp)
@@ -146,7 +121,8 @@ def make_classify(encoder, tasks, device, amp):
 
 def evaluate_tasks(classify, tasks, preprocess, cfg, ranks=None):
     share = ranks.share if ranks is not None else list
-    return [evaluate(lambda x, i=i: classify(i, x), ViewData(t.data, share(t.val), preprocess), cfg, ranks)
+    return [classification_metrics(lambda x, i=i: classify(i, x), ViewData(t.data, share(t.val), preprocess), cfg,
+                                   ranks)
             for i, t in enumerate(tasks)]
 
 
@@ -342,4 +318,4 @@ def _finish(atlas, tasks, cfg, out, state, select, seconds, ranks):
     return summary
 
 
-__all__ = ["Task", "TrainConfig", "train", "evaluate", "predict", "make_classify"]
+__all__ = ["Task", "TrainConfig", "train", "make_classify"]

@@ -1,5 +1,5 @@
 """Loading θ0: an open_clip model by architecture name or config file with its checkpoint (any form
-convert.read_checkpoint reads, also without its text tower), or the open_clip image tower of a Hugging Face
+io.hf_clip.read_checkpoint reads, also without its text tower), or the open_clip image tower of a Hugging Face
 CLIP vision checkpoint, built from its config.json; with preprocessing."""
 import os
 
@@ -26,7 +26,7 @@ def _resolve_name(model):
 def load_clip(model, pretrained=None, device="cpu", allow_pickle=False):
     """(clip, preprocess, tokenizer) for an open_clip architecture name or config .json.
 
-    `pretrained` is a checkpoint file (any form convert.read_checkpoint reads but a Hugging Face one;
+    `pretrained` is a checkpoint file (any form io.hf_clip.read_checkpoint reads but a Hugging Face one;
     allow_pickle as there) or None for the architecture's random initialisation (seeded by the caller).
     Nothing is downloaded. A checkpoint without the text tower (saved as keep_lang=False saves it: no
     transformer.*) gives the CLIP without the parts it lacks, and tokenizer None.
@@ -53,7 +53,7 @@ def open_clip_from_checkpoint(model, ckpt=None):
 
 
 def read_pretrained(pretrained, allow_pickle=False):
-    """convert.read_checkpoint, its errors as ModelSpecError."""
+    """io.hf_clip.read_checkpoint, its errors as ModelSpecError."""
     from ..io.hf_clip import read_checkpoint
     pretrained = os.fspath(pretrained)
     if not os.path.exists(pretrained):

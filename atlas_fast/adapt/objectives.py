@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, ViewData
+from .evaluation import predict
 
 
 class Objective:
@@ -87,7 +88,6 @@ class UFM(Objective):
     def prepare(self, classify, tasks, cfg, state, preprocess):
         if "trusted_positions" in state:
             return state
-        from .loop import predict
         t = tasks[0]
         probs = predict(lambda x: classify(0, x), ViewData(t.data, t.train, preprocess, ("plain",)), cfg)
         conf, pred = probs.max(1)

@@ -17,20 +17,20 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank.task_vectors import TaskVectors
-from ..io.atomic import atomic_write
-from .api import (
-    _as_list,
-    _compose,
-    _device,
-    _heads,
-    _is_name_list,
-    _load_bank,
-    _per_dataset,
-    heads_from_files,
-    load_data,
-    load_model,
-)
+from ..io.atomic import write_text
 from .data import DataError, dataset_targets, few_shot_indices, mix_seed, stream_loader
+from .inputs import (
+    as_list,
+    bank_label,
+    compose_bank,
+    data_sources,
+    heads_from_files,
+    load_bank,
+    load_model,
+    load_specs,
+    make_heads,
+    resolve_device,
+)
 from .loop import Task, TrainConfig, make_classify
 from .objectives import get_objective
 
@@ -91,17 +91,17 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
             raise ValueError(f"{name}={value!r}: expected a positive int")
     cfg = TrainConfig(objective="ce", batch_size=batch_size, seed=seed, amp=amp, workers=workers, progress=progress)
     cfg.validate()
-    device = _device(device)
-    bank_name = bank if isinstance(bank, (str, os.PathLike)) else "bank"
-    bank = _load_bank(bank, device)
+    device = resolve_device(device)
+    label = bank_label(bank)
+    bank = load_bank(bank, device)
     T = len(bank)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= T:
         raise ValueError(f"keep={keep!r}: expected an int with 1 <= keep <= {T} (the bank's task vectors)")
-    sources = _as_list(data) if not isinstance(data, (str, os.PathLike)) else [data]
+    sources = data_sources(data)
     if method == "gradient" and not sources:
         raise DataError("data: gradient selection scores on labelled data; none given")
     loaded = load_model(model, pretrained, preprocess, device, allow_pickle)
-    atlas = _compose(loaded, bank, bank_name, backend=backend)
+    atlas = compose_bank(loaded, bank, label, backend=backend)
     try:
         blocks = atlas.block_names
         if method == "gradient":
@@ -123,7 +123,7 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
         settings.update(data=[os.fspath(s) if isinstance(s, (str, os.PathLike)) else t.name
                               for s, t in zip(sources, tasks)], shots=shots, batches=batches, batch_size=batch_size,
                         head=head if heads is None else _head_files(heads))
-    record = _record(method, keep, bank_name, bank.sources, blocks, chosen, scores, settings)
+    record = _record(method, keep, label, bank.sources, blocks, chosen, scores, settings)
     result = Selection(selected, record)
     if out is not None:
         save_selection(result, out)
@@ -133,18 +133,16 @@ def select_blocks(model, bank, data=None, keep=1, method="gradient", out=None, p
 def _labelled_tasks(loaded, sources, classnames, templates, shots, head, heads, cfg, device, val_fraction,
                     split_seed, cache_dir, allow_pickle):
     """One Task per data set: the labelled training images adapt() would use (same shots and seed) and a head."""
-    names = [classnames] if _is_name_list(classnames) and len(sources) == 1 else _per_dataset(
-        classnames, len(sources), "classnames")
-    specs = [load_data(s, n, val_fraction, split_seed) for s, n in zip(sources, names)]
+    specs = load_specs(sources, classnames, val_fraction, split_seed)
     train = [few_shot_indices(dataset_targets(s.data), s.train, shots, cfg.seed, s.classes) for s in specs]
-    head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else _heads(
+    head_list = heads_from_files(heads, specs, loaded, allow_pickle) if heads is not None else make_heads(
         loaded, specs, head, templates, cache_dir, train, device, cfg.progress)
     return [Task(s.name, s.data, s.names, h, tr, s.val) for s, h, tr in zip(specs, head_list, train)]
 
 
 def _head_files(heads):
     """The head files as the record names them: one path, or a list of several."""
-    files = [os.fspath(h) for h in _as_list(heads)]
+    files = [os.fspath(h) for h in as_list(heads)]
     return files[0] if len(files) == 1 else files
 
 
@@ -192,12 +190,7 @@ def save_selection(selection, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     selection.bank.save(out)
     path = selection_path(out)
-    text = json.dumps(selection.record, indent=1)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
+    write_text(path, json.dumps(selection.record, indent=1))
     return out, path
 
 

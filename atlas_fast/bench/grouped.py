@@ -6,17 +6,24 @@ Measured per variant: the inference forward and (for the two composed variants) 
 and backward into the coefficients; median and spread over the timed steps; peak memory above the composed
 model's own footprint (CPU: resident high-water mark; CUDA: peak allocated). It measures, it asserts nothing.
 """
-import json
 import os
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-from .step import Settings, _bank, _proc_status_kb, run_children
+from .common import (
+    PeakMemory,
+    child_main,
+    load_visual,
+    median_spread,
+    proc_field,
+    run_children,
+    synthetic_bank,
+    time_calls,
+    write_json,
+)
 
 VARIANTS = ("grouped", "separate", "merged")
 
@@ -45,10 +52,9 @@ def _build(s: GroupSettings, vit=None):
     import atlas_fast
     torch.manual_seed(s.seed)
     if vit is None:
-        import open_clip
-        vit = open_clip.create_model(s.model, pretrained=None).visual.eval()
+        vit, _, _ = load_visual(s.model, s.seed)
     vit = vit.to(s.device)
-    bank = _bank(vit, Settings(tasks=s.tasks, bank_dtype=s.bank_dtype, rank=s.rank, seed=s.seed))
+    bank = synthetic_bank(vit, s.tasks, s.bank_dtype, s.rank, s.seed)
     model = atlas_fast.compose(vit, bank, s.granularity, s.partitions, backend=s.backend, seed=s.seed)
     coef = torch.rand(s.groups, *model.coefficients.shape, device=s.device) * 0.6 - 0.3
     index = torch.arange(s.batch, device=s.device) % s.groups
@@ -103,56 +109,27 @@ def _check_room(model, copies, device):
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        free = int(proc_field("/proc/meminfo", "MemAvailable:").split()[0]) * 1024
     if need > 0.9 * free:
         raise MemoryError(f"{copies} merged models need {need / 1e9:.1f} GB; {free / 1e9:.1f} GB available")
 
 
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _times(fn, s):
-    for _ in range(s.warmup):
-        fn()
-    out = []
-    for _ in range(s.steps):
-        _sync(s.device)
-        start = time.perf_counter()
-        fn()
-        _sync(s.device)  # the host clock reads after the device finished the step's work
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def measure(variant, s: GroupSettings, vit=None):
     """One variant in this process: {"infer_s": [...], "train_s": [...] or None, "peak_extra_mb": float}."""
-    if s.threads:
-        torch.set_num_threads(s.threads)
     model, coef, index, images = _build(s, vit)
-    cuda = str(s.device).startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(s.device)
-        base = torch.cuda.memory_allocated(s.device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status_kb("VmRSS") * 1024
+    peak = PeakMemory(s.device)
     runner = _Variant(variant, model, coef, index, images)
-    result = {"infer_s": _times(runner.infer, s),
-              "train_s": _times(runner.train, s) if variant != "merged" else None}
-    peak = torch.cuda.max_memory_allocated(s.device) if cuda else _proc_status_kb("VmHWM") * 1024
-    result["peak_extra_mb"] = (peak - base) / 1e6
+    result = {"infer_s": time_calls(runner.infer, s.steps, s.warmup, s.device),
+              "train_s": time_calls(runner.train, s.steps, s.warmup, s.device) if variant != "merged" else None}
+    result["peak_extra_mb"] = peak.extra_mb()
     return result
 
 
 def _fmt(times):
     if not times:
         return "—"
-    med = statistics.median(times)
-    return f"{med * 1e3:9.1f} ms ±{(max(times) - min(times)) / 2 * 1e3:.1f}"
+    med, spread = median_spread(times)
+    return f"{med * 1e3:9.1f} ms ±{spread * 1e3:.1f}"
 
 
 def format_table(results, s: GroupSettings):
@@ -170,14 +147,12 @@ def format_table(results, s: GroupSettings):
 
 def run(s: GroupSettings, variants=VARIANTS):
     """Every variant in its own process; prints the table and writes results_groups.json to s.out."""
-    env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if s.device == "cpu" else {}))
-    results = run_children("atlas_fast.bench.grouped", asdict(s), variants, env)
+    results = run_children("atlas_fast.bench.grouped", asdict(s), variants)
     print(format_table(results, s))
     os.makedirs(s.out, exist_ok=True)
-    with open(os.path.join(s.out, "results_groups.json"), "w") as f:
-        json.dump({"settings": asdict(s), "results": results}, f, indent=1)
+    write_json(os.path.join(s.out, "results_groups.json"), {"settings": asdict(s), "results": results})
     return 0 if len(results) == len(variants) else 1
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[2], GroupSettings(**json.loads(sys.argv[1])))))
+    child_main(lambda job, tick: measure(job["variant"], GroupSettings(**job["settings"])))

@@ -7,11 +7,13 @@ no variant inherits another's allocator state:
     naive     the paper's way: merge every parameter each step, torch.func.functional_call
     finetune  the plain model with every weight trainable, same loss
     floor     not run but computed: finetune's step + two reads of the bank at the memory bandwidth measured
-              in the same run (a COPY_BYTES tensor copy on the device, median of several); the cost model's
-              lower bound for a step of any backend (DESIGN.md)
+              in the same run (a COPY_BYTES tensor copy on the device, median of several): the least a step of
+              any backend can take, as each must read every task vector once in the forward (to merge) and once in
+              the backward (to reduce the coefficient gradient) on top of the model's own step
     <backend> atlas_fast.compose(..., backend=<backend>)
 
---bank-dtype int8 | int4 stores the bank quantised (int8 with a scale per row, int4 with a scale per 128
+--bank-dtype float32 | bfloat16 | float16 (or fp32 | bf16 | fp16, the names results.json records) stores the
+bank in that dtype. int8 | int4 stores it quantised (int8 with a scale per row, int4 with a scale per 128
 columns; atlas_fast.bank.quant): the backends run on it as it is, the paper-style naive baseline (which has no
 quantised storage) on its dequantised float32 copy, so the check compares the same task vectors; backends
 that do not dequantise (cuda) are reported unavailable. --rank r makes a low-rank bank instead: random rank-r
@@ -24,17 +26,15 @@ over the timed steps after a warm-up (CUDA events on a GPU). Extra peak memory i
 on top of the built model and bank: on a GPU from the caching allocator's peak; on a CPU from the
 process's resident high-water mark, in a process of its own whose glibc returns large freed blocks.
 
-Workers run as `python -m atlas_fast.bench.step JOB.json RESULT.json`; they print one "tick" line per step
-for the progress bar and write their result as JSON.
+Each job (the check, the bandwidth, a variant's timing, on a CPU its memory) runs in a child process of its own
+(common.run_child), which prints one "tick" line per step for the progress bar.
 """
 import dataclasses
 import difflib
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,14 +42,27 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from ..backends import BACKENDS as BACKEND_NAMES
-from ..bank import quant
+from .common import (
+    BANK_DTYPE_SPELLINGS,
+    BANK_DTYPES,
+    QUANTIZED_BANKS,
+    PeakMemory,
+    child_main,
+    load_visual,
+    machine_info,
+    median_spread,
+    run_child,
+    storage_dtype,
+    synthetic_bank,
+    time_calls,
+    versions,
+    write_json,
+)
 
 BASELINES = ("naive", "finetune")
 VARIANTS = BASELINES + BACKEND_NAMES
 # Step-time ratios are given against each of these; "floor" is computed, never run.
 RATIO_BASES = BASELINES + ("floor",)
-QUANTIZED_BANKS = quant.FORMATS
-BANK_DTYPES = ("fp32", "bf16", "fp16") + QUANTIZED_BANKS
 SWEEP_PARAMS = ("tasks", "batch")
 # Relative-error tolerances against naive (output, coefficient gradient), by compute dtype.
 TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (3e-2, 6e-2)}
@@ -116,7 +129,9 @@ def validate(s: Settings) -> None:
         raise ValueError(f"--warmup must be 0 or more, got {s.warmup}")
     if s.threads is not None and s.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {s.threads}")
-    for name, allowed in (("bank_dtype", BANK_DTYPES), ("granularity", ("block", "task")), ("mode", ("step", "tta"))):
+    if s.bank_dtype not in BANK_DTYPES:
+        raise ValueError(f"--bank-dtype {s.bank_dtype!r}: expected one of {', '.join(BANK_DTYPE_SPELLINGS)}")
+    for name, allowed in (("granularity", ("block", "task")), ("mode", ("step", "tta"))):
         if getattr(s, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: expected one of {', '.join(allowed)}")
     if s.rank is not None:
@@ -200,24 +215,6 @@ def warnings(s: Settings) -> List[str]:
 
 # ---------------------------------------------------------------- the worker side
 
-def _torch_dtype(name):
-    """The dtype of TaskVectors.to for a --bank-dtype ("int4" is a string: not every torch has a 4-bit dtype)."""
-    import torch
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
-            "int4": "int4"}[name]
-
-
-def _bank(model, s: Settings):
-    """The synthetic bank in --bank-dtype; a quantised one is quantised from float32 task vectors; with --rank a
-    low-rank bank of random factors."""
-    from ..bank.task_vectors import synthetic_task_vectors
-    if s.rank is not None:
-        return synthetic_task_vectors(model, s.tasks, seed=s.seed, rank=s.rank)
-    if s.bank_dtype in QUANTIZED_BANKS:
-        return synthetic_task_vectors(model, s.tasks, seed=s.seed).to(dtype=_torch_dtype(s.bank_dtype))
-    return synthetic_task_vectors(model, s.tasks, dtype=_torch_dtype(s.bank_dtype), seed=s.seed)
-
-
 def _bank_bytes_per_task(model, bank_dtype, rank=None):
     """Bytes of one task vector over the model's floating parameters in this storage dtype (scales included), or
     as rank-`rank` float32 factors."""
@@ -231,41 +228,14 @@ def _bank_bytes_per_task(model, bank_dtype, rank=None):
     return sum(p.numel() for p in params) * {"fp32": 4, "bf16": 2, "fp16": 2}[bank_dtype]
 
 
-def load_visual(model, seed):
-    """(visual tower, (height, width), embed_dim) of an open_clip architecture name or model config .json, with
-    random weights seeded by `seed`: the same in every process."""
-    import open_clip
-    import torch
-
-    name = model
-    if name.endswith(".json"):
-        open_clip.add_model_config(name)
-        name = os.path.splitext(os.path.basename(name))[0]
-    torch.manual_seed(seed)
-    clip = open_clip.create_model(name, pretrained=None)
-    cfg = open_clip.get_model_config(name)
-    size = cfg["vision_cfg"]["image_size"]
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return clip.visual.eval(), size, cfg["embed_dim"]
-
-
-def run_children(module, settings, variants, env=None):
-    """{variant: the JSON of its last stdout line} of `python -m <module> <settings JSON> <variant>`, each variant
-    in a fresh process; a variant whose process fails is reported on stderr and left out."""
-    results = {}
-    for variant in variants:
-        proc = subprocess.run([sys.executable, "-m", module, json.dumps(settings), variant], capture_output=True,
-                              text=True, env=env)
-        if proc.returncode != 0:
-            print(f"{variant}: failed: {' | '.join(proc.stderr.strip().splitlines()[-4:])}", file=sys.stderr)
-            continue
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return results
-
-
 def _load_model(s: Settings):
     """The visual tower of the settings' architecture with random weights, the same in every process."""
     return load_visual(s.model, s.seed)
+
+
+def _bank(model, s: Settings):
+    """The synthetic bank of the settings (--tasks, --bank-dtype, --rank, --seed)."""
+    return synthetic_bank(model, s.tasks, s.bank_dtype, s.rank, s.seed)
 
 
 class Runner:
@@ -292,7 +262,7 @@ class Runner:
             if variant == "naive":
                 from .naive import NaiveAtlas
                 dense = s.bank_dtype in QUANTIZED_BANKS or s.rank is not None
-                plain = bank.to(dtype=_torch_dtype("fp32")) if dense else bank
+                plain = bank.to(dtype=storage_dtype("fp32")) if dense else bank
                 self.net = NaiveAtlas(model, plain, granularity=s.granularity, partitions=s.partitions, seed=s.seed)
             else:
                 from ..composer.compose import compose
@@ -400,35 +370,18 @@ def _check(s: Settings, tick):
 
 
 def _time(s: Settings, variant, tick):
+    """Step times; on a GPU also the extra peak memory of one more step (on a CPU: _memory, in a process of its
+    own)."""
     import torch
 
     runner = Runner(s, variant)
-    cuda = runner.device.type == "cuda"
-    times = []
-    for i in range(s.warmup + s.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            runner.step()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            runner.step()
-            elapsed = time.perf_counter() - t0
-        if i >= s.warmup:
-            times.append(elapsed)
-        tick()
+    times = time_calls(runner.step, s.steps, s.warmup, runner.device, tick)
     result = {"step_times_s": times, "torch_threads": torch.get_num_threads()}
-    if cuda:
+    if runner.device.type == "cuda":
         runner.release()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        peak = PeakMemory(runner.device)
         runner.step()
-        torch.cuda.synchronize()
-        result["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 1e6
+        result["peak_extra_mb"] = peak.extra_mb()
     return result
 
 
@@ -441,35 +394,12 @@ def _bandwidth(s: Settings, tick):
     params = sum(p.numel() for p in model.parameters() if p.is_floating_point())
     per_task = _bank_bytes_per_task(model, s.bank_dtype, s.rank)
     del model
-    device = torch.device(s.device)
-    src = torch.ones(COPY_BYTES // 4, device=device)
+    src = torch.ones(COPY_BYTES // 4, device=torch.device(s.device))
     dst = torch.empty_like(src)
-    times = []
-    for i in range(COPY_REPEATS + 1):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            elapsed = time.perf_counter() - t0
-        if i:
-            times.append(elapsed)
+    times = time_calls(lambda: dst.copy_(src), COPY_REPEATS, 1, s.device)
     tick()
     return {"copy_times_s": times, "bandwidth_gb_s": 2 * COPY_BYTES / statistics.median(times) / 1e9,
             "bank_params": params, "bank_bytes_per_task": per_task}
-
-
-def _proc_status_kb(field_name):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
 def _memory(s: Settings, variant, tick):
@@ -478,73 +408,37 @@ def _memory(s: Settings, variant, tick):
     runner.step()  # warm-up: libraries page in their code and thread pools start outside the measurement
     tick()
     runner.release()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_kb("VmRSS")
+    peak = PeakMemory("cpu")
     runner.step()
-    peak = _proc_status_kb("VmHWM")
+    extra = peak.extra_mb()
     tick()
-    return {"peak_extra_mb": (peak - before) * 1024 / 1e6}
+    return {"peak_extra_mb": extra}
 
 
-def _worker(job_path, result_path):
-    with open(job_path) as f:
-        job = json.load(f)
+def _run_worker_job(job, tick):
+    """The child side of _run_job."""
     s = Settings(**job["settings"])
-    if s.threads is not None:
-        import torch
-        torch.set_num_threads(s.threads)
-
-    def tick():
-        print("tick", flush=True)
-
     if job["kind"] == "check":
-        result = _check(s, tick)
-    elif job["kind"] == "time":
-        result = _time(s, job["variant"], tick)
-    elif job["kind"] == "bandwidth":
-        result = _bandwidth(s, tick)
-    else:
-        result = _memory(s, job["variant"], tick)
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+        return _check(s, tick)
+    if job["kind"] == "time":
+        return _time(s, job["variant"], tick)
+    if job["kind"] == "bandwidth":
+        return _bandwidth(s, tick)
+    return _memory(s, job["variant"], tick)
 
 
 # ---------------------------------------------------------------- the parent side
 
 def _run_job(job, bar, env=None):
-    """Runs one job in a fresh Python process; returns its result, or raises RuntimeError with its stderr."""
-    with tempfile.TemporaryDirectory(prefix="atlas_bench_") as tmp:
-        job_path, result_path, err_path = (os.path.join(tmp, n) for n in ("job.json", "result.json", "stderr"))
-        with open(job_path, "w") as f:
-            json.dump(job, f)
-        child_env = dict(os.environ, **(env or {}))
-        if job["settings"]["device"] == "cpu":
-            child_env["TRITON_INTERPRET"] = "1"  # Triton runs on CPU tensors only under its interpreter
-        with open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "atlas_fast.bench.step", job_path, result_path],
-                                    stdout=subprocess.PIPE, stderr=err, text=True, env=child_env)
-            try:
-                for line in proc.stdout:
-                    if line.strip() == "tick":
-                        bar.update(1)
-                proc.wait()
-            finally:
-                if proc.poll() is None:  # interrupted here: the worker must not outlive the run
-                    proc.kill()
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            with open(err_path) as f:
-                tail = f.read().strip().splitlines()[-6:]
-            raise RuntimeError(f"exit status {proc.returncode}: " + " | ".join(tail))
-        with open(result_path) as f:
-            return json.load(f)
+    """Runs one job in a fresh Python process (common.run_child), its steps advancing `bar`; returns its result,
+    or raises RuntimeError with its stderr."""
+    return run_child("atlas_fast.bench.step", job, env, on_tick=lambda: bar.update(1))
 
 
 def _summarise(entry, batch):
-    times = entry["step_times_s"]
-    median = statistics.median(times)
+    median, spread = median_spread(entry["step_times_s"])
     entry["step_time_s"] = median
-    entry["step_time_spread_s"] = (max(times) - min(times)) / 2
+    entry["step_time_spread_s"] = spread
     entry["images_per_s"] = batch / median
 
 
@@ -626,45 +520,6 @@ def _measure_point(s: Settings, bar, variants, save):
             variants.insert(variants.index(v) + 1, _floor(variants, bandwidth, s))
         _ratios(variants)
         save()
-
-
-def _read_first(path, prefix):
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def machine_info(device):
-    import torch
-
-    mem_kb = _read_first("/proc/meminfo", "MemTotal")
-    info = {"cpu": _read_first("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gb": round(int(mem_kb.split()[0]) * 1024 / 1e9, 1) if mem_kb else None,
-            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-            "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    return info
-
-
-def versions():
-    from importlib import metadata
-
-    import open_clip
-    import torch
-
-    def dist(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": dist("triton"),
-            "open_clip": open_clip.__version__, "atlas_fast": dist("atlas_fast")}
 
 
 def _fmt(x, spec, missing="—"):
@@ -769,13 +624,6 @@ def plot_sweep(points, param, path, title):
     plt.close(fig)
 
 
-def _write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run(s: Settings) -> int:
     """Runs the benchmark; prints the table, writes results.json and a plot under s.out. Returns an exit status:
     1 when a backend disagreed with naive or a variant failed, else 0."""
@@ -807,10 +655,10 @@ def run(s: Settings) -> int:
                 results.update(sweep={"param": param, "values": values}, points=points)
             else:
                 results["variants"] = variants
-            _measure_point(point, bar, variants, lambda: _write_json(json_path, results))
+            _measure_point(point, bar, variants, lambda: write_json(json_path, results))
     results["wall_time_s"] = time.time() - started
     results["machine"]["load_avg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    _write_json(json_path, results)
+    write_json(json_path, results)
     for p in points or [{"variants": results["variants"]}]:
         if param:
             print(f"\n{param} = {p[param]}")
@@ -829,4 +677,4 @@ def run(s: Settings) -> int:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    child_main(_run_worker_job)

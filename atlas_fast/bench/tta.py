@@ -18,11 +18,8 @@ naive and per-sample merges are plain autograd). Measured: time per step and per
 steps), peak memory above the built model and bank (CPU: resident high-water mark; CUDA: peak allocated), and
 the ratios of each to grouped. It measures, it asserts nothing.
 """
-import json
 import os
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -30,8 +27,19 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from .common import (
+    PeakMemory,
+    child_main,
+    load_visual,
+    machine_info,
+    run_children,
+    synthetic_bank,
+    time_calls,
+    versions,
+    write_json,
+)
+
 VARIANTS = ("grouped", "separate", "naive", "per_sample")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLASSES = 10
 
 
@@ -54,7 +62,6 @@ class TTASettings:
 
 
 def _visual(s):
-    from .step import load_visual
     vit, size, _ = load_visual(s.model, s.seed)
     return vit.requires_grad_(False).to(s.device), size
 
@@ -68,10 +75,9 @@ class Runner:
     """One variant built in this process; step() makes one update of every stream."""
 
     def __init__(self, variant, s: TTASettings):
-        from ..bank.task_vectors import synthetic_task_vectors
         self.variant, self.s = variant, s
         vit, size = _visual(s)
-        bank = synthetic_task_vectors(vit, s.tasks, dtype=DTYPES[s.bank_dtype], seed=s.seed)
+        bank = synthetic_bank(vit, s.tasks, s.bank_dtype, seed=s.seed)
         gen = torch.Generator().manual_seed(s.seed + 1)
         dim = vit.output_dim
         self.head = nn.Linear(dim, CLASSES, bias=False).requires_grad_(False).to(s.device)
@@ -136,40 +142,12 @@ class Runner:
             opt.zero_grad(set_to_none=True)
 
 
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def measure(variant, s: TTASettings):
     """One variant in this process: {"step_s": [...], "peak_extra_mb": float}."""
-    if s.threads:
-        torch.set_num_threads(s.threads)
     runner = Runner(variant, s)
-    cuda = str(s.device).startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(s.device)
-        base = torch.cuda.memory_allocated(s.device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kb("VmRSS") * 1024
-    for _ in range(s.warmup):
-        runner.step()
-    times = []
-    for _ in range(s.steps):
-        _sync(s.device)
-        start = time.perf_counter()
-        runner.step()
-        _sync(s.device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(s.device) if cuda else _status_kb("VmHWM") * 1024
-    return {"step_s": times, "peak_extra_mb": (peak - base) / 1e6}
+    peak = PeakMemory(s.device)
+    times = time_calls(runner.step, s.steps, s.warmup, s.device)
+    return {"step_s": times, "peak_extra_mb": peak.extra_mb()}
 
 
 def summarise(results, s: TTASettings):
@@ -199,17 +177,15 @@ def format_table(rows, s: TTASettings):
 
 def run(s: TTASettings, variants=VARIANTS):
     """Every variant in its own process; prints the table and writes results_tta_S<streams>.json to s.out."""
-    from .step import machine_info, run_children, versions
     results = run_children("atlas_fast.bench.tta", asdict(s), variants)
     rows = summarise(results, s)
     print(format_table(rows, s))
-    from ..io.atomic import atomic_write
     os.makedirs(s.out, exist_ok=True)
-    text = json.dumps({"machine": machine_info(s.device), "versions": versions(), "settings": asdict(s),
-                       "results": results, "summary": rows}, indent=1)
-    atomic_write(os.path.join(s.out, f"results_tta_S{s.streams}.json"), lambda tmp: open(tmp, "w").write(text))
+    write_json(os.path.join(s.out, f"results_tta_S{s.streams}.json"),
+               {"machine": machine_info(s.device), "versions": versions(), "settings": asdict(s),
+                "results": results, "summary": rows})
     return 0 if len(results) == len(variants) else 1
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[2], TTASettings(**json.loads(sys.argv[1])))))
+    child_main(lambda job, tick: measure(job["variant"], TTASettings(**job["settings"])))

@@ -32,7 +32,6 @@ parameters: for ViT-B/32 (projection, positional embedding, LayerNorms) 0.47 M v
 import contextlib
 import copy
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -43,16 +42,11 @@ from ..backends import BACKENDS, resolve
 from ..backends.torch_backend import merge_block
 from ..bank import fingerprint, lowrank, quant
 from ..bank.task_vectors import LOWRANK
-from ..io.atomic import atomic_write
 from ..ops.dense import merge_blocks
 from ..ops.grouped import merge_blocks_grouped
-from .modules import AtlasCoefficients, _AtlasBlocks, swap_table
+from .coefficient_file import read_coefficient_file, write_coefficient_file
+from .modules import AtlasBlocks, AtlasCoefficients, apply_keeping_float32, swap_table
 
-COEF_FORMAT = "atlas_fast.coefficients/3"
-# /1 files carry no bank fingerprint, /2 files one [norm, sum] per task vector (metadata "fingerprint"), /3 files
-# the per-block fingerprint of fingerprint.py as the tensor FINGERPRINT_KEY
-_COEF_FORMATS = ("atlas_fast.coefficients/1", "atlas_fast.coefficients/2", COEF_FORMAT)
-FINGERPRINT_KEY = "bank_fingerprint"
 COEF_KEY = "atlas_coefficients"
 
 
@@ -223,17 +217,12 @@ class _ComposedRoot:
 
     def _apply(self, fn, recurse=True):
         atlas = self.__dict__["_atlas"]
-        c = self._parameters[COEF_KEY]
-        before = (c.data, None if c.grad is None else c.grad.data)
         fn = _ConvertOnce(fn)
-        super()._apply(fn, recurse)
-        atlas.generic._apply(fn)
-        c = self._parameters[COEF_KEY]
-        if c.dtype in (torch.float16, torch.bfloat16):
-            c.data = before[0].to(c.device)
-            if c.grad is not None:
-                c.grad.data = before[1].to(c.device)
-        atlas.coefficients = c
+
+        def convert():
+            super(_ComposedRoot, self)._apply(fn, recurse)
+            atlas.generic._apply(fn)
+        atlas.coefficients = apply_keeping_float32(self, COEF_KEY, convert)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -422,7 +411,7 @@ class AtlasModel(nn.Module):
         out = [([name for _, _, name in uses], generic.theta0(i), quant.get_tau(generic, f"tau_{i}"), b)
                for i, (uses, b) in enumerate(generic.entries)]
         for m in self.model.modules():
-            if isinstance(m, _AtlasBlocks) and m.merges_in_groups:
+            if isinstance(m, AtlasBlocks) and m.merges_in_groups:
                 for attr, (b, name) in m.blocks.items():
                     p0 = m._parameters[attr]
                     # .to(): an offloaded bank's task vectors are on the host until the module runs
@@ -547,29 +536,16 @@ class AtlasModel(nn.Module):
                                     saved_sources)
 
     def save_coefficients(self, path):
-        """Write the coefficients, what they refer to and the bank's fingerprint as safetensors (atomic)."""
-        from safetensors.torch import save_file
-        meta = {"format": COEF_FORMAT, **self._coef_meta()}
-        tensors = {"coefficients": self.coefficients.detach().cpu().contiguous(),
-                   FINGERPRINT_KEY: self.bank_fingerprint().contiguous()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        """Write the coefficients, what they refer to and the bank's fingerprint as safetensors (atomic;
+        coefficient_file.py)."""
+        write_coefficient_file(path, self.coefficients, self.bank_fingerprint(), self._coef_meta())
 
     def load_coefficients(self, path, allow_bank_mismatch=False):
         """Load coefficients saved by save_coefficients for the same blocks, layout and bank. A file saved for a
         bank holding other values (other, reordered or swapped task vectors or blocks: its fingerprint differs;
         the task vectors' source names may differ) is refused unless allow_bank_mismatch=True."""
-        from safetensors import safe_open
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such coefficient file")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta, coef = f.metadata() or {}, f.get_tensor("coefficients")
-                saved = f.get_tensor(FINGERPRINT_KEY) if FINGERPRINT_KEY in f.keys() else None
-        except Exception as e:
-            raise ValueError(f"{path}: unreadable or truncated coefficient file ({e})") from e
-        if meta.get("format") not in _COEF_FORMATS:
-            raise ValueError(f"{path}: not an atlas_fast coefficient file")
+        file = read_coefficient_file(path)
+        path, meta, coef, saved = file.path, file.meta, file.coefficients, file.fingerprint
         for key, value in self._coef_meta().items():
             if key != "sources" and meta.get(key) != value:
                 raise ValueError(f"{path}: {key} differs from this model's ({meta.get(key)!r:.80} vs {value!r:.80})")
@@ -630,7 +606,7 @@ def _check_backend(backend, device):
 
 
 def _check_not_composed(model):
-    if isinstance(model, AtlasModel) or any(isinstance(m, (_AtlasBlocks, _ComposedRoot)) for m in model.modules()):
+    if isinstance(model, AtlasModel) or any(isinstance(m, (AtlasBlocks, _ComposedRoot)) for m in model.modules()):
         raise ValueError("compose: the model is already composed (it holds atlas modules); unwrap() it first, or "
                          "compose the original model")
     if hasattr(model, COEF_KEY):
@@ -717,7 +693,7 @@ def compose(model, task_vectors, granularity="block", partitions=1, backend="aut
     check_finite: each forward first checks that the coefficients are finite (AtlasModel.check_finite).
     Buffers (BatchNorm statistics, ...) are never composed: the model keeps its own.
     An int8 or int4 bank runs on every backend, dequantised inside each merge and reduction (grouped calls too).
-    A low-rank bank runs on every backend (its factored blocks as GEMMs of inner size T·r, ops_lowrank, grouped
+    A low-rank bank runs on every backend (its factored blocks as GEMMs of inner size T·r, ops/lowrank.py, grouped
     calls too) with partitions=1.
     offload: True (or "pinned") composes with AtlasModel.offload_bank(), "pageable" with offload_bank(pin=False):
     the fused modules' task vectors stay in host memory and stream to the model's device module by module, so the

@@ -24,13 +24,28 @@ from ..ops.hashing import block_key
 GRANULARITIES = ("block", "task")
 
 
+def apply_keeping_float32(module, name, convert):
+    """Run convert() (module._apply of a dtype or device move) keeping module's parameter `name` and its gradient
+    at their float32 values through .half() / .bfloat16(), moved to the new device all the same: coefficients never
+    drop below float32 (the master copy, as under autocast). Returns the parameter as it is afterwards."""
+    c = module._parameters[name]
+    before = (c.data, None if c.grad is None else c.grad.data)
+    convert()
+    c = module._parameters[name]
+    if c.dtype in (torch.float16, torch.bfloat16):
+        c.data = before[0].to(c.device)
+        if c.grad is not None:
+            c.grad.data = before[1].to(c.device)
+    return c
+
+
 class AtlasCoefficients(nn.Module):
     """The single trainable tensor c: (T, B) for "block", (T,) for "task", (T, B, K) for partitions=K.
 
-    compose() registers it on the composed model as the submodule `atlas`, so the model's state_dict holds
-    the coefficients under the one key "atlas.coefficients" beside its own keys. They stay float32 when the
-    model moves to float16 or bfloat16 (the master copy, as under autocast); a state dict without that key
-    loads without touching them.
+    compose() registers its coefficients on the composed model as the parameter "atlas_coefficients" (this module
+    itself is held outside the model's children), so the model's state_dict holds them under that one key beside
+    its own keys. They stay float32 when the model moves to float16 or bfloat16 (apply_keeping_float32); a state
+    dict without that key loads without touching them.
 
     While AtlasModel.groups(index, coefficients) is active, `grouped` holds that (index, coefficients) pair:
     coefficients (G, *shape) with one set per group, index (S,) the group of each sample, and the modules
@@ -105,15 +120,7 @@ class AtlasCoefficients(nn.Module):
         return c[:, :, idx].unsqueeze(-1) if self.partitions == 1 else c[:, :, idx]
 
     def _apply(self, fn, recurse=True):
-        # Coefficients never drop below float32: keep the float32 values through .half() / .bfloat16().
-        c = self.coefficients
-        before = (c.data, None if c.grad is None else c.grad.data)
-        super()._apply(fn, recurse)
-        c = self.coefficients
-        if c.dtype in (torch.float16, torch.bfloat16):
-            c.data = before[0].to(c.device)
-            if c.grad is not None:
-                c.grad.data = before[1].to(c.device)
+        apply_keeping_float32(self, "coefficients", lambda: super(AtlasCoefficients, self)._apply(fn, recurse))
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -124,8 +131,9 @@ class AtlasCoefficients(nn.Module):
                                           unexpected_keys, error_msgs)
 
 
-class _AtlasBlocks(nn.Module):
-    """Shared plumbing: a block's task vectors as non-persistent buffers, its coefficients and key."""
+class AtlasBlocks(nn.Module):
+    """The base of every swapped-in module: a block's task vectors as non-persistent buffers, its coefficients
+    and key."""
 
     # True for a module without a grouped op: a grouped call (AtlasModel.groups) merges its blocks per group as
     # it merges the generic ones and hands them to the module per sample, which runs the plain layer on them.
@@ -141,7 +149,7 @@ class _AtlasBlocks(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The scales of quantised task vectors stay float32 through .half() / .bfloat16().
-        return quant.apply_keeping_scales(self, lambda f: super(_AtlasBlocks, self)._apply(f, recurse), fn)
+        return quant.apply_keeping_scales(self, lambda f: super(AtlasBlocks, self)._apply(f, recurse), fn)
 
     def _block_args(self, attr):
         """(tau, coef, key) of this module's parameter `attr`, or (None, None, 0) if it is not composed."""
@@ -153,7 +161,7 @@ class _AtlasBlocks(nn.Module):
 
     def _linear(self, x, w, b, tw, tb, cw, cb, kw, kb):
         """atlas_linear, or in a grouped call the grouped op with the group index of x's samples (the
-        AtlasModel runs a grouped forward under vmap: see ops_grouped)."""
+        AtlasModel runs a grouped forward under vmap: see ops/grouped.py)."""
         if self.atlas.grouped is None:
             return atlas_linear(x, w, b, tw, tb, cw, cb, kw, kb, backend=self.atlas.backend)
         return call_linear_grouped(x, self.atlas.grouped[0], w, b, tw, tb, cw, cb, kw, kb, self.atlas.backend)
@@ -166,7 +174,7 @@ def _refuse_mixed_dtypes(x, weight, plain_call):
         plain_call()
 
 
-class AtlasLinear(_AtlasBlocks):
+class AtlasLinear(AtlasBlocks):
     def __init__(self, linear, coefs, bank, blocks):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -180,7 +188,7 @@ class AtlasLinear(_AtlasBlocks):
         return self._linear(x, self.weight, self.bias, tw, tb, cw, cb, kw, kb)
 
 
-class AtlasConv2d(_AtlasBlocks):
+class AtlasConv2d(AtlasBlocks):
     def __init__(self, conv, coefs, bank, blocks):
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
@@ -200,7 +208,7 @@ class AtlasConv2d(_AtlasBlocks):
                             self.dilation, self.groups, backend=self.atlas.backend)
 
 
-class AtlasConv1D(_AtlasBlocks):
+class AtlasConv1D(AtlasBlocks):
     """transformers' Conv1D (weight (in, out), bias (out,)) with both blocks composed, in the stored layout."""
 
     merges_in_groups = True
@@ -310,7 +318,7 @@ def supports_mha(mha):
     return mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
 
 
-class AtlasMultiheadAttention(_AtlasBlocks):
+class AtlasMultiheadAttention(AtlasBlocks):
     """nn.MultiheadAttention (packed in_proj, as open_clip's ViT uses it) with both projections composed."""
 
     def __init__(self, mha, coefs, bank, blocks):

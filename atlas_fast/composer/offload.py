@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modules import _AtlasBlocks
+from .modules import AtlasBlocks
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class BankOffload:
 
     def __init__(self, root, device, pin=True):
         self.device = torch.device(device)
-        self.modules = [m for m in root.modules() if isinstance(m, _AtlasBlocks) and _tau_buffers(m)]
+        self.modules = [m for m in root.modules() if isinstance(m, AtlasBlocks) and _tau_buffers(m)]
         pin = pin and self.device.type == "cuda"
         self.host = []
         copies = {}
