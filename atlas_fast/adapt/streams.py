@@ -35,8 +35,9 @@ from torch.utils.data.dataloader import default_collate
 
 from ..io.atomic import write_text
 from . import distributed
-from .api import _as_list, prepare_job
+from .api import prepare_job
 from .data import DataError, StreamBatches, ViewData, mix_seed, stream_batch_size
+from .inputs import as_list
 from .loop import Task, TrainConfig, autocast_for, evaluate_tasks, make_classify, schedule
 from .objectives import entropy, get_objective
 from .online import OnlineTTA, StreamCoefficients, grouped_logits
@@ -256,7 +257,7 @@ def adapt_streams(model, bank, data, objective="entropy", out="atlas_out", pretr
 
 def _count(data):
     """The number of data sets (streams) in `data`, as prepare_job reads it."""
-    return 1 if isinstance(data, (str, os.PathLike)) else len(_as_list(data))
+    return 1 if isinstance(data, (str, os.PathLike)) else len(as_list(data))
 
 
 def _streams_label(own, total):
