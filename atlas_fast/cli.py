@@ -80,19 +80,19 @@ def _run_bench(args):
 
 
 def _run_bench_groups(args, s):
-    from .bench import grouped as bench_grouped
+    from .bench import grouped
     if not 1 <= args.groups <= s.batch or s.model.endswith(".json"):
         args.parser.error(f"--groups {args.groups}: needs 1 <= G <= batch ({s.batch}) and an open_clip model name")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
-    g = bench_grouped.GroupSettings(model=s.model, tasks=s.tasks, batch=s.batch, groups=args.groups, device=s.device,
+    g = grouped.GroupSettings(model=s.model, tasks=s.tasks, batch=s.batch, groups=args.groups, device=s.device,
                                     backend=backend, bank_dtype=s.bank_dtype, rank=s.rank, granularity=s.granularity,
                                     partitions=s.partitions, steps=s.steps, warmup=s.warmup, seed=s.seed,
                                     threads=s.threads, out=s.out)
-    return bench_grouped.run(g)
+    return grouped.run(g)
 
 
 def _run_bench_streams(args, s):
-    from .bench import tta as bench_tta
+    from .bench import tta
     if s.mode != "tta" or args.streams < 1:
         args.parser.error(f"--streams {args.streams}: needs --mode tta and S >= 1")
     if s.bank_dtype not in bench_common.FLOAT_BANK_DTYPES or s.rank is not None or s.granularity != "block" \
@@ -100,10 +100,10 @@ def _run_bench_streams(args, s):
         args.parser.error("--streams: measured with a float32/bfloat16/float16 bank, --granularity block, one "
                           "partition")
     backend = next((b for b in (args.backends or []) if b not in bench.BASELINES), "auto")
-    t = bench_tta.TTASettings(model=s.model, tasks=s.tasks, batch=s.batch, streams=args.streams, device=s.device,
+    t = tta.TTASettings(model=s.model, tasks=s.tasks, batch=s.batch, streams=args.streams, device=s.device,
                               backend=backend, bank_dtype=s.bank_dtype, amp=s.amp, steps=s.steps, warmup=s.warmup,
                               seed=s.seed, threads=s.threads, out=s.out)
-    return bench_tta.run(t)
+    return tta.run(t)
 
 
 def _user_errors():

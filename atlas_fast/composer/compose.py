@@ -335,7 +335,7 @@ class AtlasModel(nn.Module):
         this AtlasModel is grouped, not a call of a submodule or of the wrapped model. Each sample runs as a
         batch of one: dropout draws per sample; statistics over the batch (BatchNorm in training mode) cannot
         be grouped. Every bank format groups: int8 and int4 banks run the backend's grouped kernels (dequantised in
-        registers), low-rank ones stock GEMMs on the factors (backends/grouped.py)."""
+        registers), low-rank ones stock GEMMs on the factors (backends/torch_grouped.py)."""
         shape = tuple(self.coefficients.shape)
         if not isinstance(coefficients, torch.Tensor) or coefficients.dim() != len(shape) + 1 \
                 or tuple(coefficients.shape[1:]) != shape:
