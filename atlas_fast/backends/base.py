@@ -33,7 +33,8 @@ class BackendUnavailable(RuntimeError):
 class Block(NamedTuple):
     """One weight block's arguments as the ops hand them to a backend (the activation aside). A backward's block
     has bias and coef_b None: the gradients do not depend on them. coef_w and coef_b are (T, K), or (G, T, K) in a
-    grouped call; tau_w may be a quant.QuantizedBlock or (grouped calls) a lowrank.LowRankBlock."""
+    grouped call; tau_w may be a quant.QuantizedBlock or (grouped calls) a lowrank.LowRankBlock. The fields are in
+    the order of the Triton launchers' arguments after x (and row_group), so `*block` passes them."""
     weight: Tensor
     bias: Optional[Tensor]
     tau_w: Tensor
