@@ -1,7 +1,7 @@
 """Triton kernels of atlas_linear_grouped: every row of x runs with the coefficients of its own group,
 y[m] = x[m] (W0 + Σ_t c[g(m), t] τ_t)ᵀ + (b0 + Σ_t c'[g(m), t] τ'_t), without any merged weight.
 
-The plain-PyTorch reference of the same op is `atlas_fast.backends.grouped.TorchGrouped` (and, per group, the
+The plain-PyTorch path of the same op is the torch backend's (`backends/torch_grouped.py`; per group, the
 float64 oracle `atlas_fast.ops.reference.linear_ref`). As multi-adapter serving kernels take an adapter id per
 request, these take a group id per row: the launcher sorts the rows into one-group segments (a permutation,
 rows are gathered and scattered through it, never copied) and cuts each segment into BLOCK_M tiles, so every
