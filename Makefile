@@ -38,8 +38,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 bench: $(VENV)/.installed
 	$(VENV)/bin/atlas-fast bench
 
+# PYTHONSAFEPATH: the working directory stays off sys.path (in every child process too), so the repository's
+# kernels/ folder cannot shadow the `kernels` package transformers imports.
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q
+	PYTHONSAFEPATH=1 $(PYTHON) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
