@@ -4,10 +4,7 @@
     atlas = compose(clip.visual, tv)            # swaps modules in place; clip.encode_image runs it
     opt = torch.optim.AdamW([atlas.coefficients], lr=1e-1)
 """
-from . import (
-           adapt,  # the package, callable as the adapt() function
-           moved,
-)
+from . import adapt, moved  # adapt: the package, callable as the adapt() function
 from .adapt import build_bank, evaluate, merge
 from .bank.task_vectors import TaskVectors, synthetic_task_vectors
 from .composer.compose import AtlasModel, CompositionReport, compose
